@@ -1,0 +1,178 @@
+"""The processed training set: per-FOV volumes, a manifest with the split, and random 3D crops.
+
+A processed FOV is one float32 OME-TIFF of shape ``[7, Z, Y, X]``: channel 0 the focus-cropped
+brightfield (z-scored per FOV), channels 1-6 the targets in :data:`vstain.data.TARGETS` order
+(denoised, z-scored per channel and FOV, NaN where the FOV carries no label). On simulated data a
+second file ``<fov_id>_truth.tif`` holds the clean six-channel truth ``[6, Z, Y, X]``, normalised
+the same way. ``manifest.csv`` lists ``fov_id, gene, structure, split, path, truth_path``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tifffile
+import torch
+from torch.utils.data import Dataset
+
+from .data import TARGETS
+
+SPLITS = ("train", "val", "test")
+MANIFEST_CSV = "manifest.csv"
+
+
+def zscore(a: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Zero mean, unit standard deviation over the whole array; NaN arrays stay NaN."""
+    a = a.astype(np.float32)
+    if np.isnan(a).all():
+        return a
+    return (a - np.nanmean(a)) / (np.nanstd(a) + eps)
+
+
+def write_volume(path: str | Path, vol: np.ndarray, channel_names: list[str] | None = None) -> None:
+    """A float32 ``[C, Z, Y, X]`` volume as an OME-TIFF."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"axes": "CZYX"}
+    if channel_names:
+        meta["Channel"] = {"Name": list(channel_names)}
+    tifffile.imwrite(path, np.ascontiguousarray(vol, dtype=np.float32), ome=True, metadata=meta)
+
+
+def read_volume(path: str | Path) -> np.ndarray:
+    """A ``[C, Z, Y, X]`` float32 volume written by :func:`write_volume`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"volume file {path} does not exist")
+    vol = tifffile.imread(path).astype(np.float32, copy=False)
+    if vol.ndim != 4:
+        raise ValueError(f"{path}: expected a [C, Z, Y, X] volume, got shape {vol.shape}")
+    return vol
+
+
+def split_fovs(df: pd.DataFrame, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> pd.Series:
+    """Assign each FOV to train/val/test, stratified by ``structure``, seeded.
+
+    Every structure with at least three FOVs appears in every split (one each at least); the rest
+    follow ``fractions``.
+    """
+    rng = np.random.default_rng(seed)
+    split = pd.Series(index=df.index, dtype=object)
+    for _, group in df.groupby("structure", sort=True):
+        idx = rng.permutation(group.index.to_numpy())
+        n = len(idx)
+        if n < 3:
+            raise ValueError(
+                f"structure '{group['structure'].iloc[0]}' has {n} FOVs: at least 3 are needed "
+                "to put one in each of train/val/test (raise n_per_structure)"
+            )
+        n_val = max(1, int(round(fractions[1] * n)))
+        n_test = max(1, int(round(fractions[2] * n)))
+        n_train = n - n_val - n_test
+        if n_train < 1:
+            n_train, n_val = 1, n - 1 - n_test
+        split[idx[:n_train]] = "train"
+        split[idx[n_train:n_train + n_val]] = "val"
+        split[idx[n_train + n_val:]] = "test"
+    return split
+
+
+def read_manifest(stage: str | Path) -> pd.DataFrame:
+    """The processed set's manifest, with ``path``/``truth_path`` made absolute."""
+    stage = Path(stage)
+    f = stage / MANIFEST_CSV
+    if not f.exists():
+        raise FileNotFoundError(f"no processed-set manifest at {f}: run notebooks/03_denoising.ipynb first")
+    df = pd.read_csv(f, dtype={"fov_id": str})
+    df["path"] = [str(stage / p) for p in df["path"]]
+    if "truth_path" in df:
+        df["truth_path"] = [str(stage / p) if isinstance(p, str) and p else "" for p in df["truth_path"].fillna("")]
+    return df
+
+
+def load_fov(row) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One processed FOV: brightfield ``[1,Z,Y,X]``, target ``[6,Z,Y,X]`` (NaN = no label),
+    and the clean truth ``[6,Z,Y,X]`` where the simulator provided it, else ``None``."""
+    vol = read_volume(row["path"])
+    if vol.shape[0] != 1 + len(TARGETS):
+        raise ValueError(f"{row['path']}: expected {1 + len(TARGETS)} channels, got {vol.shape[0]}")
+    truth = None
+    tp = row.get("truth_path", "") if hasattr(row, "get") else ""
+    if isinstance(tp, str) and tp:
+        truth = read_volume(tp)
+    return vol[:1], vol[1:], truth
+
+
+class ProcessedCrops(Dataset):
+    """Random 3D crops with random flips from one split of the processed set.
+
+    Args:
+        stage: the ``03_denoising`` stage folder (holds ``manifest.csv``).
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        crop: crop size ``(Z, Y, X)``; each must fit every FOV of the split.
+        samples: crops per epoch (the dataset's length).
+        flips: random flips along Y and X (and Z) when True.
+        seed: base seed; crop ``i`` of epoch ``e`` is drawn from ``(seed, e, i)``, so a resumed run
+            sees the same crops as an uninterrupted one.
+
+    Returns ``(x [1,z,y,x], y [6,z,y,x])`` float32 tensors; ``y`` holds NaN for missing labels.
+    """
+
+    def __init__(self, stage, split="train", crop=(16, 64, 64), samples=64, flips=True, seed=0):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        df = read_manifest(stage)
+        df = df[df["split"] == split]
+        if df.empty:
+            raise ValueError(f"the processed set at {stage} has no FOV in split '{split}'")
+        self.fovs = [np.concatenate(load_fov(r)[:2], axis=0) for _, r in df.iterrows()]
+        self.ids = df["fov_id"].tolist()
+        self.crop = tuple(int(c) for c in crop)
+        for fid, v in zip(self.ids, self.fovs):
+            if any(c > s for c, s in zip(self.crop, v.shape[1:])):
+                raise ValueError(f"crop {self.crop} does not fit FOV {fid} of shape {v.shape[1:]} (Z, Y, X)")
+        self.samples, self.flips, self.seed, self.epoch = int(samples), flips, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng((self.seed, self.epoch, int(i)))
+        v = self.fovs[rng.integers(len(self.fovs))]
+        start = [rng.integers(0, s - c + 1) for c, s in zip(self.crop, v.shape[1:])]
+        sl = tuple(slice(s, s + c) for s, c in zip(start, self.crop))
+        c = v[(slice(None), *sl)]
+        if self.flips:
+            for ax in (1, 2, 3):
+                if rng.random() < 0.5:
+                    c = np.flip(c, axis=ax)
+        c = torch.from_numpy(np.ascontiguousarray(c))
+        return c[:1], c[1:]
+
+
+def write_processed(stage: str | Path, records: list[dict], seed: int = 0, fractions=(0.7, 0.15, 0.15)) -> pd.DataFrame:
+    """Write a processed set: ``records`` hold ``fov_id, gene, structure, bf [Z,Y,X],
+    target [6,Z,Y,X]`` (NaN = no label) and optionally ``truth [6,Z,Y,X]``. Normalises
+    (z-score per FOV and channel), splits by FOV stratified by structure, writes the volumes
+    and ``manifest.csv``, and returns the manifest."""
+    stage = Path(stage)
+    rows = []
+    for r in records:
+        fid = str(r["fov_id"])
+        tgt = np.stack([zscore(c) for c in r["target"]])
+        vol = np.concatenate([zscore(r["bf"])[None], tgt])
+        rel = f"processed/{fid}.tif"
+        write_volume(stage / rel, vol, ["brightfield", *TARGETS])
+        trel = ""
+        if r.get("truth") is not None:
+            trel = f"processed/{fid}_truth.tif"
+            write_volume(stage / trel, np.stack([zscore(c) for c in r["truth"]]), list(TARGETS))
+        rows.append({"fov_id": fid, "gene": r["gene"], "structure": r["structure"], "path": rel, "truth_path": trel})
+    df = pd.DataFrame(rows)
+    df.insert(3, "split", split_fovs(df, fractions, seed))
+    df.to_csv(stage / MANIFEST_CSV, index=False)
+    return df

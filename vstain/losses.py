@@ -1,0 +1,59 @@
+"""Losses of the study (thesis 3.2.1 and Algorithm 1; Gulrajani et al. 2017).
+
+Targets are ``N C Z Y X`` with NaN in the channels a FOV does not carry.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def valid_mask(target: Tensor) -> Tensor:
+    """Boolean mask of the voxels that carry a label (not NaN)."""
+    return ~torch.isnan(target)
+
+
+def mask_pair(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """The thesis' ``mask``: zero the prediction where the target is NaN, and the target's NaN.
+
+    Real and fake critic inputs built from the pair have identical empty channels, so the critic
+    cannot tell them apart by counting blank channels.
+    """
+    valid = valid_mask(target)
+    return pred * valid, torch.nan_to_num(target, nan=0.0)
+
+
+def masked_l1(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean absolute error over the labelled voxels only (thesis 3.2.1).
+
+    The prediction is zeroed where the target is NaN and the target's NaN become 0; the loss is
+    computed without reduction, masked, and averaged over the valid voxels, so missing channels
+    neither count nor receive gradient.
+    """
+    valid = valid_mask(target)
+    n = valid.sum()
+    if n == 0:
+        raise ValueError("masked_l1: the target carries no labelled voxel (all NaN)")
+    p, t = mask_pair(pred, target)
+    return ((p - t).abs() * valid).sum() / n
+
+
+def wasserstein_estimate(d_real: Tensor, d_fake: Tensor) -> Tensor:
+    """The critic's estimate of the Wasserstein distance: mean D(real) - mean D(fake)."""
+    return d_real.mean() - d_fake.mean()
+
+
+def gradient_penalty(critic, x: Tensor, y_real: Tensor, y_fake: Tensor) -> Tensor:
+    """WGAN-GP penalty (Gulrajani et al. 2017, eq. 3), conditioned on the brightfield ``x``.
+
+    Interpolates between the real and the fake *targets*, ``ŷ = ε·y + (1-ε)·ỹ`` with one
+    ``ε ~ U[0, 1]`` per sample (the thesis' Algorithm 1 writes ``ε·x``, a typo), and penalises
+    ``(||∇_ŷ D(x, ŷ)||₂ - 1)²`` averaged over the batch. ``critic(x, y)`` takes the brightfield
+    and the (masked) targets.
+    """
+    eps = torch.rand(y_real.shape[0], *([1] * (y_real.dim() - 1)), device=y_real.device, dtype=y_real.dtype)
+    y_hat = (eps * y_real + (1 - eps) * y_fake.detach()).requires_grad_(True)
+    scores = critic(x, y_hat)
+    (grad,) = torch.autograd.grad(scores.sum(), y_hat, create_graph=True)
+    norms = grad.flatten(1).norm(2, dim=1)
+    return ((norms - 1) ** 2).mean()

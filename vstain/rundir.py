@@ -1,0 +1,133 @@
+"""The run directory: how notebooks pass results to each other.
+
+Each notebook (a *stage*) writes only into ``runs/<profile>/<stage>/`` and reads only the upstream
+stage folders it names. A stage is complete when its ``manifest.json`` exists; that file is written
+last, by rename, and records the resolved parameters, the hashes of the inputs, the outputs with
+sizes and SHA-256, package versions, the device and the wall time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+MANIFEST = "manifest.json"
+
+
+def repo_root() -> Path:
+    """The project's root: the nearest folder above this package that holds ``pyproject.toml``."""
+    here = Path(__file__).resolve().parent
+    for p in (here, *here.parents):
+        if (p / "pyproject.toml").exists():
+            return p
+    return Path.cwd()
+
+
+def resolve(run_dir: str | os.PathLike) -> Path:
+    """A run directory as an absolute path; relative paths are taken from the project's root,
+    so a notebook finds the same folder whether papermill, nbval or JupyterLab runs it."""
+    p = Path(run_dir).expanduser()
+    return p if p.is_absolute() else repo_root() / p
+
+
+def stage_dir(run_dir: str | os.PathLike, stage: str, *, clean: bool = False) -> Path:
+    """The folder a stage writes into, created if needed. ``clean`` removes an old manifest so an
+    interrupted rerun can never look complete."""
+    d = resolve(run_dir) / stage
+    d.mkdir(parents=True, exist_ok=True)
+    if clean and (d / MANIFEST).exists():
+        (d / MANIFEST).unlink()
+    return d
+
+
+def require(run_dir: str | os.PathLike, stage: str) -> Path:
+    """The folder of a finished upstream stage, or a clear error that says which notebook to run."""
+    d = resolve(run_dir) / stage
+    if not (d / MANIFEST).exists():
+        raise FileNotFoundError(
+            f"stage '{stage}' has not finished in run directory '{resolve(run_dir)}' "
+            f"(no {d / MANIFEST}): run notebooks/{stage}.ipynb first with the same run_dir "
+            f"(or `make book PROFILE=...`)."
+        )
+    return d
+
+
+def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("numpy", "torch", "lightning", "careamics", "monai", "quilt3", "tifffile"):
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "?")
+        except Exception:  # a stage that does not use a package still records the rest
+            continue
+    return out
+
+
+def _device() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def finish(
+    stage_path: str | os.PathLike,
+    params: dict[str, Any],
+    started: float,
+    inputs: Iterable[str | os.PathLike] = (),
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the stage's ``manifest.json`` (last, by rename) and return it.
+
+    Args:
+        stage_path: the stage folder from :func:`stage_dir`.
+        params: the notebook's resolved parameters.
+        started: ``time.time()`` when the stage began, for the wall time.
+        inputs: upstream files or stage folders; a folder is hashed by its manifest.
+        extra: anything else worth keeping (e.g. headline metrics).
+    """
+    d = Path(stage_path)
+    ins = {}
+    for p in inputs:
+        p = Path(p)
+        f = p / MANIFEST if p.is_dir() else p
+        ins[str(p)] = sha256(f) if f.exists() else None
+    outs = {}
+    for f in sorted(d.rglob("*")):
+        if f.is_file() and f.name != MANIFEST and not f.name.endswith(".tmp"):
+            outs[str(f.relative_to(d))] = {"bytes": f.stat().st_size, "sha256": sha256(f)}
+    manifest = {
+        "stage": d.name,
+        "params": params,
+        "inputs": ins,
+        "outputs": outs,
+        "versions": _versions(),
+        "device": _device(),
+        "wall_time_s": round(time.time() - started, 2),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **(extra or {}),
+    }
+    tmp = d / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    tmp.replace(d / MANIFEST)
+    return manifest
+
+
+def load_manifest(stage_path: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(stage_path) / MANIFEST).read_text())
