@@ -1,0 +1,290 @@
+"""The thesis' networks: a 3D U-Net generator and a 3D PatchGAN critic (thesis 3.1).
+
+Read top to bottom: the building blocks, then :class:`GeneratorConfig` / :class:`Generator`, then
+:class:`CriticConfig` / :class:`Critic`, then helpers for tests and the architecture figures
+(:func:`num_params`, :func:`summarize`). Tensors are ``N C Z Y X``. The models never print.
+
+With their default configurations the generator has 23,092,678 trainable parameters (the thesis
+reports 23.1 M) and the critic 6,203,841 (thesis: 6.2 M) with a receptive field of 54 voxels.
+Those counts hold with InstanceNorm3d *without* affine parameters (PyTorch's default); an affine
+norm would give 23.10 M and 6.21 M.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# The generator downsamples three times (depth 3), so padded sizes are multiples of 2**3.
+SIZE_MULTIPLE = 8
+MIN_SIZE = 8
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+class InstanceNorm3d(nn.InstanceNorm3d):
+    """``nn.InstanceNorm3d`` (no affine parameters) that also accepts a single voxel.
+
+    An input of 8 voxels per axis reaches the U-Net's bottleneck (and the critic's third block)
+    as one voxel; ``(x - mean) / std`` of one value is 0, which PyTorch refuses to compute. This
+    returns that 0 instead of raising, so the any-size promise holds down to 8x8x8.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[2:].numel() == 1:
+            return x - x  # the normalised value of a single voxel, with a (zero) gradient path
+        return super().forward(x)
+
+
+class ConvBlock(nn.Sequential):
+    """Two identical sub-blocks ``Conv3d(k=3, s=1, p=1) -> InstanceNorm3d -> LeakyReLU`` (thesis 3.1.1)."""
+
+    def __init__(self, in_channels: int, out_channels: int, negative_slope: float):
+        super().__init__(
+            nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=1, padding=1),
+            InstanceNorm3d(out_channels),
+            nn.LeakyReLU(negative_slope),
+            nn.Conv3d(out_channels, out_channels, kernel_size=3, stride=1, padding=1),
+            InstanceNorm3d(out_channels),
+            nn.LeakyReLU(negative_slope),
+        )
+
+
+class Down(nn.Conv3d):
+    """A learned downsampling: ``Conv3d(k=2, s=2)`` halves each axis and keeps the channels."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels, kernel_size=2, stride=2)
+
+
+class UpCat(nn.Module):
+    """Decoder level: ``ConvTranspose3d(k=2, s=2)`` doubles each axis and halves the channels,
+    the encoder's skip is concatenated, and a :class:`ConvBlock` merges the two."""
+
+    def __init__(self, in_channels: int, out_channels: int, negative_slope: float):
+        super().__init__()
+        self.up = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2)
+        self.conv = ConvBlock(2 * out_channels, out_channels, negative_slope)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return self.conv(torch.cat([self.up(x), skip], dim=1))
+
+
+def check_size(shape, what: str = "input") -> None:
+    """Raise a clear error unless ``shape`` is ``N C Z Y X`` with every spatial axis >= 8."""
+    shape = tuple(shape)
+    if len(shape) != 5:
+        raise ValueError(f"{what} must be a 5D tensor N C Z Y X, got shape {shape}")
+    if min(shape[2:]) < MIN_SIZE:
+        raise ValueError(
+            f"{what} of shape {shape} is too small: every spatial axis (Z, Y, X) must be at least "
+            f"{MIN_SIZE} voxels for the depth-3 U-Net / PatchGAN"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Generator (thesis 3.1.1, Figure 3.1)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class GeneratorConfig:
+    """The generator's hyper-parameters; defaults are the thesis' values.
+
+    Args:
+        base_width: filters of the first encoder block; the others are 2x, 4x and the bottleneck
+            8x (thesis: 64, 128, 256, 512). Must be >= 1; CPU profiles use 8 or 16.
+        in_channels: input channels (1: brightfield).
+        out_channels: predicted fluorescence channels (6: :data:`vstain.data.TARGETS`).
+        negative_slope: LeakyReLU slope, in [0, 1) (thesis 3.2.2: 0.05).
+    """
+
+    base_width: int = 64  # thesis 3.1.1: 64/128/256 filters, bottleneck 512
+    in_channels: int = 1  # brightfield
+    out_channels: int = 6  # thesis 3.1.1: the six fluorescent channels
+    negative_slope: float = 0.05  # thesis 3.2.2: LeakyReLU slope chosen by search
+
+    def __post_init__(self):
+        _check_positive(self, "base_width", "in_channels", "out_channels")
+        if not 0 <= self.negative_slope < 1:
+            raise ValueError(f"negative_slope must be in [0, 1), got {self.negative_slope}")
+
+
+class Generator(nn.Module):
+    """3D U-Net of depth 3 (thesis 3.1.1): brightfield ``[N,1,Z,Y,X]`` -> ``[N,6,Z,Y,X]``.
+
+    Accepts any Z, Y, X >= 8: the input is reflect-padded to a multiple of 8 and the output
+    cropped back, so a whole FOV is predicted in one pass without stitching.
+
+    Args:
+        cfg: a :class:`GeneratorConfig` (defaults: the thesis' 23.09 M-parameter network).
+    """
+
+    def __init__(self, cfg: GeneratorConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or GeneratorConfig()
+        w, s = cfg.base_width, cfg.negative_slope
+        self.enc1 = ConvBlock(cfg.in_channels, w, s)
+        self.down1 = Down(w)
+        self.enc2 = ConvBlock(w, 2 * w, s)
+        self.down2 = Down(2 * w)
+        self.enc3 = ConvBlock(2 * w, 4 * w, s)
+        self.down3 = Down(4 * w)
+        self.bottleneck = ConvBlock(4 * w, 8 * w, s)
+        self.up3 = UpCat(8 * w, 4 * w, s)
+        self.up2 = UpCat(4 * w, 2 * w, s)
+        self.up1 = UpCat(2 * w, w, s)
+        self.head = nn.Conv3d(w, cfg.out_channels, kernel_size=3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_size(x.shape, "generator input")
+        x, crop = pad_to_multiple(x, SIZE_MULTIPLE)  # [N, 1, Z', Y', X'], each a multiple of 8
+        e1 = self.enc1(x)  # [N, w, Z', Y', X']
+        e2 = self.enc2(self.down1(e1))  # [N, 2w, Z'/2, Y'/2, X'/2]
+        e3 = self.enc3(self.down2(e2))  # [N, 4w, Z'/4, ...]
+        b = self.bottleneck(self.down3(e3))  # [N, 8w, Z'/8, ...]
+        d3 = self.up3(b, e3)  # [N, 4w, Z'/4, ...]
+        d2 = self.up2(d3, e2)  # [N, 2w, Z'/2, ...]
+        d1 = self.up1(d2, e1)  # [N, w, Z', Y', X']
+        return self.head(d1)[crop]  # [N, 6, Z, Y, X]
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[slice, ...]]:
+    """Reflect-pad the last three axes of ``x`` up to a multiple of ``multiple`` (split evenly
+    between both ends) and return the padded tensor and the index that crops it back."""
+    pads, crop = [], [slice(None), slice(None)]
+    for n in x.shape[2:]:
+        extra = -n % multiple
+        lo, hi = extra // 2, extra - extra // 2
+        pads.append((lo, hi))
+        crop.append(slice(lo, lo + n))
+    if any(lo or hi for lo, hi in pads):
+        flat = [p for lo_hi in reversed(pads) for p in lo_hi]  # F.pad wants the last axis first
+        x = F.pad(x, flat, mode="reflect")
+    return x, tuple(crop)
+
+
+# --------------------------------------------------------------------------------------------
+# Critic (thesis 3.1.2, Figure 3.2)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CriticConfig:
+    """The critic's hyper-parameters; defaults are the thesis' values.
+
+    Args:
+        base_width: filters of the first block; then 2x, 4x, 8x (thesis: 64, 128, 256, 512).
+        in_channels: brightfield + the six (masked) targets = 7.
+        negative_slope: LeakyReLU slope, in [0, 1) (thesis: 0.05).
+    """
+
+    base_width: int = 64  # thesis 3.1.2: 64/128/256/512 filters
+    in_channels: int = 7  # thesis 3.2.1: brightfield concatenated with the 6 masked targets
+    negative_slope: float = 0.05  # thesis 3.2.2
+
+    def __post_init__(self):
+        _check_positive(self, "base_width", "in_channels")
+        if not 0 <= self.negative_slope < 1:
+            raise ValueError(f"negative_slope must be in [0, 1), got {self.negative_slope}")
+
+
+class Critic(nn.Module):
+    """3D PatchGAN critic of a WGAN-GP (thesis 3.1.2): a map of realness scores, not probabilities.
+
+    Five convolutions: three ``k=4, s=2, p=1`` (w, 2w, 4w filters), then ``k=3, s=1, p=1`` to 8w
+    and to 1 score per patch. LeakyReLU after the first four; InstanceNorm3d on blocks 2-4. Never
+    batch norm: it couples the samples of a batch and so breaks the per-sample gradient penalty.
+    The last convolution is left plain: a norm or activation on a one-channel score map would
+    remove its mean, which is exactly what the Wasserstein estimate reads.
+
+    Args:
+        cfg: a :class:`CriticConfig` (defaults: the thesis' 6.2 M-parameter critic).
+
+    ``forward(x [N,1,Z,Y,X], y [N,6,Z,Y,X])`` concatenates the pair and returns ``[N,1,Z/8,Y/8,X/8]``
+    (floored); each axis must be at least 8.
+    """
+
+    def __init__(self, cfg: CriticConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or CriticConfig()
+        w, s = cfg.base_width, cfg.negative_slope
+        self.block1 = nn.Sequential(nn.Conv3d(cfg.in_channels, w, 4, 2, 1), nn.LeakyReLU(s))
+        self.block2 = nn.Sequential(nn.Conv3d(w, 2 * w, 4, 2, 1), InstanceNorm3d(2 * w), nn.LeakyReLU(s))
+        self.block3 = nn.Sequential(nn.Conv3d(2 * w, 4 * w, 4, 2, 1), InstanceNorm3d(4 * w), nn.LeakyReLU(s))
+        self.block4 = nn.Sequential(nn.Conv3d(4 * w, 8 * w, 3, 1, 1), InstanceNorm3d(8 * w), nn.LeakyReLU(s))
+        self.score = nn.Conv3d(8 * w, 1, 3, 1, 1)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if x.shape[0] != y.shape[0] or x.shape[2:] != y.shape[2:]:
+            raise ValueError(f"critic: brightfield {tuple(x.shape)} and targets {tuple(y.shape)} differ in N or Z, Y, X")
+        h = torch.cat([x, y], dim=1)  # [N, 7, Z, Y, X]
+        check_size(h.shape, "critic input")
+        h = self.block1(h)  # [N, w, Z/2, ...]
+        h = self.block2(h)  # [N, 2w, Z/4, ...]
+        h = self.block3(h)  # [N, 4w, Z/8, ...]
+        h = self.block4(h)  # [N, 8w, Z/8, ...]
+        return self.score(h)  # [N, 1, Z/8, Y/8, X/8]
+
+    def receptive_field(self) -> int:
+        """Voxels (per axis) of input seen by one output score: 54 for the thesis' critic."""
+        return receptive_field(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: parameter counts, receptive field, per-block summary for the architecture figures
+# --------------------------------------------------------------------------------------------
+def num_params(module: nn.Module, trainable: bool = True) -> int:
+    """Number of (trainable) parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+
+
+def receptive_field(module: nn.Module) -> int:
+    """Receptive field along one axis of a plain chain of convolutions (in registration order)."""
+    r, jump = 1, 1
+    for m in module.modules():
+        if isinstance(m, nn.Conv3d):
+            k, s = m.kernel_size[0], m.stride[0]
+            r += (k - 1) * jump
+            jump *= s
+    return r
+
+
+def summarize(model: nn.Module, zyx=(32, 384, 384), batch: int = 1) -> list[dict]:
+    """One row per top-level block of ``model`` for an input of spatial size ``zyx``:
+    ``name``, ``kind`` (class name), ``in_shape``, ``out_shape`` (both ``C, Z, Y, X``) and ``params``.
+
+    Runs the model on PyTorch's meta device (shapes only, no memory), so thesis-size inputs
+    (default 32x384x384, the thesis' crop) are free. Input channels come from ``model.cfg``.
+    """
+    meta = copy.deepcopy(model).to("meta")
+    rows: list[dict] = []
+
+    def hook(name):
+        def fn(mod, args, out):
+            rows.append({
+                "name": name,
+                "kind": type(mod).__name__,
+                "in_shape": tuple(args[0].shape[1:]),
+                "out_shape": tuple(out.shape[1:]),
+                "params": num_params(mod),
+            })
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in meta.named_children()]
+    c = model.cfg.in_channels
+    with torch.no_grad():
+        if isinstance(model, Critic):
+            meta(torch.empty(batch, 1, *zyx, device="meta"), torch.empty(batch, c - 1, *zyx, device="meta"))
+        else:
+            meta(torch.empty(batch, c, *zyx, device="meta"))
+    for h in handles:
+        h.remove()
+    return rows
+
+
+def _check_positive(cfg, *names: str) -> None:
+    for name in names:
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{type(cfg).__name__}.{name} must be a positive integer, got {v!r}")
