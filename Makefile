@@ -19,13 +19,37 @@ $(STAMP): requirements.lock pyproject.toml
 	echo "$(CURDIR)" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/vstain.pth
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest -q tests
+# Headless Chromium for the browser check of the built book (Debian's package).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# MathJax 3 from the npm registry, so the book's equations render offline; without npm the
+# pages fall back to MathJax's CDN (the build does not fail).
+MATHJAX_VERSION := 3.2.2
+MATHJAX := $(VENV)/share/mathjax-$(MATHJAX_VERSION)/es5/tex-mml-chtml.js
 
-book: $(STAMP)
-	$(PY) -m vstain.pipeline --profile $(PROFILE)
+$(CHROMIUM):
+	$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium
 
-check-book: $(STAMP)
+$(MATHJAX): | $(STAMP)
+	@tmp=$$(mktemp -d); \
+	if command -v npm >/dev/null && (cd $$tmp && npm pack -q mathjax@$(MATHJAX_VERSION) >/dev/null && tar xzf mathjax-$(MATHJAX_VERSION).tgz); then \
+	  mkdir -p $(VENV)/share && rm -rf $(VENV)/share/mathjax-$(MATHJAX_VERSION) && mv $$tmp/package $(VENV)/share/mathjax-$(MATHJAX_VERSION); \
+	else echo "MathJax $(MATHJAX_VERSION) not fetched (npm missing or offline): the book loads it from its CDN"; fi; \
+	rm -rf $$tmp
+
+# The unit tests, the quick book opened in Chromium (tests/test_book.py), then every notebook
+# with its quick defaults under nbval (in file order: 01 -> 07). One pytest run: its summary line
+# and exit status are make's.
+test: $(STAMP) $(CHROMIUM) $(MATHJAX)
+	$(PY) -m pytest -q tests notebooks --nbval-lax
+
+# Run the notebooks of PROFILE (quick, book, full) with papermill, skipping the unchanged ones, and
+# build the HTML into book/_build/html.
+book: $(STAMP) $(MATHJAX)
+	$(PY) -m vstain.pipeline --profile $(PROFILE) --output book
+
+# Open every page of book/_build/html in headless Chromium; screenshots in book/_build/screenshots.
+check-book: $(STAMP) $(CHROMIUM)
 	$(PY) -m vstain.browser book/_build/html
 
 bench: $(STAMP)

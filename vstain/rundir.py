@@ -65,24 +65,24 @@ def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def _versions() -> dict[str, str]:
+    """Installed versions of the packages a stage may use, read from metadata (no imports)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {"python": platform.python_version()}
-    for name in ("numpy", "torch", "lightning", "careamics", "monai", "quilt3", "tifffile"):
+    for name in ("numpy", "torch", "lightning", "careamics", "monai", "quilt3", "tifffile", "scikit-image"):
         try:
-            mod = __import__(name)
-            out[name] = getattr(mod, "__version__", "?")
-        except Exception:  # a stage that does not use a package still records the rest
+            out[name] = version(name)
+        except PackageNotFoundError:
             continue
     return out
 
 
 def _device() -> str:
-    try:
-        import torch
+    import sys
 
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except Exception:
-        pass
+    torch = sys.modules.get("torch")  # only ask CUDA when the stage already imported torch
+    if torch is not None and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
     return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 

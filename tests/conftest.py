@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny notebooks and a tiny book written into tmp_path."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_notebook(path: Path, parameters: str, *cells: str | tuple[str, list[str]]) -> Path:
+    """A notebook with a ``parameters`` cell and code cells (``(source, tags)`` for tagged ones)."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                   "language_info": {"name": "python"}}
+    nb.cells.append(nbformat.v4.new_markdown_cell(f"# {path.stem}"))
+    params = nbformat.v4.new_code_cell(parameters)
+    params.metadata["tags"] = ["parameters"]
+    nb.cells.append(params)
+    for cell in cells:
+        source, tags = (cell, []) if isinstance(cell, str) else cell
+        c = nbformat.v4.new_code_cell(source)
+        if tags:
+            c.metadata["tags"] = tags
+        nb.cells.append(c)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+# A stage that counts its runs, may fail on request and writes a manifest.json (without importing
+# torch & co. through rundir.finish, so a test kernel starts and ends in a second or two).
+STAGE_BODY = """\
+import json, pathlib, time
+out = pathlib.Path(run_dir) / "{stem}"
+out.mkdir(parents=True, exist_ok=True)
+with open(out / "runs.txt", "a") as f:
+    f.write("ran\\n")
+assert not fail, "{stem} was asked to fail"
+(out / "manifest.json").write_text(json.dumps({{"stage": "{stem}", "value": value, "t": time.time()}}))
+"""
+
+
+@pytest.fixture
+def tiny_book(tmp_path):
+    """A project root with three stages (01_a, 02_b, 03_c), a toc and an empty profile ``p``.
+
+    Returns a dict with ``root``, ``run_dir`` (absolute), ``toc``, ``profile`` (the file) and
+    ``runs(stem)`` (how many times a stage ran)."""
+    root = tmp_path / "proj"
+    stems = ["01_a", "02_b", "03_c"]
+    for stem in stems:
+        write_notebook(root / "notebooks" / f"{stem}.ipynb",
+                       'run_dir = "runs/quick"  # run directory\nvalue = 1  # a knob\nfail = False  # raise on purpose',
+                       STAGE_BODY.format(stem=stem))
+    (root / "book").mkdir()
+    (root / "book" / "intro.md").write_text("# Tiny\n")
+    toc = root / "_toc.yml"
+    chapters = "".join(f"  - file: notebooks/{s}\n" for s in stems)
+    toc.write_text(f"format: jb-book\nroot: book/intro\nchapters:\n{chapters}")
+    shutil.copyfile(ROOT / "_config.yml", root / "_config.yml")
+    (root / "profiles").mkdir()
+    profile = root / "profiles" / "p.yaml"
+    profile.write_text("all: {}  # defaults\n")
+    run_dir = tmp_path / "runs" / "p"
+
+    def runs(stem: str) -> int:
+        f = run_dir / stem / "runs.txt"
+        return len(f.read_text().splitlines()) if f.exists() else 0
+
+    return {"root": root, "run_dir": run_dir, "toc": toc, "profile": profile, "runs": runs, "stems": stems}
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())

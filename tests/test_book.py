@@ -1,0 +1,94 @@
+"""The book: its bibliography, its links, the browser check, and the quick book built and opened
+in headless Chromium (the slow test; `make test` installs Chromium first)."""
+from __future__ import annotations
+
+import re
+
+import nbformat
+import pytest
+
+from conftest import ROOT
+from vstain import browser, pipeline
+
+# Keys the notebooks share (CONTRACT): they must exist with exactly these names.
+SHARED_KEYS = {"vstain_thesis2023", "viana2023", "bray2012", "krull2019", "gulrajani2017", "arjovsky2017",
+               "isola2018", "ronneberger2015", "crosszamirski2022", "ounkomol2018", "christiansen2018",
+               "zhang2018lpips", "ulyanov2017"}
+CITE = re.compile(r"\{cite(?::\w+)?\}`([^`]+)`")
+
+
+def bib_keys() -> list[str]:
+    return re.findall(r"^@\w+\{([^,\s]+),", (ROOT / "book" / "references.bib").read_text(), flags=re.M)
+
+
+def cited_keys() -> dict[str, set[str]]:
+    texts = {p.name: p.read_text() for p in (ROOT / "book").glob("*.md")}
+    for p in (ROOT / "notebooks").glob("*.ipynb"):
+        texts[p.name] = "\n".join(c.source for c in nbformat.read(p, 4).cells if c.cell_type == "markdown")
+    return {name: {k.strip() for m in CITE.findall(text) for k in m.split(",")} for name, text in texts.items()}
+
+
+def chromium_or_fail() -> str:
+    try:
+        return browser.find_chromium()
+    except browser.ChromiumNotFound as exc:
+        pytest.fail(f"{exc} (`make test` installs it)")
+
+
+def test_bibliography_holds_the_thesis_references():
+    keys = bib_keys()
+    assert len(keys) == len(set(keys)), "duplicate bibtex keys"
+    assert len(keys) == 31  # the thesis' 30 references and the thesis itself
+    assert SHARED_KEYS <= set(keys), sorted(SHARED_KEYS - set(keys))
+
+
+def test_every_citation_is_in_the_bibliography():
+    known = set(bib_keys())
+    missing = {name: sorted(keys - known) for name, keys in cited_keys().items() if keys - known}
+    assert not missing, f"cited but not in book/references.bib: {missing}"
+
+
+def test_toc_points_at_real_files():
+    for entry in pipeline.toc_entries(ROOT / "_toc.yml"):
+        assert any((ROOT / entry).with_suffix(s).exists() for s in (".md", ".ipynb")), f"_toc.yml: {entry}"
+
+
+def test_browser_check_catches_broken_pages(tmp_path):
+    """A page with a missing image and one with a JavaScript error fail; a clean page passes."""
+    html = tmp_path / "_build" / "html"
+    html.mkdir(parents=True)
+    png = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+                        "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")
+    (html / "dot.png").write_bytes(png)
+    (html / "index.html").write_text('<html><body><main><h1>ok</h1><img src="dot.png"></main></body></html>')
+    (html / "broken.html").write_text('<html><body><main><img src="missing/fig.png"></main></body></html>')
+    (html / "throws.html").write_text("<html><body><main><script>undefinedFunction()</script></main></body></html>")
+    found = browser.check_book(html, results_page=None, chromium=chromium_or_fail(), log=lambda s: None)
+    reports = {r.page: r for r in found}
+    assert reports["index.html"].errors == [] and reports["index.html"].images == 1
+    assert any("missing/fig.png" in e for e in reports["broken.html"].errors)
+    assert any("undefinedFunction" in e for e in reports["throws.html"].errors)
+    assert all((tmp_path / "_build" / "screenshots" / f"{p[:-5]}.png").stat().st_size > 0 for p in reports)
+
+
+def test_results_check_needs_table_and_confusion_matrices():
+    ok = {"text": "Table 4.1 ... Confusion matrices", "tables": ["Channel Model SSIM MSE MAE PCC F1"], "loaded": 2}
+    assert browser.check_results_page(ok) == []
+    assert len(browser.check_results_page({"text": "", "tables": [], "loaded": 0})) == 4
+
+
+@pytest.mark.slow
+def test_quick_book_builds_and_every_page_opens():
+    """The whole chain at the quick profile, built into runs/quick/book_src/_build/html (never the
+    user's book/_build), then every page opened in headless Chromium."""
+    chromium = chromium_or_fail()
+    result = pipeline.run("quick", log=print)
+    assert result.html == ROOT / "runs" / "quick" / "book_src" / "_build" / "html"
+    reports = browser.check_book(result.html, chromium=chromium)
+    bad = {r.page: r.errors for r in reports if r.errors}
+    assert not bad, bad
+    pages = {r.page for r in reports}
+    for entry in pipeline.toc_entries(ROOT / "_toc.yml"):
+        assert f"{entry}.html" in pages
+    shots = result.html.parent / "screenshots"
+    assert len(list(shots.glob("*.png"))) >= len(pipeline.toc_entries(ROOT / "_toc.yml"))

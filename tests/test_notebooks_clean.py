@@ -1,0 +1,69 @@
+"""The stored notebooks: no outputs, a papermill ``parameters`` cell that papermill can read in
+full (with ``run_dir`` and ``seed``), no ``def``/``class`` (logic lives in vstain), and an opening
+that cites the thesis."""
+from __future__ import annotations
+
+import ast
+import re
+
+import nbformat
+import papermill
+import pytest
+
+from conftest import ROOT
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def _code(cell) -> str:
+    """A cell's source with IPython magics and shell escapes blanked, so ast can parse it."""
+    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in cell.source.splitlines())
+
+
+@pytest.fixture(params=NOTEBOOKS, ids=lambda p: p.stem)
+def nb(request):
+    return request.param, nbformat.read(request.param, as_version=4)
+
+
+def test_stored_without_outputs(nb):
+    path, book = nb
+    dirty = [i for i, c in enumerate(book.cells)
+             if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count") is not None)]
+    assert not dirty, f"{path.name}: cells {dirty} carry outputs; clear them (the pipeline and nbval run the notebook)"
+
+
+def test_parameters_cell(nb):
+    path, book = nb
+    cells = [c for c in book.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1, f"{path.name}: expected one cell tagged 'parameters', found {len(cells)}"
+    assigned = [t.id for node in ast.parse(_code(cells[0])).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)]
+    declared = papermill.inspect_notebook(str(path))
+    unreadable = [name for name in assigned if name not in declared]
+    assert not unreadable, (f"{path.name}: papermill cannot read the parameters {unreadable} "
+                            "(a second '=' on the line, e.g. in the comment, hides it from profiles)")
+    for name in ("run_dir", "seed"):
+        assert name in declared, f"{path.name}: the parameters cell must declare {name}"
+    assert ast.literal_eval(declared["run_dir"]["default"]) == "runs/quick", f"{path.name}: run_dir default"
+    missing_help = [n for n, p in declared.items() if not p["help"].strip()]
+    assert not missing_help, f"{path.name}: give each parameter a trailing comment: {missing_help}"
+
+
+def test_no_functions_or_classes(nb):
+    path, book = nb
+    for i, cell in enumerate(book.cells):
+        if cell.cell_type != "code":
+            continue
+        for node in ast.walk(ast.parse(_code(cell))):
+            assert not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)), (
+                f"{path.name}, cell {i}: '{node.name}' is defined in the notebook; move it into vstain")
+
+
+def test_opens_with_title_and_the_thesis(nb):
+    path, book = nb
+    first = book.cells[0]
+    assert first.cell_type == "markdown" and first.source.lstrip().startswith("# "), f"{path.name}: open with a # title"
+    opening = " ".join(c.source for c in book.cells[:3] if c.cell_type == "markdown")
+    assert re.search(r"\{cite(:\w+)?\}`[^`]*vstain_thesis2023", opening), (
+        f"{path.name}: the opening paragraph should cite the thesis section it reproduces "
+        "({cite}`vstain_thesis2023`)")

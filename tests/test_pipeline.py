@@ -1,0 +1,197 @@
+"""The book's pipeline (vstain.pipeline): profile validation, skipping unchanged notebooks,
+stopping at the first failure. Runs tiny notebooks in tmp_path (a kernel start each)."""
+from __future__ import annotations
+
+import ast
+import csv
+import re
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+import yaml
+
+from conftest import ROOT, read_json, write_notebook
+from vstain import pipeline
+from vstain.pipeline import NotebookFailed, ProfileError
+
+
+def _stages(book):
+    return pipeline.stages_from_toc(book["toc"], book["root"])
+
+
+def _run(book, **kw):
+    return pipeline.run("p", root=book["root"], profile_path=book["profile"], run_dir=str(book["run_dir"]),
+                        build=False, log=lambda s: None, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Profiles
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "profile_text, expected",
+    [
+        ("02_b:\n  valeu: 3  # typo\n", ["profile 'p'", "'02_b'", "'valeu'"]),
+        ("all:\n  bogus: 1  # declared nowhere\n", ["profile 'p'", "'bogus'", "'all:'"]),
+        ("09_nope:\n  value: 2  # no such notebook\n", ["profile 'p'", "'09_nope'"]),
+        ("01_a:\n  run_dir: elsewhere  # reserved\n", ["profile 'p'", "'run_dir'"]),
+        ("01_a: [1, 2]  # not a mapping\n", ["profile 'p'", "'01_a'", "mapping"]),
+    ],
+)
+def test_profile_errors_name_profile_notebook_and_key(tiny_book, profile_text, expected):
+    tiny_book["profile"].write_text(profile_text)
+    with pytest.raises(ProfileError) as err:
+        pipeline.resolve_parameters(pipeline.load_profile(tiny_book["profile"]), _stages(tiny_book), "runs/p")
+    for text in expected:
+        assert text in str(err.value)
+
+
+def test_unknown_key_is_an_error_before_anything_runs(tiny_book):
+    tiny_book["profile"].write_text("03_c:\n  valeu: 3  # typo\n")
+    with pytest.raises(ProfileError, match="'03_c' declares no parameter 'valeu'"):
+        _run(tiny_book)
+    assert [tiny_book["runs"](s) for s in tiny_book["stems"]] == [0, 0, 0]
+
+
+def test_notebook_without_run_dir_is_an_error(tiny_book):
+    write_notebook(tiny_book["root"] / "notebooks" / "02_b.ipynb", "value = 1  # a knob", "print(value)")
+    with pytest.raises(ProfileError, match="02_b.ipynb: its parameters cell does not declare run_dir"):
+        pipeline.resolve_parameters(pipeline.load_profile(tiny_book["profile"]), _stages(tiny_book), "runs/p")
+
+
+def test_all_keys_reach_declaring_notebooks_and_sections_override(tiny_book):
+    write_notebook(tiny_book["root"] / "notebooks" / "03_c.ipynb", 'run_dir = "runs/quick"  # run directory', "pass")
+    tiny_book["profile"].write_text("all:\n  value: 5  # shared\n02_b:\n  value: 7  # override\n  fail: true  # why\n")
+    params = pipeline.resolve_parameters(pipeline.load_profile(tiny_book["profile"]), _stages(tiny_book), "runs/p")
+    assert params == {
+        "01_a": {"value": 5, "run_dir": "runs/p"},
+        "02_b": {"value": 7, "fail": True, "run_dir": "runs/p"},
+        "03_c": {"run_dir": "runs/p"},  # declares no `value`: the all: key does not reach it
+    }
+
+
+def test_toc_entry_without_file_is_an_error(tiny_book):
+    tiny_book["toc"].write_text(tiny_book["toc"].read_text() + "  - file: notebooks/04_missing\n")
+    with pytest.raises(FileNotFoundError, match="notebooks/04_missing"):
+        _stages(tiny_book)
+
+
+def test_stages_run_in_number_order_whatever_the_toc_order(tiny_book):
+    toc = yaml.safe_load(tiny_book["toc"].read_text())
+    toc["chapters"].reverse()
+    tiny_book["toc"].write_text(yaml.safe_dump(toc))
+    assert [s.stem for s in _stages(tiny_book)] == ["01_a", "02_b", "03_c"]
+
+
+# --------------------------------------------------------------------------------------------
+# Running, skipping, failing
+# --------------------------------------------------------------------------------------------
+def test_skips_unchanged_and_reruns_what_changed(tiny_book):
+    runs = lambda: [tiny_book["runs"](s) for s in tiny_book["stems"]]  # noqa: E731
+    result = _run(tiny_book)
+    assert [r.status for r in result.stages] == ["ran", "ran", "ran"] and runs() == [1, 1, 1]
+    executed = result.book_src / "notebooks" / "02_b.ipynb"
+    assert "injected-parameters" in executed.read_text()  # papermill's output, in the staged book
+
+    result = _run(tiny_book)  # nothing changed
+    assert [r.status for r in result.stages] == ["skipped"] * 3 and runs() == [1, 1, 1]
+
+    tiny_book["profile"].write_text("02_b:\n  value: 2  # a new value\n")  # 02's parameters ...
+    result = _run(tiny_book)  # ... rerun 02, and 03 because 02's manifest changed
+    assert [r.status for r in result.stages] == ["skipped", "ran", "ran"] and runs() == [1, 2, 2]
+
+    nb = nbformat.read(tiny_book["root"] / "notebooks" / "03_c.ipynb", 4)  # 03's source
+    nb.cells.append(nbformat.v4.new_markdown_cell("A new paragraph."))
+    nbformat.write(nb, tiny_book["root"] / "notebooks" / "03_c.ipynb")
+    result = _run(tiny_book)
+    assert [r.status for r in result.stages] == ["skipped", "skipped", "ran"] and runs() == [1, 2, 3]
+
+    (tiny_book["run_dir"] / "01_a" / "manifest.json").unlink()  # a stage's outputs were removed
+    assert [r.status for r in _run(tiny_book).stages] == ["ran", "ran", "ran"]
+
+    assert [r.status for r in _run(tiny_book, force=True).stages] == ["ran", "ran", "ran"]
+
+    with open(tiny_book["run_dir"] / "timings.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["stage"] for r in rows] == tiny_book["stems"]
+    assert all(float(r["wall_s"]) > 0 and float(r["last_success_s"]) > 0 for r in rows)
+    record = read_json(tiny_book["run_dir"] / "pipeline" / "02_b.json")
+    assert record["params"] == {"value": 2, "run_dir": str(tiny_book["run_dir"])}
+
+
+def test_stops_at_first_failure_and_names_it(tiny_book, capsys):
+    tiny_book["profile"].write_text("02_b:\n  fail: true  # on purpose\n")
+    code = pipeline.main(["--profile", "p", "--root", str(tiny_book["root"]), "--run-dir", str(tiny_book["run_dir"]),
+                          "--no-build"])
+    err = capsys.readouterr().err
+    executed = tiny_book["run_dir"] / "book_src" / "notebooks" / "02_b.ipynb"
+    assert code == pipeline.EXIT_FAILED_NOTEBOOK
+    assert "FAILED at notebook 02_b" in err and "AssertionError: 02_b was asked to fail" in err
+    assert str(executed) in err
+    assert [tiny_book["runs"](s) for s in tiny_book["stems"]] == [1, 1, 0]  # 03_c never started
+    nb = nbformat.read(executed, 4)  # papermill kept the failing cell's traceback
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert len(errors) == 1 and errors[0].ename == "AssertionError"
+    with open(tiny_book["run_dir"] / "timings.csv") as f:
+        assert [(r["stage"], r["status"]) for r in csv.DictReader(f)] == [("01_a", "ran"), ("02_b", "failed")]
+    assert not (tiny_book["run_dir"] / "pipeline" / "02_b.json").exists()
+
+    tiny_book["profile"].write_text("all: {}  # fixed\n")  # after the fix, the run resumes at 02_b
+    result = _run(tiny_book)
+    assert [r.status for r in result.stages] == ["skipped", "ran", "ran"]
+
+
+def test_raises_exception_cells_are_not_failures(tiny_book):
+    """A bad-input demo tagged raises-exception passes (papermill alone would fail the notebook)."""
+    write_notebook(tiny_book["root"] / "notebooks" / "01_a.ipynb",
+                   'run_dir = "runs/quick"  # run directory\nvalue = 1  # a knob\nfail = False  # raise on purpose',
+                   ("raise ValueError('a deliberate bad-input demo')", ["raises-exception"]),
+                   "import json, pathlib\nout = pathlib.Path(run_dir) / '01_a'\nout.mkdir(parents=True)\n"
+                   "(out / 'manifest.json').write_text('{}')")
+    result = _run(tiny_book, only=["01_a"])
+    assert [r.status for r in result.stages] == ["ran", "skipped", "skipped"]
+
+
+def test_a_stage_that_writes_no_manifest_fails(tiny_book):
+    write_notebook(tiny_book["root"] / "notebooks" / "01_a.ipynb", 'run_dir = "runs/quick"  # run directory', "pass")
+    with pytest.raises(NotebookFailed, match="wrote no .*manifest.json"):
+        _run(tiny_book)
+
+
+# --------------------------------------------------------------------------------------------
+# The project's own profiles
+# --------------------------------------------------------------------------------------------
+PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
+def test_project_profiles_fit_the_notebooks(path):
+    stages = pipeline.stages_from_toc(ROOT / "_toc.yml", ROOT)
+    params = pipeline.resolve_parameters(pipeline.load_profile(path), stages, f"runs/{path.stem}")
+    assert set(params) == {s.stem for s in stages}
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
+def test_every_profile_value_says_why(path):
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if re.match(r"^\s*[\w.-]+:\s*\S", line):  # a key with a value on its line
+            assert re.search(r"\s#\s*\S", line), f"{path.name}:{n}: give the reason in a trailing comment: {line!r}"
+
+
+def test_quick_profile_is_the_notebook_defaults():
+    prof = pipeline.load_profile(ROOT / "profiles" / "quick.yaml")
+    stages = {s.stem: s for s in pipeline.stages_from_toc(ROOT / "_toc.yml", ROOT)}
+    for stem, values in [(None, prof.common), *prof.sections.items()]:
+        for key, value in values.items():
+            for stage in ([stages[stem]] if stem else stages.values()):
+                declared = papermill.inspect_notebook(str(stage.source))
+                if key in declared:
+                    assert ast.literal_eval(declared[key]["default"]) == value, (stage.stem, key)
+
+
+def test_project_toc_lists_every_notebook():
+    listed = {s.stem for s in pipeline.stages_from_toc(ROOT / "_toc.yml", ROOT)}
+    stored = {p.stem for p in (ROOT / "notebooks").glob("*.ipynb")}
+    assert stored <= listed, f"notebooks missing from _toc.yml: {sorted(stored - listed)}"
+    assert Path(ROOT / "_config.yml").exists()

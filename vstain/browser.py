@@ -1,0 +1,443 @@
+"""The built book in a real browser: every page opened in headless Chromium.
+
+``python -m vstain.browser book/_build/html`` (what ``make check-book`` runs) opens each HTML page
+of a jupyter-book build in headless Chromium and fails when
+
+- a page does not load, or throws a JavaScript error;
+- a local resource (image, script, stylesheet) does not load, or an ``<img>`` or a local link points
+  at a file that is not on disk;
+- the results page lacks Table 4.1 or the confusion matrices.
+
+It saves a 1280x2000 screenshot of each page under ``<html>/../screenshots/``. Requests to other
+hosts (MathJax's CDN) are reported but do not fail the check: the machines that build the book are
+offline, a reader's browser is not.
+
+Chromium is driven through the DevTools protocol over ``--remote-debugging-pipe`` (file
+descriptors 3 and 4, NUL-separated JSON messages), so only the standard library is needed.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio",
+]
+WINDOW = (1280, 2000)
+SKIP_DIRS = {"_static", "_sources", "_images", "_sphinx_design_static", "_panels_static"}
+
+# Run in the page after load: make lazy images load, wait for every image to settle, report those
+# that did not decode and the text and tables the results check needs.
+_PAGE_PROBE = """
+(async () => {
+  const imgs = Array.from(document.images);
+  for (const i of imgs) { i.loading = 'eager'; }
+  await Promise.race([
+    Promise.all(imgs.map(i => i.complete ? null : new Promise(r => { i.onload = i.onerror = r; }))),
+    new Promise(r => setTimeout(r, 15000)),
+  ]);
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+    await Promise.race([MathJax.startup.promise, new Promise(r => setTimeout(r, 20000))]);
+  }
+  const main = document.querySelector('main') || document.body;
+  return JSON.stringify({
+    title: document.title,
+    broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.currentSrc || i.src),
+    loaded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
+    text: main.innerText,
+    tables: Array.from(main.querySelectorAll('table')).map(t => t.innerText.slice(0, 2000)),
+    math: document.querySelectorAll('.math').length,
+    typeset: document.querySelectorAll('mjx-container').length,
+    mathjax: (Array.from(document.scripts).map(s => s.src).find(u => /mathjax/i.test(u))) || '',
+  });
+})()
+"""
+
+
+class ChromiumNotFound(FileNotFoundError):
+    pass
+
+
+def find_chromium(explicit: str | None = None) -> str:
+    for cand in (explicit, os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                 shutil.which("chromium-browser"), shutil.which("google-chrome")):
+        if cand and Path(cand).exists():
+            return cand
+    raise ChromiumNotFound(
+        "no Chromium found: install Debian's package (`apt-get update && apt-get install -y chromium`; "
+        "`make check-book` and `make test` do it) or set CHROMIUM=/path/to/chromium"
+    )
+
+
+class DevTools:
+    """A headless Chromium and its DevTools protocol over a pipe. Use as a context manager."""
+
+    def __init__(self, chromium: str, window: tuple[int, int] = WINDOW, timeout: float = 60.0):
+        self.timeout = timeout
+        self.profile = tempfile.mkdtemp(prefix="vstain-chromium-")
+        cmd_r, self._cmd_w = os.pipe()  # we write commands, Chromium reads them on fd 3
+        self._evt_r, evt_w = os.pipe()  # Chromium writes replies and events on fd 4
+
+        def wire_fds():  # in the child, before exec: the pipe ends become fds 3 and 4
+            a, b = os.dup(cmd_r), os.dup(evt_w)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        self._log = Path(self.profile) / "chromium.log"  # a file, not a pipe that could fill and stall
+        with open(self._log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [chromium, *CHROMIUM_FLAGS, f"--window-size={window[0]},{window[1]}", "--remote-debugging-pipe",
+                 f"--user-data-dir={self.profile}/data", "about:blank"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=wire_fds, pass_fds=(3, 4),
+            )
+        os.close(cmd_r)
+        os.close(evt_w)
+        self._buf = b""
+        self._next_id = 0
+        self.events: list[dict] = []
+        self.window = window
+
+    # -- the wire ------------------------------------------------------------------------------
+    def _read_message(self, deadline: float) -> dict | None:
+        while b"\0" not in self._buf:
+            left = deadline - time.time()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([self._evt_r], [], [], left)
+            if not ready:
+                return None
+            chunk = os.read(self._evt_r, 1 << 20)
+            if not chunk:
+                raise RuntimeError(f"Chromium closed the DevTools pipe (exit {self.proc.poll()}): {self._stderr()}")
+            self._buf += chunk
+        raw, self._buf = self._buf.split(b"\0", 1)
+        return json.loads(raw)
+
+    def _stderr(self) -> str:
+        try:
+            return self._log.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def send(self, method: str, params: dict | None = None, session: str | None = None,
+             timeout: float | None = None) -> dict:
+        """Send one command and return its result; events that arrive meanwhile are kept."""
+        self._next_id += 1
+        msg = {"id": self._next_id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._cmd_w, json.dumps(msg).encode() + b"\0")
+        deadline = time.time() + (timeout or self.timeout)
+        while True:
+            reply = self._read_message(deadline)
+            if reply is None:
+                raise TimeoutError(f"Chromium did not answer {method} within {timeout or self.timeout:.0f} s")
+            if reply.get("id") == self._next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error'].get('message')}")
+                return reply.get("result", {})
+            if "method" in reply:
+                self.events.append(reply)
+
+    def wait_event(self, method: str, timeout: float | None = None) -> dict | None:
+        """Wait for an event (already received ones count); None on timeout."""
+        for ev in self.events:
+            if ev.get("method") == method:
+                return ev
+        deadline = time.time() + (timeout or self.timeout)
+        while True:
+            msg = self._read_message(deadline)
+            if msg is None:
+                return None
+            if "method" in msg:
+                self.events.append(msg)
+                if msg["method"] == method:
+                    return msg
+
+    def drain(self, quiet: float = 0.3) -> None:
+        """Collect events until none arrive for ``quiet`` seconds."""
+        while (msg := self._read_message(time.time() + quiet)) is not None:
+            if "method" in msg:
+                self.events.append(msg)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def __enter__(self) -> "DevTools":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                try:
+                    self.send("Browser.close", timeout=5)
+                except Exception:  # already gone or not answering: terminate below
+                    pass
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.proc.terminate()
+                    self.proc.wait(timeout=10)
+        finally:
+            for fd in (self._cmd_w, self._evt_r):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            shutil.rmtree(self.profile, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# What is on disk
+# --------------------------------------------------------------------------------------------
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images: list[str] = []
+        self.links: list[str] = []
+        self.redirect: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "meta" and (a.get("http-equiv") or "").lower() == "refresh" and "url=" in (a.get("content") or ""):
+            self.redirect = a["content"].split("url=", 1)[1].strip()
+            self.links.append(self.redirect)
+        elif tag == "img" and a.get("src"):
+            self.images.append(a["src"])
+        elif tag == "a" and a.get("href"):
+            self.links.append(a["href"])
+
+
+def _local_target(page: Path, ref: str) -> Path | None:
+    """The file a relative reference points at, or None for other hosts, anchors, data: URIs."""
+    parts = urlsplit(ref)
+    if parts.scheme or parts.netloc or not parts.path:
+        return None
+    return (page.parent / unquote(parts.path)).resolve()
+
+
+def _refs(page: Path) -> _Refs:
+    refs = _Refs()
+    refs.feed(page.read_text(errors="replace"))
+    return refs
+
+
+def missing_on_disk(page: Path) -> tuple[list[str], list[str]]:
+    """``<img src>`` and ``<a href>`` (and a redirect's target) of a page that point at local
+    files that do not exist."""
+    refs = _refs(page)
+    imgs = [r for r in refs.images if (t := _local_target(page, r)) is not None and not t.exists()]
+    links = [r for r in refs.links if (t := _local_target(page, r)) is not None and not t.exists()]
+    return imgs, links
+
+
+def html_pages(html_dir: Path) -> list[Path]:
+    """Every HTML page of a build, except Sphinx's static and source copies."""
+    return sorted(p for p in html_dir.rglob("*.html") if not SKIP_DIRS & set(p.relative_to(html_dir).parts[:-1]))
+
+
+# --------------------------------------------------------------------------------------------
+# The check
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PageReport:
+    page: str  # relative to the html folder
+    errors: list[str] = field(default_factory=list)
+    external: list[str] = field(default_factory=list)  # requests to other hosts that failed (offline)
+    images: int = 0  # images that loaded
+    screenshot: str = ""
+    title: str = ""
+
+
+def check_results_page(probe: dict) -> list[str]:
+    """Table 4.1 and the confusion matrices must be on the results page."""
+    errors = []
+    text = probe.get("text", "")
+    if "Table 4.1" not in text:
+        errors.append("results page: no 'Table 4.1' in the text")
+    metric_tables = [t for t in probe.get("tables", []) if sum(m in t for m in ("SSIM", "MSE", "MAE", "PCC")) >= 3]
+    if not metric_tables:
+        errors.append("results page: no table with the SSIM/MSE/MAE/PCC columns of Table 4.1")
+    if "confusion" not in text.lower():
+        errors.append("results page: the confusion matrices are not mentioned")
+    if probe.get("loaded", 0) < 1:
+        errors.append("results page: no figure loaded (the confusion matrices are figures)")
+    return errors
+
+
+def _classify_network_failures(events: list[dict]) -> tuple[list[str], list[str]]:
+    urls = {}
+    for ev in events:
+        if ev["method"] == "Network.requestWillBeSent":
+            urls[ev["params"]["requestId"]] = ev["params"]["request"]["url"]
+    local, external = [], []
+    for ev in events:
+        p = ev.get("params", {})
+        if ev["method"] == "Network.loadingFailed" and not p.get("canceled"):
+            url = urls.get(p["requestId"], "?")
+            (local if url.startswith("file:") else external).append(f"{url} ({p.get('errorText')})")
+        elif ev["method"] == "Network.responseReceived" and p["response"].get("status", 200) >= 400:
+            url = p["response"]["url"]
+            (local if url.startswith("file:") else external).append(f"{url} (HTTP {p['response']['status']})")
+    return local, external
+
+
+def _page_errors(events: list[dict]) -> list[str]:
+    errors = []
+    for ev in events:
+        p = ev.get("params", {})
+        if ev["method"] == "Runtime.exceptionThrown":
+            d = p.get("exceptionDetails", {})
+            errors.append(f"JavaScript exception: {d.get('exception', {}).get('description') or d.get('text')}")
+        elif ev["method"] == "Log.entryAdded" and p["entry"]["level"] == "error" and p["entry"]["source"] != "network":
+            errors.append(f"console ({p['entry']['source']}): {p['entry']['text']}")
+        elif ev["method"] == "Runtime.consoleAPICalled" and p.get("type") == "error":
+            args = " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
+            errors.append(f"console.error: {args}")
+    return errors
+
+
+def check_book(
+    html_dir: Path,
+    screenshots: Path | None = None,
+    results_page: str | None = "notebooks/07_results.html",
+    chromium: str | None = None,
+    full_page: bool = False,
+    log=print,
+) -> list[PageReport]:
+    """Open every page of ``html_dir`` in headless Chromium; see the module docstring.
+
+    Args:
+        html_dir: a jupyter-book ``_build/html`` folder.
+        screenshots: where the PNGs go (default: ``html_dir/../screenshots``).
+        results_page: the page (relative to ``html_dir``) that must hold Table 4.1 and the
+            confusion matrices; None or "" to skip that check.
+        chromium: the browser's path (default: ``/usr/bin/chromium`` or ``$CHROMIUM``).
+        full_page: screenshot the whole page (at most 20000 px high), not the 1280x2000 window.
+
+    Returns:
+        One report per page; the check passed when no report has errors.
+    """
+    html_dir = Path(html_dir).resolve()
+    if not (html_dir / "index.html").exists():
+        raise FileNotFoundError(f"{html_dir} holds no index.html: build the book first (make book)")
+    shots = Path(screenshots) if screenshots else html_dir.parent / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    pages = html_pages(html_dir)
+    rel_pages = [p.relative_to(html_dir).as_posix() for p in pages]
+    reports = []
+    if results_page and results_page not in rel_pages:
+        missing = PageReport(results_page, errors=[f"the results page {results_page} was not built"])
+        reports.append(missing)
+    with DevTools(find_chromium(chromium)) as dt:
+        target = dt.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        sid = dt.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Network", "Log"):
+            dt.send(f"{domain}.enable", session=sid)
+        w, h = dt.window
+        dt.send("Emulation.setDeviceMetricsOverride",
+                {"width": w, "height": h, "deviceScaleFactor": 1, "mobile": False}, session=sid)
+        for page, rel in zip(pages, rel_pages):
+            rep = PageReport(rel)
+            if _refs(page).redirect is not None:  # jupyter-book's index.html: a meta refresh to the root page
+                imgs, links = missing_on_disk(page)
+                rep.errors += [f"redirect to a missing file: {u}" for u in links]
+                reports.append(rep)
+                log(f"  {rel:<40} {'redirect' if not rep.errors else 'BROKEN redirect'}")
+                continue
+            dt.drain(0.05)
+            dt.events.clear()
+            nav = dt.send("Page.navigate", {"url": page.as_uri()}, session=sid)
+            if nav.get("errorText"):
+                rep.errors.append(f"navigation failed: {nav['errorText']}")
+                reports.append(rep)
+                continue
+            if dt.wait_event("Page.loadEventFired", timeout=60) is None:
+                rep.errors.append("the page did not finish loading within 60 s")
+            res = dt.send("Runtime.evaluate", {"expression": _PAGE_PROBE, "awaitPromise": True,
+                                               "returnByValue": True}, session=sid, timeout=60)
+            if "exceptionDetails" in res:
+                rep.errors.append(f"the page probe failed: {res['exceptionDetails'].get('text')}")
+            probe = json.loads(res.get("result", {}).get("value") or "{}")
+            dt.drain(0.3)
+            rep.title, rep.images = probe.get("title", ""), probe.get("loaded", 0)
+            rep.errors += _page_errors(dt.events)
+            local, rep.external = _classify_network_failures(dt.events)
+            rep.errors += [f"local resource failed to load: {u}" for u in local]
+            rep.errors += [f"image did not load: {u}" for u in probe.get("broken", []) if u.startswith("file:")]
+            rep.external += [f"image {u}" for u in probe.get("broken", []) if not u.startswith("file:")]
+            imgs, links = missing_on_disk(page)
+            rep.errors += [f"<img src> not on disk: {u}" for u in imgs]
+            rep.errors += [f"link to a missing file: {u}" for u in links]
+            if probe.get("math") and probe.get("mathjax", "").startswith("file:") and not probe.get("typeset"):
+                rep.errors.append(f"{probe['math']} equation(s) left as raw LaTeX: the local MathJax typeset none")
+            if rel == results_page:
+                rep.errors += check_results_page(probe)
+            if full_page:  # a window as tall as the page, then back to the normal window
+                height = dt.send("Page.getLayoutMetrics", session=sid)["cssContentSize"]["height"]
+                dt.send("Emulation.setDeviceMetricsOverride", {"width": w, "height": int(min(height, 20000)),
+                                                               "deviceScaleFactor": 1, "mobile": False}, session=sid)
+            shot = dt.send("Page.captureScreenshot", {"format": "png"}, session=sid, timeout=60)
+            if full_page:
+                dt.send("Emulation.setDeviceMetricsOverride",
+                        {"width": w, "height": h, "deviceScaleFactor": 1, "mobile": False}, session=sid)
+            out = shots / (rel[: -len(".html")].replace("/", "__") + ".png")
+            out.write_bytes(base64.b64decode(shot["data"]))
+            rep.screenshot = str(out)
+            reports.append(rep)
+            status = "ok" if not rep.errors else f"{len(rep.errors)} error(s)"
+            log(f"  {rel:<40} {status:<12} images {rep.images:>3}  -> {out.name}")
+            for e in rep.errors:
+                log(f"      {e}")
+    return reports
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vstain.browser", description=__doc__.split("\n\n")[0])
+    ap.add_argument("html_dir", type=Path, nargs="?", default=Path("book/_build/html"))
+    ap.add_argument("--screenshots", type=Path, help="default: <html_dir>/../screenshots")
+    ap.add_argument("--results-page", default="notebooks/07_results.html",
+                    help="page that must hold Table 4.1 and the confusion matrices ('' to skip)")
+    ap.add_argument("--chromium", help="path to the browser (default /usr/bin/chromium)")
+    ap.add_argument("--full-page", action="store_true", help="screenshot whole pages, not the 1280x2000 window")
+    args = ap.parse_args(argv)
+    print(f"[browser] checking {args.html_dir} in headless Chromium")
+    try:
+        reports = check_book(args.html_dir, args.screenshots, args.results_page or None, args.chromium,
+                             args.full_page)
+    except (FileNotFoundError, TimeoutError, RuntimeError) as exc:
+        print(f"[browser] ERROR: {exc}", file=sys.stderr)
+        return 2
+    bad = [r for r in reports if r.errors]
+    external = sorted({u for r in reports for u in r.external})
+    if external:
+        print(f"[browser] {len(external)} request(s) to other hosts failed (offline machine; not an error):")
+        for u in external[:10]:
+            print(f"    {u}")
+    for r in bad:
+        print(f"[browser] FAIL {r.page}:", file=sys.stderr)
+        for e in r.errors:
+            print(f"    {e}", file=sys.stderr)
+    shots = {Path(r.screenshot).parent for r in reports if r.screenshot}
+    print(f"[browser] {len(reports) - len(bad)} of {len(reports)} pages ok; "
+          f"screenshots in {', '.join(map(str, shots))}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,528 @@
+"""The book's pipeline: a profile of parameters -> papermill -> jupyter-book.
+
+``python -m vstain.pipeline --profile book`` (what ``make book`` runs):
+
+1. loads ``profiles/<profile>.yaml`` and checks every key against the parameters each notebook
+   declares (``papermill.inspect_notebook``); a key that the target notebook does not declare is an
+   error naming the profile, the notebook and the key;
+2. runs the notebooks of ``_toc.yml`` with papermill in dependency order (``01_...`` to ``07_...``),
+   from the project root, with ``run_dir: runs/<profile>`` injected, writing the executed notebooks
+   into the profile's staged book (``runs/<profile>/book_src/``);
+3. skips a notebook whose inputs did not change since its last successful run: its source, its
+   resolved parameters and the manifests of the stages before it (a record per stage in
+   ``runs/<profile>/pipeline/``);
+4. stops at the first notebook that fails, names it and prints where its executed copy (with the
+   failing cell's traceback) is;
+5. writes per-notebook wall times to ``runs/<profile>/timings.csv``;
+6. builds the HTML with jupyter-book 1.x (execution off: papermill ran the notebooks), failing on
+   any Sphinx warning.
+
+Profile format (YAML; every value line carries a trailing comment with its reason)::
+
+    all:                       # applied to every notebook that declares the key
+      seed: 0                  # reason
+    04_unet:                   # one section per notebook stem
+      base_width: 16           # thesis 64; 2 CPU cores
+
+The module is also a small Sphinx extension of the book (``_config.yml``: ``extra_extensions``) and
+stages MathJax into the HTML when ``make`` has fetched it, so the equations render offline.
+
+The staged book keeps each profile's build apart: ``runs/<profile>/book_src/`` holds copies of the
+top-level ``_config.yml``, ``_toc.yml`` and ``book/`` plus the executed notebooks, and its HTML goes to
+``runs/<profile>/book_src/_build/html`` unless ``--output`` names another folder (``make book`` uses
+``--output book`` so the HTML lands in ``book/_build/html``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from vstain import rundir
+
+RESERVED = ("run_dir",)  # injected by the pipeline, never set by a profile
+# MathJax 3 for offline equations: `make book` unpacks the npm package into .venv/share/; without
+# it the pages load MathJax from its CDN (Sphinx's default) and show raw LaTeX when offline.
+MATHJAX = Path("share") / "mathjax-3.2.2" / "es5"
+_MATHJAX_PARTS = ("tex-mml-chtml.js", "input", "output/chtml", "a11y", "ui", "adaptors")
+EXIT_OK, EXIT_FAILED_NOTEBOOK, EXIT_PROFILE, EXIT_BUILD = 0, 1, 2, 3
+
+
+class ProfileError(ValueError):
+    """A profile that does not fit the notebooks (unknown key, unknown notebook, bad format)."""
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised; ``executed`` is its executed copy with the failing cell's output."""
+
+    def __init__(self, stage: str, executed: Path, detail: str):
+        self.stage, self.executed, self.detail = stage, executed, detail
+        super().__init__(f"notebook {stage} failed: {detail}\n  executed notebook: {executed}")
+
+
+class BuildFailed(RuntimeError):
+    """jupyter-book reported an error or a warning."""
+
+
+# --------------------------------------------------------------------------------------------
+# The table of contents and the notebooks it names
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """One notebook of the book: ``stem`` (``04_unet``), its source and its place in the toc."""
+
+    stem: str
+    source: Path  # the stored notebook (no outputs)
+    toc_file: str  # the toc entry, e.g. "notebooks/04_unet"
+
+
+def _toc_files(node: Any) -> list[str]:
+    """Every ``file:`` / ``root:`` entry of a jupyter-book toc, in reading order."""
+    out: list[str] = []
+    if isinstance(node, dict):
+        for key in ("root", "file"):
+            if isinstance(node.get(key), str):
+                out.append(node[key])
+        for value in node.values():
+            if isinstance(value, (list, dict)):
+                out += _toc_files(value)
+    elif isinstance(node, list):
+        for item in node:
+            out += _toc_files(item)
+    return out
+
+
+def toc_entries(toc: Path) -> list[str]:
+    return _toc_files(yaml.safe_load(toc.read_text()))
+
+
+def stages_from_toc(toc: Path, root: Path) -> list[Stage]:
+    """The notebooks the toc names, in dependency order (sorted by stem: ``01_`` before ``02_``).
+
+    Raises:
+        FileNotFoundError: a toc entry that points at no file.
+    """
+    stages = []
+    for entry in toc_entries(toc):
+        stem_path = root / entry
+        if stem_path.with_suffix(".ipynb").exists():
+            stages.append(Stage(Path(entry).name, stem_path.with_suffix(".ipynb"), entry))
+        elif not (stem_path.with_suffix(".md").exists() or stem_path.exists()):
+            raise FileNotFoundError(f"{toc}: entry '{entry}' points at no .md or .ipynb file under {root}")
+    return sorted(stages, key=lambda s: s.stem)
+
+
+# --------------------------------------------------------------------------------------------
+# Profiles
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Profile:
+    name: str
+    path: Path
+    common: dict[str, Any] = field(default_factory=dict)  # the `all:` section
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)  # stem -> values
+
+
+def load_profile(path: Path) -> Profile:
+    """Read a profile file. A missing file or a section that is not a mapping is a ProfileError."""
+    path = Path(path)
+    if not path.exists():
+        avail = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ProfileError(f"profile '{path.stem}': no file {path} (profiles here: {', '.join(avail) or 'none'})")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ProfileError(f"profile '{path.stem}' ({path}): expected a mapping of sections, got {type(data).__name__}")
+    prof = Profile(path.stem, path)
+    for section, values in data.items():
+        values = values or {}
+        if not isinstance(values, dict):
+            raise ProfileError(f"profile '{prof.name}' ({path}): section '{section}' must be a mapping of key: value")
+        if section == "all":
+            prof.common = dict(values)
+        else:
+            prof.sections[str(section)] = dict(values)
+    return prof
+
+
+def declared_parameters(notebook: Path) -> dict[str, str]:
+    """Parameter name -> default (source text) of a notebook's ``parameters`` cell."""
+    import papermill
+
+    return {name: p["default"] for name, p in papermill.inspect_notebook(str(notebook)).items()}
+
+
+def resolve_parameters(
+    profile: Profile, stages: list[Stage], run_dir: str, declared: dict[str, dict[str, str]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The parameters papermill injects into each notebook.
+
+    ``all:`` keys go to every notebook that declares them, per-notebook sections override them and
+    ``run_dir`` is always injected.
+
+    Raises:
+        ProfileError: a section for a notebook the book does not have; a key the target notebook
+            does not declare; an ``all:`` key no notebook declares; a profile that sets ``run_dir``;
+            a notebook without ``run_dir`` in its parameters cell.
+    """
+    declared = declared if declared is not None else {s.stem: declared_parameters(s.source) for s in stages}
+    stems = [s.stem for s in stages]
+    where = f"profile '{profile.name}' ({profile.path})"
+    for section in profile.sections:
+        if section not in stems:
+            raise ProfileError(
+                f"{where}: section '{section}' names no notebook of the book (notebooks: {', '.join(stems)})")
+    for key in RESERVED:
+        if key in profile.common or any(key in v for v in profile.sections.values()):
+            raise ProfileError(f"{where}: '{key}' is set by the pipeline (runs/<profile>); remove it from the profile")
+    for key in profile.common:
+        if not any(key in declared[s] for s in stems):
+            raise ProfileError(f"{where}: key '{key}' in 'all:' is declared by no notebook ({', '.join(stems)})")
+    resolved = {}
+    for stage in stages:
+        params = declared[stage.stem]
+        if "run_dir" not in params:
+            raise ProfileError(f"notebook {stage.source}: its parameters cell does not declare run_dir")
+        for key in profile.sections.get(stage.stem, {}):
+            if key not in params:
+                raise ProfileError(
+                    f"{where}: notebook '{stage.stem}' declares no parameter '{key}' "
+                    f"(it declares: {', '.join(sorted(params))})"
+                )
+        values = {k: v for k, v in profile.common.items() if k in params}
+        values.update(profile.sections.get(stage.stem, {}))
+        values["run_dir"] = run_dir
+        resolved[stage.stem] = values
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------
+# Running one notebook, and knowing when not to
+# --------------------------------------------------------------------------------------------
+def _sha(path: Path) -> str | None:
+    return rundir.sha256(path) if path.exists() else None
+
+
+def inputs_hash(stage: Stage, params: dict[str, Any], upstream_manifests: dict[str, Path]) -> str:
+    """What decides a stage's result: its source, its parameters, the manifests before it."""
+    key = {
+        "notebook": _sha(stage.source),
+        "params": params,
+        "upstream": {stem: _sha(p) for stem, p in sorted(upstream_manifests.items())},
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _error_cells(nb) -> list[tuple[int, str]]:
+    """(index, 'Ename: value') of each cell that failed and was not tagged ``raises-exception``."""
+    bad = []
+    for i, cell in enumerate(nb.cells):
+        if cell.get("cell_type") != "code" or "raises-exception" in cell.get("metadata", {}).get("tags", []):
+            continue
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                bad.append((i, f"{out.get('ename')}: {out.get('evalue')}"))
+                break
+        else:
+            if cell.get("metadata", {}).get("papermill", {}).get("exception"):
+                bad.append((i, "cell raised (no error output)"))
+    return bad
+
+
+def execute(stage: Stage, params: dict[str, Any], executed: Path, cwd: Path, progress: bool = False) -> None:
+    """Run one notebook with papermill into ``executed``.
+
+    Papermill's own ``execute_notebook`` raises on *any* error output, including the deliberate
+    bad-input demos tagged ``raises-exception`` that nbclient lets pass; so this parameterises with
+    papermill, executes with papermill's engine (saving after each cell) and judges the errors here.
+
+    Raises:
+        NotebookFailed: a cell not tagged ``raises-exception`` raised.
+    """
+    import papermill
+    from papermill.engines import papermill_engines
+    from papermill.iorw import write_ipynb
+    from papermill.utils import chdir
+
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    nb = papermill.execute_notebook(
+        str(stage.source), str(executed), parameters=params, prepare_only=True, progress_bar=False, cwd=str(cwd)
+    )
+    kernel = papermill_engines.nb_kernel_name(engine_name=None, nb=nb)
+    with chdir(str(cwd)):
+        nb = papermill_engines.execute_notebook_with_engine(
+            None, nb, kernel_name=kernel, input_path=str(stage.source), output_path=str(executed),
+            progress_bar=progress, log_output=False, start_timeout=120,
+        )
+    write_ipynb(nb, str(executed))
+    bad = _error_cells(nb)
+    if bad:
+        index, what = bad[0]
+        raise NotebookFailed(stage.stem, executed, f"cell {index} raised {what}")
+
+
+# --------------------------------------------------------------------------------------------
+# The staged book and its build
+# --------------------------------------------------------------------------------------------
+def timings_table(results: list["StageResult"]) -> str:
+    """A Markdown table of the notebooks' wall times, for the intro page."""
+    rows = ["| notebook | wall time | this build |", "|---|---|---|"]
+    for r in results:
+        t = "" if r.last_success_s is None else f"{r.last_success_s / 60:.1f} min"
+        rows.append(f"| {r.stem} | {t} | {'ran' if r.status == 'ran' else 'reused an earlier run'} |")
+    total = sum(r.last_success_s or 0 for r in results)
+    rows.append(f"| **total** | **{total / 60:.1f} min** | |")
+    return "\n".join(rows)
+
+
+def stage_book_sources(root: Path, book_src: Path, toc: Path, profile: str, run_dir: str,
+                       results: list["StageResult"] = ()) -> None:
+    """Copy the narrative, config and toc into the profile's staged book (executed notebooks are
+    written there by :func:`execute`). The pages get MyST substitutions ``{{ profile }}``,
+    ``{{ run_dir }}`` and ``{{ timings }}`` (a table of the notebooks' wall times)."""
+    book_src.mkdir(parents=True, exist_ok=True)
+    if (book_src / "book").exists():
+        shutil.rmtree(book_src / "book")
+    shutil.copytree(root / "book", book_src / "book", ignore=shutil.ignore_patterns("_build", ".ipynb_checkpoints"))
+    shutil.copyfile(toc, book_src / "_toc.yml")
+    config = yaml.safe_load((root / "_config.yml").read_text()) or {}
+    subs = config.setdefault("parse", {}).setdefault("myst_substitutions", {})
+    subs.update(profile=profile, run_dir=run_dir, timings=timings_table(list(results)))
+    # MathJax goes in through html_extra_path (copied as is into the HTML's _static/), not
+    # html_static_path: jupyter-book adds a <script> for every .js file of a static folder.
+    extra = book_src / "_extra"
+    shutil.rmtree(extra, ignore_errors=True)
+    found = [p / MATHJAX for p in (Path(sys.prefix), root / ".venv") if (p / MATHJAX / _MATHJAX_PARTS[0]).exists()]
+    mathjax = found[0] if found else None
+    if mathjax is not None:
+        for part in _MATHJAX_PARTS:
+            src, dst = mathjax / part, extra / "_static" / "mathjax" / part
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dst)
+        sphinx = config.setdefault("sphinx", {}).setdefault("config", {})
+        sphinx["html_extra_path"] = ["_extra"]
+        sphinx["mathjax_path"] = "mathjax/tex-mml-chtml.js"  # relative to the HTML's _static/
+    (book_src / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def build_html(book_src: Path, output: Path, log_file: Path) -> Path:
+    """``jupyter-book build`` (all pages, warnings are errors) into ``output/_build/html``.
+
+    Raises:
+        BuildFailed: the build's exit status was not 0; the message carries its warnings.
+    """
+    exe = Path(sys.executable).parent / "jupyter-book"
+    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(book_src), "--path-output", str(output),
+           "--all", "-W", "--keep-going"]
+    env = {**os.environ, "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    log_file.write_text(proc.stdout + "\n" + proc.stderr)
+    if proc.returncode != 0:
+        lines = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr).splitlines()
+        problems = [l for l in lines if "WARNING" in l or "ERROR" in l or "Error" in l] or lines[-20:]
+        raise BuildFailed(f"jupyter-book build failed (full log: {log_file}):\n  " + "\n  ".join(problems[:40]))
+    return output / "_build" / "html"
+
+
+# --------------------------------------------------------------------------------------------
+# The whole pipeline
+# --------------------------------------------------------------------------------------------
+@dataclass
+class StageResult:
+    stem: str
+    status: str  # "ran", "skipped", "failed"
+    wall_s: float  # this invocation
+    last_success_s: float | None  # wall time of the run whose results the book shows
+
+
+@dataclass
+class Result:
+    profile: str
+    run_dir: Path
+    book_src: Path
+    html: Path | None
+    stages: list[StageResult]
+
+
+def _write_timings(path: Path, results: list[StageResult], build_s: float | None) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["stage", "status", "wall_s", "last_success_s"])
+        for r in results:
+            w.writerow([r.stem, r.status, f"{r.wall_s:.1f}",
+                        "" if r.last_success_s is None else f"{r.last_success_s:.1f}"])
+        if build_s is not None:
+            w.writerow(["jupyter-book", "ran", f"{build_s:.1f}", f"{build_s:.1f}"])
+
+
+def run(
+    profile: str,
+    *,
+    root: Path | None = None,
+    profile_path: Path | None = None,
+    toc: Path | None = None,
+    run_dir: str | None = None,
+    output: Path | None = None,
+    only: list[str] | None = None,
+    force: bool = False,
+    build: bool = True,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> Result:
+    """Run the book for one profile (see the module docstring).
+
+    Args:
+        profile: the profile's name; its file is ``profiles/<profile>.yaml`` unless ``profile_path``.
+        root: the project root (default: :func:`vstain.rundir.repo_root`); notebooks run from here.
+        toc: the table of contents (default ``<root>/_toc.yml``); its notebooks are the stages.
+        run_dir: injected into every notebook (default ``runs/<profile>``, relative to ``root``).
+        output: folder that receives ``_build/html`` (default: the staged book ``<run_dir>/book_src``).
+        only: run only these stems (the others are still validated and, if executed before, kept).
+        force: rerun even when nothing changed.
+        build: build the HTML after the notebooks.
+        progress: show papermill's per-cell progress bar.
+
+    Raises:
+        ProfileError, NotebookFailed, BuildFailed, FileNotFoundError.
+    """
+    root = Path(root or rundir.repo_root()).resolve()
+    profile_path = Path(profile_path or root / "profiles" / f"{profile}.yaml")
+    toc = Path(toc or root / "_toc.yml")
+    run_dir = run_dir or f"runs/{profile}"
+    runs = Path(run_dir) if Path(run_dir).is_absolute() else root / run_dir
+    book_src = runs / "book_src"
+    records = runs / "pipeline"
+
+    stages = stages_from_toc(toc, root)
+    prof = load_profile(profile_path)
+    params = resolve_parameters(prof, stages, run_dir)
+    if only:
+        unknown = set(only) - {s.stem for s in stages}
+        if unknown:
+            raise ProfileError(f"--only: no notebook named {', '.join(sorted(unknown))} in {toc}")
+    records.mkdir(parents=True, exist_ok=True)
+    log(f"[vstain] profile '{profile}': {len(stages)} notebooks, run_dir {run_dir}, staged book {book_src}")
+
+    results: list[StageResult] = []
+    timings = runs / "timings.csv"
+    try:
+        for i, stage in enumerate(stages, 1):
+            executed = book_src / f"{stage.toc_file}.ipynb"
+            record_path = records / f"{stage.stem}.json"
+            record = json.loads(record_path.read_text()) if record_path.exists() else {}
+            upstream = {s.stem: runs / s.stem / rundir.MANIFEST for s in stages[: i - 1]}
+            digest = inputs_hash(stage, params[stage.stem], upstream)
+            manifest = runs / stage.stem / rundir.MANIFEST
+            head = f"[{i}/{len(stages)}] {stage.stem:<14}"
+            unchanged = (
+                record.get("inputs") == digest
+                and record.get("manifest") == _sha(manifest)
+                and manifest.exists()
+                and executed.exists()
+            )
+            if (only and stage.stem not in only) or (unchanged and not force):
+                why = "not selected" if only and stage.stem not in only else "unchanged"
+                log(f"{head} skipped ({why}; last run {record.get('wall_s', float('nan')):.1f} s)")
+                results.append(StageResult(stage.stem, "skipped", 0.0, record.get("wall_s")))
+                if not executed.exists():  # never run: the book shows the stored notebook
+                    executed.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(stage.source, executed)
+                continue
+            log(f"{head} running ...")
+            record_path.unlink(missing_ok=True)
+            t0 = time.time()
+            try:
+                execute(stage, params[stage.stem], executed, cwd=root, progress=progress)
+            except NotebookFailed:
+                results.append(StageResult(stage.stem, "failed", time.time() - t0, None))
+                raise
+            except Exception as exc:  # kernel died, timeout, bad parameters: same treatment
+                results.append(StageResult(stage.stem, "failed", time.time() - t0, None))
+                raise NotebookFailed(stage.stem, executed, f"{type(exc).__name__}: {exc}") from exc
+            wall = time.time() - t0
+            if not manifest.exists():
+                results.append(StageResult(stage.stem, "failed", wall, None))
+                raise NotebookFailed(stage.stem, executed, f"finished but wrote no {manifest} (rundir.finish)")
+            record = {"inputs": digest, "manifest": _sha(manifest), "wall_s": round(wall, 2),
+                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "params": params[stage.stem]}
+            record_path.write_text(json.dumps(record, indent=2, default=str))
+            results.append(StageResult(stage.stem, "ran", wall, wall))
+            log(f"{head} ran in {wall:.1f} s")
+    finally:
+        _write_timings(timings, results, None)
+
+    html = None
+    if build:
+        stage_book_sources(root, book_src, toc, profile, run_dir, results)
+        out = Path(output).resolve() if output else book_src
+        log(f"[book] jupyter-book build -> {out / '_build' / 'html'} ...")
+        t0 = time.time()
+        html = build_html(book_src, out, runs / "book_build.log")
+        build_s = time.time() - t0
+        _write_timings(timings, results, build_s)
+        log(f"[book] built in {build_s:.1f} s: open {html / 'index.html'}")
+    log(f"[vstain] timings: {timings}")
+    return Result(profile, runs, book_src, html, results)
+
+
+# --------------------------------------------------------------------------------------------
+# A Sphinx extension for the book's build (``_config.yml``: ``sphinx: extra_extensions``)
+# --------------------------------------------------------------------------------------------
+def _dedupe_scripts(app, pagename, templatename, context, doctree) -> None:
+    """Drop repeated ``<script>`` entries: under Sphinx 7.4 the inline scripts of sphinx-thebe and
+    sphinx-togglebutton are registered twice (once with ``filename=None``, once with ``''``), and the
+    second ``const THEBE_JS_URL = ...`` throws a SyntaxError in every page."""
+    seen, kept = set(), []
+    for js in context.get("script_files", []):
+        key = (str(getattr(js, "filename", js) or ""), tuple(sorted(getattr(js, "attributes", {}).items())))
+        if key not in seen:
+            seen.add(key)
+            kept.append(js)
+    context["script_files"][:] = kept  # in place: it is the builder's per-page list
+
+
+def setup(app) -> dict:
+    app.connect("html-page-context", _dedupe_scripts, priority=950)  # after the themes add theirs
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vstain.pipeline", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default="book", help="profiles/<name>.yaml (quick, book, full)")
+    ap.add_argument("--root", type=Path, help="project root (default: this checkout)")
+    ap.add_argument("--run-dir", help="run directory injected into the notebooks (default: runs/<profile>)")
+    ap.add_argument("--output", type=Path, help="folder that receives _build/html (default: runs/<profile>/book_src)")
+    ap.add_argument("--toc", type=Path, help="table of contents (default: _toc.yml)")
+    ap.add_argument("--only", help="comma-separated notebook stems to run (others are kept as they are)")
+    ap.add_argument("--force", action="store_true", help="rerun notebooks even when nothing changed")
+    ap.add_argument("--no-build", action="store_true", help="run the notebooks, skip the HTML")
+    args = ap.parse_args(argv)
+    try:
+        run(args.profile, root=args.root, run_dir=args.run_dir, toc=args.toc, output=args.output, force=args.force,
+            build=not args.no_build, only=args.only.split(",") if args.only else None, progress=sys.stderr.isatty())
+    except (ProfileError, FileNotFoundError) as exc:
+        print(f"[vstain] ERROR: {exc}", file=sys.stderr)
+        return EXIT_PROFILE
+    except NotebookFailed as exc:
+        print(f"[vstain] FAILED at notebook {exc.stage}: {exc.detail}\n"
+              f"[vstain] the executed notebook, with the failing cell's output: {exc.executed}", file=sys.stderr)
+        return EXIT_FAILED_NOTEBOOK
+    except BuildFailed as exc:
+        print(f"[vstain] ERROR: {exc}", file=sys.stderr)
+        return EXIT_BUILD
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
