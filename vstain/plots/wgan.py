@@ -1,0 +1,161 @@
+"""Figures of the WGAN-GP stage: the training curves of Algorithm 1, the generator's two gradients,
+predictions beside the ground truth and the U-Net baseline's, and the sharpness comparison."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from ..data import TARGET_LABELS, TARGETS
+
+
+STEP_LABEL = "optimiser step (n_critic + 1 per iteration)"
+
+
+def _curve(ax, df: pd.DataFrame, col: str, color: str, label: str):
+    """Per-step values (faint) and their running mean against the optimiser step."""
+    d = df.dropna(subset=[col])
+    if d.empty:
+        return
+    win = max(1, len(d) // 15)
+    if win == 1:
+        ax.plot(d["step"], d[col], color=color, lw=1.5, label=label)
+        return
+    ax.plot(d["step"], d[col], color=color, alpha=0.3, lw=0.8)
+    ax.plot(d["step"], d[col].rolling(win, min_periods=1).mean(), color=color, lw=1.8,
+            label=f"{label} (running mean of {win})")
+
+
+def plot_curves(losses: pd.DataFrame, title: str = "WGAN-GP training (Algorithm 1)"):
+    """Five panels against the optimiser step: critic loss, Wasserstein estimate, gradient
+    penalty (critic steps), masked L1 with the validation L1, and the adversarial term
+    ``-mean D(x, ỹ)`` (generator steps). ``losses``: :data:`vstain.wgan.LOSS_COLUMNS`."""
+    critic = losses[losses["kind"] == "critic"]
+    gen = losses[losses["kind"] == "generator"]
+    val = losses[losses["kind"] == "val"]
+    fig, axes = plt.subplots(1, 5, figsize=(18, 3.4), constrained_layout=True)
+    panels = [
+        (critic, "critic_loss", "tab:red", "critic loss", "D(x,ỹ) - D(x,y) + λ_gp·GP"),
+        (critic, "wasserstein", "tab:purple", "Wasserstein estimate", "mean D(real) - mean D(fake)"),
+        (critic, "gp", "tab:brown", "gradient penalty", "(‖∇ŷ D‖₂ - 1)²"),
+        (gen, "l1", "tab:blue", "masked L1 (train)", "masked L1 (z-scored units)"),
+        (gen, "adv", "tab:green", "adversarial term", "-mean D(x, ỹ)"),
+    ]
+    for ax, (d, col, color, label, ylabel) in zip(axes, panels):
+        _curve(ax, d, col, color, label)
+        if col == "l1" and "val_l1" in val and val["val_l1"].notna().any():
+            ax.plot(val["step"], val["val_l1"], "o-", color="tab:orange", lw=1.5, ms=3, label="validation")
+        if col == "wasserstein":
+            ax.axhline(0, color="0.5", lw=0.8)
+        ax.set_title(label)
+        ax.set_xlabel(STEP_LABEL, fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_gradients(losses: pd.DataFrame, title: str = "Generator and critic gradients"):
+    """Left: the ratio of the weighted adversarial gradient to the L1 gradient at the generator's
+    output (1 = equal pull), log scale. Right: the gradient norms of both networks' weights."""
+    gen = losses[losses["kind"] == "generator"]
+    critic = losses[losses["kind"] == "critic"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4), constrained_layout=True)
+    _curve(a, gen, "grad_ratio", "tab:green", "|λ_adv ∇adv| / |∇L1|")
+    a.axhline(1.0, color="0.4", ls="--", lw=1, label="equal")
+    a.set_yscale("log")
+    a.set_xlabel(STEP_LABEL)
+    a.set_ylabel("ratio at the generator output")
+    a.set_title("adversarial vs L1 gradient")
+    a.legend(fontsize=7)
+    a.grid(alpha=0.3, which="both")
+    _curve(b, critic, "grad_norm_critic", "tab:red", "critic")
+    _curve(b, gen, "grad_norm_generator", "tab:blue", "generator")
+    b.set_yscale("log")
+    b.set_xlabel(STEP_LABEL)
+    b.set_ylabel("‖∇ weights‖₂")
+    b.set_title("weight-gradient norms")
+    b.legend(fontsize=7)
+    b.grid(alpha=0.3, which="both")
+    fig.suptitle(title)
+    return fig
+
+
+def _section(vol: np.ndarray, view: str, z: int, y: int) -> np.ndarray:
+    return vol[z] if view == "xy" else vol[:, y, :]
+
+
+def plot_comparison(bf: np.ndarray, target: np.ndarray, preds: dict[str, np.ndarray], truth: np.ndarray | None = None,
+                    view: str = "xy", z: int | None = None, y: int | None = None, title: str = "",
+                    vrange=(-2.0, 3.0)):
+    """One FOV, the same section for every row: measured target, clean truth (when given), then
+    each model's prediction (e.g. ``{"U-Net": ..., "WGAN": ...}``); columns are the brightfield and
+    the six channels. Volumes ``[C, Z, Y, X]``; ``view`` ``"xy"`` (slice ``z``, default central) or
+    ``"xz"`` (row ``y``, default central)."""
+    if view not in ("xy", "xz"):
+        raise ValueError(f"view must be 'xy' or 'xz', got {view!r}")
+    z = bf.shape[1] // 2 if z is None else int(z)
+    y = bf.shape[2] // 2 if y is None else int(y)
+    rows = [("measured target", target)] + ([("clean truth", truth)] if truth is not None else [])
+    rows += [(name, p) for name, p in preds.items()]
+    img = _section(bf[0], view, z, y)
+    aspect = 1.0 if view == "xy" else max(1.0, 0.25 * img.shape[1] / img.shape[0])
+    h = max(0.7, 1.9 * img.shape[0] * aspect / img.shape[1])
+    fig, axes = plt.subplots(len(rows), 1 + len(TARGETS), figsize=(1.9 * (1 + len(TARGETS)), h * len(rows) + 0.8),
+                             squeeze=False, constrained_layout=True)
+    for r, (name, vol) in enumerate(rows):
+        ax = axes[r, 0]
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_ylabel(name, fontsize=9)
+        if r == 0:
+            ax.imshow(img, cmap="gray", aspect=aspect)
+            ax.set_title("brightfield", fontsize=9)
+        else:
+            ax.set_frame_on(False)
+        for c, key in enumerate(TARGETS):
+            ax = axes[r, c + 1]
+            ax.set_xticks([]), ax.set_yticks([])
+            sec = _section(vol[c], view, z, y)
+            if np.isnan(sec).all():
+                ax.imshow(np.zeros_like(sec), cmap="gray", vmin=0, vmax=1, aspect=aspect)
+                ax.text(0.5, 0.5, "no label", color="0.6", ha="center", va="center", transform=ax.transAxes)
+            else:
+                ax.imshow(sec, cmap="magma", vmin=vrange[0], vmax=vrange[1], aspect=aspect)
+            if r == 0:
+                ax.set_title(TARGET_LABELS[key], fontsize=9)
+    where = f"z-slice {z}" if view == "xy" else f"XZ section at y={y}"
+    fig.suptitle(f"{title} {where}".strip())
+    return fig
+
+
+def plot_sharpness(table: pd.DataFrame, title: str | None = None):
+    """Per channel, the median over FOVs (with the FOVs as dots) of each model's coherent
+    high-frequency transfer (left; 1 = as sharp as the reference, noise adds nothing) and of the
+    plain high-frequency power ratio (right; noise and invented texture raise it).
+    ``table``: :func:`vstain.wgan.sharpness_table`."""
+    ref = "clean truth" if table["reference"].iloc[0] == "truth" else "measured target"
+    title = title or f"Sharpness against the {ref}"
+    models = list(dict.fromkeys(table["model"]))
+    colors = dict(zip(models, ["tab:blue", "tab:red", "tab:green", "tab:purple"]))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.8), constrained_layout=True)
+    width = 0.8 / len(models)
+    for ax, col, label in ((axes[0], "transfer", f"coherent HF transfer (vs {ref})"),
+                           (axes[1], "power", f"HF power ratio (pred. / {ref})")):
+        for k, m in enumerate(models):
+            d = table[table["model"] == m]
+            means = d.groupby("channel")[col].median().reindex(TARGETS)
+            xs = np.arange(len(TARGETS)) + (k - (len(models) - 1) / 2) * width
+            ax.bar(xs, means.to_numpy(), width=width, color=colors[m], alpha=0.75, label=m)
+            for i, key in enumerate(TARGETS):
+                v = d.loc[d["channel"] == key, col].to_numpy()
+                ax.plot(np.full(len(v), xs[i]), v, "k.", ms=3)
+        ax.axhline(1.0, color="0.3", ls="--", lw=1)
+        ax.set_xticks(range(len(TARGETS)), [TARGET_LABELS[t] for t in TARGETS], rotation=20, fontsize=8)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    axes[0].set_title(f"fine detail reproduced in phase with the {ref} (1 = as sharp)")
+    axes[1].set_title("high-frequency power (noise and texture inflate it)")
+    fig.suptitle(title)
+    return fig

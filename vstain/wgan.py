@@ -1,0 +1,687 @@
+"""The conditional WGAN-GP of the thesis (3.2.3, Algorithm 1; Gulrajani et al. 2017).
+
+Read top to bottom: :class:`WGANConfig` (the thesis' numbers as defaults), the Lightning module
+:class:`WGAN` whose :meth:`WGAN.critic_step` / :meth:`WGAN.generator_step` follow Algorithm 1 line
+by line (the shape of pix2pix's ``backward_D`` / ``backward_G``), then the stage entry
+:func:`run_wgan_stage` and a sharpness measure that noise cannot fool (:func:`sharpness`).
+
+How ``n_critic`` fresh batches reach each generator step under Lightning: every ``training_step``
+receives one batch of the (resumable) crop loader. Batches ``1 .. n_critic - 1`` of an iteration
+each make one critic step; the iteration's last batch makes the last critic step *and* the
+generator step, sharing one generator forward: Algorithm 1's line 13 uses the ``(x, y, ỹ)`` of the
+inner loop's last sample, and pix2pix's ``optimize_parameters`` runs ``backward_D`` and
+``backward_G`` on the same forward likewise. This saves one generator forward per iteration (the
+critic steps otherwise run the generator without a graph). ``trainer.global_step`` counts optimiser
+steps, ``n_critic + 1`` per iteration, so the phase is a function of it; checkpoints store it, the
+crops are a function of ``(seed, epoch, i)`` with the loader's position saved, and the
+gradient-penalty ``ε`` is drawn from a generator seeded by ``(seed, step)``. So a run resumed from
+any checkpoint repeats exactly the losses of an uninterrupted run (on CPU; GPU kernels may differ
+in the last bits).
+
+Tensors are ``N C Z Y X``; targets hold NaN in the channels a FOV does not carry.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from . import dataset
+from .data import TARGETS
+from .losses import gradient_penalty, mask_pair, masked_l1, wasserstein_estimate
+from .models import Critic, CriticConfig, Generator, GeneratorConfig, num_params
+from .train import (CHECKPOINTS, DEVICES, LAST, LOSSES_CSV, OPTIMIZERS, PRECISIONS, CropDataModule,
+                    make_optimizer, make_trainer, prepare_out_dir, save_model_json, write_predictions)
+
+log = logging.getLogger(__name__)
+
+ADV_WEIGHTINGS = ("constant", "inverse_epoch", "balanced")
+CHANNELS_LAST = torch.channels_last_3d
+# Columns of losses.csv, one row per optimiser step (critic or generator) or validation.
+LOSS_COLUMNS = ("step", "iteration", "epoch", "kind", "critic_loss", "wasserstein", "gp", "d_real", "d_fake",
+                "l1", "adv", "lambda_adv", "generator_loss", "grad_ratio", "grad_norm_critic",
+                "grad_norm_generator", "val_l1")
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+@dataclass
+class WGANConfig:
+    """Everything that defines a WGAN-GP run; saved in every checkpoint and in ``model.json``.
+
+    Args:
+        base_width: generator width (thesis 64; CPU profiles 8-16). With ``init_from`` it must
+            equal the U-Net's.
+        critic_width: critic width (thesis 64).
+        negative_slope: LeakyReLU slope of both networks (thesis 0.05).
+        optimizer: ``"rmsprop"`` (thesis 3.2.2) or ``"adam"`` (``betas``; learns far faster on a
+            CPU budget, see PILOT.md). Both networks use the same kind.
+        lr_generator, lr_critic: learning rates (thesis: 5e-5 both, constant).
+        betas: Adam's betas (Gulrajani et al. 2017: 0.5, 0.9); ignored by RMSprop.
+        lambda_adv: weight of the adversarial term in the generator loss (thesis 0.05). With
+            ``adv_weighting="balanced"`` it is instead the target ratio of the adversarial to the
+            L1 gradient at the generator's output.
+        lambda_gp: gradient-penalty coefficient (thesis 10).
+        n_critic: critic steps per generator step, each on a fresh batch (thesis 5).
+        adv_weighting: ``"constant"`` (thesis), ``"inverse_epoch"`` (``lambda_adv / epoch``, the
+            λ_e = 1/epoch of Cross-Zamirski et al. 2022, epochs counted from 1), or
+            ``"balanced"`` (``lambda_adv * |∇L1| / |∇adv|`` measured at the generator output every
+            step, so the adversarial gradient is ``lambda_adv`` times the L1 one whatever the crop size).
+        max_wasserstein: training stops (keeping the last good checkpoint) when ``|W|`` exceeds this.
+        batch_size: crops per step (thesis m = 16).
+        crop: crop size ``(Z, Y, X)``, each >= 8.
+        samples: training crops per epoch.
+        val_samples: fixed validation crops, masked L1 every ``val_every`` iterations.
+        iterations: generator iterations in total (``n_critic`` batches and ``n_critic + 1``
+            optimiser steps each); a resumed run continues up to this number.
+        val_every, ckpt_every: generator iterations between validations / checkpoints.
+        init_from: ``""`` (random generator), a finished ``04_unet`` stage folder, or a ``.ckpt``
+            file: start the generator from the U-Net baseline (thesis 4.2, after Cross-Zamirski).
+        seed: seeds weights, crops, flips and the gradient-penalty ``ε``.
+        channels_last, critic_channels_last: store the generator's / the critic's weights and
+            activations as ``channels_last_3d`` (a CPU speed option; oneDNN's weight gradient of the
+            critic's 7-channel stride-2 first convolution is far slower in the default layout).
+        device, precision, devices, strategy, num_threads, num_workers: as in
+            :class:`vstain.train.UNetConfig`.
+    """
+
+    base_width: int = 64  # thesis 3.1.1
+    critic_width: int = 64  # thesis 3.1.2
+    negative_slope: float = 0.05  # thesis 3.2.2
+    optimizer: str = "rmsprop"  # thesis 3.2.2: RMSprop for a stable WGAN
+    lr_generator: float = 5e-5  # thesis 3.2.2 / Algorithm 1
+    lr_critic: float = 5e-5  # thesis 3.2.2 / Algorithm 1
+    betas: tuple[float, float] = (0.5, 0.9)  # Adam only (Gulrajani et al. 2017)
+    lambda_adv: float = 0.05  # Algorithm 1
+    lambda_gp: float = 10.0  # Algorithm 1 (Gulrajani et al. 2017)
+    n_critic: int = 5  # Algorithm 1
+    adv_weighting: str = "constant"  # thesis; "inverse_epoch" = Cross-Zamirski et al. 2022
+    max_wasserstein: float = 1e4  # divergence guard
+    batch_size: int = 16  # Algorithm 1: m = 16
+    crop: tuple[int, int, int] = (32, 384, 384)  # thesis-scale crops (Z, Y, X)
+    samples: int = 1024
+    val_samples: int = 16
+    iterations: int = 5000
+    val_every: int = 100
+    ckpt_every: int = 100
+    init_from: str = ""
+    seed: int = 0
+    device: str = "cpu"
+    precision: str = "32-true"
+    devices: int = 1
+    strategy: str = "auto"
+    num_threads: int = 0
+    num_workers: int = 0
+    channels_last: bool = False
+    critic_channels_last: bool = False
+
+    def __post_init__(self):
+        self.crop = tuple(int(c) for c in self.crop)
+        self.betas = tuple(float(b) for b in self.betas)
+        self.init_from = str(self.init_from or "")
+        if len(self.crop) != 3 or min(self.crop) < 8:
+            raise ValueError(f"crop must be 3 sizes (Z, Y, X), each >= 8, got {self.crop}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.adv_weighting not in ADV_WEIGHTINGS:
+            raise ValueError(f"adv_weighting must be one of {ADV_WEIGHTINGS}, got {self.adv_weighting!r}")
+        for name in ("lr_generator", "lr_critic", "max_wasserstein"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("lambda_adv", "lambda_gp"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("base_width", "critic_width", "n_critic", "batch_size", "samples", "val_samples",
+                     "iterations", "val_every", "ckpt_every", "devices"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if str(self.precision) not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    @property
+    def steps_per_iteration(self) -> int:
+        """Optimiser steps (= batches) per generator iteration: ``n_critic`` critic + 1 generator."""
+        return self.n_critic + 1
+
+    def generator_config(self) -> GeneratorConfig:
+        return GeneratorConfig(base_width=self.base_width, negative_slope=self.negative_slope)
+
+    def critic_config(self) -> CriticConfig:
+        return CriticConfig(base_width=self.critic_width, negative_slope=self.negative_slope)
+
+    def to_dict(self) -> dict:
+        """JSON/YAML-friendly (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WGANConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown WGANConfig keys {sorted(unknown)}; allowed: {sorted(names)}")
+        return cls(**d)
+
+
+# Keys that may change between an interrupted run and its resumption.
+RESUMABLE_KEYS = ("iterations", "val_every", "ckpt_every", "device", "precision", "devices", "strategy",
+                  "num_threads", "num_workers", "max_wasserstein", "channels_last", "critic_channels_last")
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised (before the offending optimiser step) when a loss is NaN/inf or the Wasserstein
+    estimate explodes; the last checkpoint written before it is the last good state."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+def grad_norm(module: nn.Module) -> float:
+    """L2 norm of all parameter gradients of ``module`` (0 when none)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device):
+    """Run the block with the global RNG of ``device`` seeded by ``seed``, restoring it afterwards,
+    so draws inside (the gradient penalty's ``ε``) depend on ``seed`` only."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else [], enabled=True):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Parameters of ``module`` do not require grad inside the block (no weight gradients are
+    computed or stored for them), as for the critic during a generator step."""
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
+
+
+def _f(t: Tensor) -> float:
+    return float(t.detach())
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (int(seed) * 1_000_003 + int(step) * 7_919 + 12_345) % (2**63 - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The Lightning module: Algorithm 1
+# --------------------------------------------------------------------------------------------
+class WGAN(L.LightningModule):
+    """Conditional WGAN-GP with a U-Net generator and a PatchGAN critic (thesis 3.2.3).
+
+    Manual optimisation: each ``training_step`` gets one batch ``(x [N,1,Z,Y,X], y [N,6,Z,Y,X])``
+    and runs :meth:`critic_step`, or on an iteration's last batch :meth:`critic_step` then
+    :meth:`generator_step` on one shared generator forward (see the module docstring). Every step
+    appends a row to :attr:`history` (saved in checkpoints) and logs it; every ``val_every``
+    iterations a ``val`` row holds the masked L1 on the fixed validation crops. The two step
+    methods also work without a trainer (plain optimisers; tests and the benchmark call them).
+
+    Args:
+        config: a :class:`WGANConfig` or its dict (as stored in checkpoints).
+    """
+
+    def __init__(self, config: WGANConfig | dict | None = None):
+        super().__init__()
+        cfg = config if isinstance(config, WGANConfig) else WGANConfig.from_dict(config or {})
+        self.cfg = cfg
+        self.save_hyperparameters({"config": cfg.to_dict()})
+        self.automatic_optimization = False
+        self.generator = Generator(cfg.generator_config())
+        self.critic = Critic(cfg.critic_config())
+        if cfg.channels_last:
+            self.generator.to(memory_format=CHANNELS_LAST)
+        if cfg.critic_channels_last:
+            self.critic.to(memory_format=CHANNELS_LAST)
+        self.history: list[dict] = []
+        self.start_step = 0  # the optimiser step training (re)started from
+        self._plain_optimizers = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.generator(x)
+
+    def configure_optimizers(self):
+        # Algorithm 1 lines 11 and 13: one RMSprop per network, constant learning rate.
+        c = self.cfg
+        opt_c = make_optimizer(self.critic.parameters(), c.optimizer, c.lr_critic, c.betas)
+        opt_g = make_optimizer(self.generator.parameters(), c.optimizer, c.lr_generator, c.betas)
+        return [opt_c, opt_g]
+
+    def _optimizers(self):
+        """(critic, generator) optimisers: Lightning's under a trainer, else plain ones (tests,
+        benchmarks call the steps directly)."""
+        if self._trainer is not None:
+            return self.optimizers()
+        if self._plain_optimizers is None:
+            self._plain_optimizers = self.configure_optimizers()
+        return self._plain_optimizers
+
+    def _g(self, t: Tensor) -> Tensor:
+        """A generator input in the generator's memory layout."""
+        return t.contiguous(memory_format=CHANNELS_LAST) if self.cfg.channels_last else t
+
+    def _c(self, *ts: Tensor) -> list[Tensor]:
+        """Critic inputs in the critic's memory layout."""
+        return [t.contiguous(memory_format=CHANNELS_LAST) for t in ts] if self.cfg.critic_channels_last else list(ts)
+
+    def _backward(self, loss: Tensor) -> None:
+        if self._trainer is not None:
+            self.manual_backward(loss)
+        else:
+            loss.backward()
+
+    # ---- schedule -----------------------------------------------------------------------
+    def epoch_number(self) -> int:
+        """Epochs counted from 1 (for λ_e = 1/epoch)."""
+        return int(self.trainer.current_epoch) + 1 if self._trainer is not None else 1
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        step = int(self.global_step)  # optimiser steps so far
+        if step % self.cfg.steps_per_iteration < self.cfg.n_critic - 1:
+            self._record(step, "critic", self.critic_step(x, y, step), x.shape[0])
+            return
+        # The iteration's last batch: one generator forward with a graph serves the last critic
+        # step (detached) and then the generator step (Algorithm 1 line 13 uses this sample's ỹ).
+        pred = self.generator(self._g(x))
+        self._record(step, "critic", self.critic_step(x, y, step, pred=pred.detach()), x.shape[0])
+        self._record(step + 1, "generator", self.generator_step(x, y, step + 1, pred=pred), x.shape[0])
+        iteration = (step + 2) // self.cfg.steps_per_iteration  # iterations completed
+        if iteration % self.cfg.val_every == 0:
+            self._record(step + 2, "val", {"val_l1": self.validate()}, x.shape[0])
+
+    def _record(self, step: int, kind: str, values: dict, batch_size: int) -> None:
+        row = {"step": step, "iteration": step // self.cfg.steps_per_iteration, "epoch": self.epoch_number(),
+               "kind": kind, **values}
+        self.history.append(row)
+        self._log_row(row, batch_size)
+
+    # ---- Algorithm 1, lines 2-12 -------------------------------------------------------
+    def critic_step(self, x: Tensor, y: Tensor, step: int = 0, pred: Tensor | None = None) -> dict:
+        """One critic update on a fresh real batch (Algorithm 1, one pass of the ``t`` loop).
+
+        Args:
+            x: brightfield ``[N,1,Z,Y,X]``; y: targets ``[N,6,Z,Y,X]`` (NaN = no label).
+            step: the optimiser step, which seeds the penalty's ``ε``.
+            pred: ``G(x)`` already computed (detached), else computed here without a graph.
+
+        Returns the logged numbers: ``critic_loss``, ``wasserstein``, ``gp``, ``d_real``,
+        ``d_fake``, ``grad_norm_critic``.
+        """
+        opt_c, _ = self._optimizers()
+        # l.3-4: sample a batch of m real pairs (x, y) ~ P_r: this step's own batch (no other
+        # critic step sees it; the generator step reuses the iteration's last one).
+        # l.5: ỹ <- G_θ(x). The critic step does not train G: no graph through the generator.
+        if pred is None:
+            with torch.no_grad():
+                pred = self.generator(self._g(x))
+        # l.6: ỹ <- mask(ỹ): zero where y has no label; y's NaN become 0. Real and fake now carry
+        # the same empty channels, so the critic cannot count them.
+        fake, real = mask_pair(pred.detach(), y)
+        x, real, fake = self._c(x, real, fake)
+        # l.9, first two terms: D_w(x, ỹ) - D_w(x, y), averaged over patches and the batch
+        # (real and fake share one forward pass; InstanceNorm keeps samples independent).
+        scores = self.critic(torch.cat([x, x]), torch.cat([real, fake]))
+        d_real, d_fake = scores[: x.shape[0]].mean(), scores[x.shape[0]:].mean()
+        # l.7-9: ε ~ U[0,1] per sample, ŷ = ε·y + (1-ε)·ỹ (Gulrajani et al.; the thesis' ε·x is a
+        # typo), penalty (||∇_ŷ D_w(x, ŷ)||₂ - 1)². ε is seeded by (seed, step) for exact resume.
+        with seeded_rng(_step_seed(self.cfg.seed, step), real.device):
+            gp = gradient_penalty(self.critic, x, real, fake)
+        loss = d_fake - d_real + self.cfg.lambda_gp * gp
+        w = wasserstein_estimate(d_real, d_fake)
+        out = {"critic_loss": _f(loss), "wasserstein": _f(w), "gp": _f(gp), "d_real": _f(d_real), "d_fake": _f(d_fake)}
+        self._check(out, step)
+        # l.11: w <- RMSProp(∇_w (1/m) Σ L^i, w, lr)
+        opt_c.zero_grad(set_to_none=True)
+        self._backward(loss)
+        out["grad_norm_critic"] = grad_norm(self.critic)
+        opt_c.step()
+        return out
+
+    # ---- Algorithm 1, line 13 ----------------------------------------------------------
+    def generator_step(self, x: Tensor, y: Tensor, step: int = 0, pred: Tensor | None = None) -> dict:
+        """One generator update (Algorithm 1 line 13):
+        ``θ <- RMSProp(∇_θ [masked L1(y, ỹ) - λ_adv · mean D_w(x, ỹ)])``.
+
+        Args:
+            x, y: the batch (in training: the last critic step's).
+            step: the optimiser step (for the record).
+            pred: ``G(x)`` with its graph, when the last critic step already computed it.
+
+        The two gradients are taken at the generator's output first (cheap: the critic's weight
+        gradients are never computed), their ratio is logged, and one backward pass through the
+        generator carries their weighted sum. Returns ``l1``, ``adv`` (= -mean D(x, ỹ)),
+        ``lambda_adv`` (the weight used), ``generator_loss``, ``grad_ratio`` (|λ·∇adv| / |∇L1| at
+        the output) and ``grad_norm_generator``.
+        """
+        _, opt_g = self._optimizers()
+        # l.5-6 with a graph through G: ỹ <- mask(G_θ(x)) (θ has not changed since l.5).
+        if pred is None:
+            pred = self.generator(self._g(x))
+        fake, _ = mask_pair(pred, y)
+        l1 = masked_l1(pred, y)  # thesis 3.2.1: mean |y - ỹ| over the labelled voxels only
+        with frozen(self.critic):  # the critic is a fixed loss here
+            adv = -self.critic(*self._c(x, fake)).mean()  # -mean D_w(x, ỹ)
+        g_l1, = torch.autograd.grad(l1, pred, retain_graph=True)
+        g_adv, = torch.autograd.grad(adv, pred)
+        n_l1, n_adv = float(g_l1.norm()), float(g_adv.norm())
+        lam = self.adv_weight(n_l1, n_adv)
+        loss = l1 + lam * adv
+        out = {"l1": _f(l1), "adv": _f(adv), "lambda_adv": lam, "generator_loss": _f(loss),
+               "grad_ratio": lam * n_adv / n_l1 if n_l1 > 0 else float("nan")}
+        self._check(out, step)
+        # l.13: θ <- RMSProp(∇_θ (1/m) Σ (||y - ỹ||_1 - λ_adv D_w(x, ỹ)), θ, lr): the chain rule
+        # from the output gradient (a scalar surrogate so Lightning's precision plugin applies).
+        opt_g.zero_grad(set_to_none=True)
+        self._backward((pred * (g_l1 + lam * g_adv).detach()).sum())
+        out["grad_norm_generator"] = grad_norm(self.generator)
+        opt_g.step()
+        return out
+
+    def adv_weight(self, norm_l1: float, norm_adv: float) -> float:
+        """The adversarial weight of this generator step (see ``WGANConfig.adv_weighting``)."""
+        c = self.cfg
+        if c.adv_weighting == "inverse_epoch":
+            return c.lambda_adv / self.epoch_number()
+        if c.adv_weighting == "balanced":
+            return c.lambda_adv * norm_l1 / norm_adv if norm_adv > 0 else 0.0
+        return c.lambda_adv
+
+    # ---- validation, guards, logging, checkpoints --------------------------------------
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Masked L1 of the generator over the datamodule's fixed validation crops.
+
+        Run inside the training step (after every ``val_every``-th generator step), not by
+        Lightning's validation loop, so the row is in the history before the checkpoint of the
+        same step is written and a resumed run repeats it exactly.
+        """
+        total, n = 0.0, 0
+        for x, y in self.trainer.datamodule.val_dataloader():
+            x, y = x.to(self.device), y.to(self.device)
+            total += float(masked_l1(self.generator(self._g(x)), y)) * x.shape[0]
+            n += x.shape[0]
+        return total / n
+
+    def _check(self, out: dict, step: int) -> None:
+        bad = [k for k, v in out.items() if not math.isfinite(v)]
+        w = out.get("wasserstein", 0.0)
+        if bad or abs(w) > self.cfg.max_wasserstein:
+            self.history.append({"step": step, "iteration": step // self.cfg.steps_per_iteration,
+                                 "epoch": self.epoch_number(), "kind": "diverged", **out})
+            why = (f"non-finite {', '.join(bad)}" if bad
+                   else f"|Wasserstein estimate| {abs(w):.3g} > max_wasserstein {self.cfg.max_wasserstein:g}")
+            raise TrainingDiverged(
+                f"WGAN training stopped at optimiser step {step} (generator iteration "
+                f"{step // self.cfg.steps_per_iteration}): {why}; values {out}. The last checkpoint "
+                f"(saved every {self.cfg.ckpt_every} iterations) is the last good state.")
+
+    def _log_row(self, row: dict, batch_size: int) -> None:
+        if self._trainer is None:
+            return
+        prog = {"critic_loss", "wasserstein", "l1", "val_l1"}
+        for k, v in row.items():
+            if k in ("step", "iteration", "epoch", "kind"):
+                continue
+            self.log(k, v, on_step=True, on_epoch=False, prog_bar=k in prog, batch_size=batch_size)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["wgan_history"] = list(self.history)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.history = list(checkpoint.get("wgan_history", []))
+        self.start_step = int(checkpoint.get("global_step", 0))
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation from the U-Net baseline
+# --------------------------------------------------------------------------------------------
+def load_generator_state(source) -> tuple[dict, dict | None]:
+    """The generator weights (``generator.*`` entries) of a Lightning checkpoint, and the
+    generator config when known. ``source``: a ``04_unet``/``05_wgan`` stage folder (its
+    ``checkpoints/last.ckpt`` and ``model.json``) or a ``.ckpt`` file."""
+    p = Path(source)
+    cfg = None
+    if p.is_dir():
+        mj = p / "model.json"
+        if mj.exists():
+            cfg = json.loads(mj.read_text()).get("generator")
+        p = p / CHECKPOINTS / LAST
+    if not p.exists():
+        raise FileNotFoundError(f"no U-Net checkpoint at {p}: run notebooks/04_unet.ipynb first or give a .ckpt path")
+    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    state = {k.removeprefix("generator."): v for k, v in ckpt["state_dict"].items() if k.startswith("generator.")}
+    if not state:
+        raise ValueError(f"{p} holds no 'generator.*' weights")
+    return state, cfg
+
+
+def init_generator(generator: Generator, source) -> None:
+    """Load the U-Net baseline's weights into ``generator`` (widths must match)."""
+    state, cfg = load_generator_state(source)
+    if cfg is not None and int(cfg.get("base_width", generator.cfg.base_width)) != generator.cfg.base_width:
+        raise ValueError(f"init_from {source}: the U-Net has base_width {cfg['base_width']} but the WGAN's "
+                         f"generator has {generator.cfg.base_width}; set base_width to match")
+    generator.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage: train (resuming), losses, predictions, model.json
+# --------------------------------------------------------------------------------------------
+@dataclass
+class WGANResult:
+    """What :func:`run_wgan_stage` returns to the notebook."""
+
+    losses: pd.DataFrame  # LOSS_COLUMNS, one row per optimiser step or validation
+    predictions: pd.DataFrame  # fov_id, split, structure, path, mode, seconds
+    generator: Generator  # trained (or last good), eval mode, on the CPU
+    config: WGANConfig
+    global_step: int  # optimiser steps in total (n_critic + 1 per iteration)
+    iterations: int  # generator iterations in total
+    start_step: int  # where this call started (0, or the step resumed from)
+    train_seconds: float  # wall time of this call's training
+    stopped: str  # "" or the divergence message
+
+
+def history_frame(history: list[dict]) -> pd.DataFrame:
+    """The module's history as a table with :data:`LOSS_COLUMNS`."""
+    return pd.DataFrame(history).reindex(columns=list(LOSS_COLUMNS))
+
+
+def fit_wgan(cfg: WGANConfig, stage_in, out_dir, progress: bool = True, callbacks=None):
+    """Train (or resume from ``out_dir/checkpoints/last.ckpt``) on the processed set in
+    ``stage_in``. Returns ``(module, trainer, stopped)``; ``stopped`` is ``""`` or the message of a
+    :class:`TrainingDiverged`, in which case the module holds the last good checkpoint's weights
+    (those of optimiser step ``module.restored_step``).
+
+    Args:
+        cfg: the run's configuration (``init_from`` is used only when no checkpoint exists yet).
+        stage_in: the ``03_denoising`` stage folder.
+        out_dir: the stage folder (``checkpoints/``, ``logs/``, ``model.json``).
+        progress: show Lightning's progress bar.
+        callbacks: extra Lightning callbacks.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(out_dir, cfg.to_dict(), RESUMABLE_KEYS)
+    save_model_json(out_dir, cfg.to_dict(), model="wgan", generator=asdict(cfg.generator_config()),
+                    critic=asdict(cfg.critic_config()))
+    if cfg.device == "cpu" and cfg.num_threads > 0:
+        torch.set_num_threads(int(cfg.num_threads))
+    spi = cfg.steps_per_iteration
+    trainer = make_trainer(out_dir, cfg.iterations * spi, cfg.device, cfg.precision, cfg.devices, cfg.strategy,
+                           ckpt_every=cfg.ckpt_every * spi, val_every=None, seed=cfg.seed,
+                           progress=progress, callbacks=callbacks)
+    module = WGAN(cfg)  # built after seeding: the initial weights depend on cfg.seed only
+    last = out_dir / CHECKPOINTS / LAST
+    if cfg.init_from and not last.exists():
+        init_generator(module.generator, cfg.init_from)
+    dm = CropDataModule(stage_in, cfg.crop, cfg.batch_size, cfg.samples, cfg.seed, cfg.val_samples, cfg.num_workers)
+    # Lightning notes that manual-optimisation checkpoints hold the state after the step (intended)
+    # and that the datamodule's validation loader is unused (the module validates in its step).
+    warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
+    warnings.filterwarnings("ignore", message=r".*val_dataloader.* but have no .validation_step.*")
+    stopped = ""
+    try:
+        trainer.fit(module, datamodule=dm)
+    except TrainingDiverged as e:
+        stopped = str(e)
+        log.warning(stopped)
+        history = module.history
+        module.restored_step = int(trainer.global_step)  # the failing step was not applied
+        if last.exists():
+            ckpt = torch.load(last, map_location="cpu", weights_only=False)
+            module.load_state_dict(ckpt["state_dict"])
+            module.restored_step = int(ckpt["global_step"])
+        module.history = history  # keep the rows up to the failure, for the record
+    return module, trainer, stopped
+
+
+def run_wgan_stage(stage_in, out_dir, cfg: WGANConfig, splits=("val", "test"), max_voxels=None,
+                   progress: bool = True) -> WGANResult:
+    """The ``05_wgan`` stage in one call: train (resuming if interrupted, optionally from the U-Net
+    baseline), write ``losses.csv`` (:data:`LOSS_COLUMNS`), the whole-volume predictions of
+    ``splits`` and ``model.json``."""
+    t = time.perf_counter()
+    module, trainer, stopped = fit_wgan(cfg, stage_in, out_dir, progress=progress)
+    train_s = time.perf_counter() - t
+    losses = history_frame(module.history)
+    losses.to_csv(Path(out_dir) / LOSSES_CSV, index=False)
+    gen = module.generator.to("cpu").to(memory_format=torch.contiguous_format).eval()
+    preds = write_predictions(gen, stage_in, out_dir, splits=splits, max_voxels=max_voxels)
+    step = int(getattr(module, "restored_step", trainer.global_step))
+    save_model_json(out_dir, cfg.to_dict(), model="wgan", generator=asdict(cfg.generator_config()),
+                    critic=asdict(cfg.critic_config()), num_params=num_params(gen),
+                    critic_params=num_params(module.critic), global_step=step,
+                    iterations=step // cfg.steps_per_iteration, train_seconds=round(train_s, 2),
+                    threads=torch.get_num_threads(), stopped=stopped,
+                    prediction_modes=sorted(set(preds["mode"])) if len(preds) else [])
+    start = int(module.start_step)
+    return WGANResult(losses, preds, gen, cfg, step, step // cfg.steps_per_iteration, start, train_s, stopped)
+
+
+# --------------------------------------------------------------------------------------------
+# Sharpness against the clean truth (PILOT: a high-frequency power ratio is fooled by noise)
+# --------------------------------------------------------------------------------------------
+def _spectra(a: np.ndarray) -> np.ndarray:
+    """Per-slice 2D FFT (Y, X) of a ``[Z, Y, X]`` volume, mean removed and Hann-windowed."""
+    a = a.astype(np.float64) - a.mean()
+    win = np.outer(np.hanning(a.shape[1]), np.hanning(a.shape[2]))
+    return np.fft.rfft2(a * win, axes=(1, 2))
+
+
+def _radial(shape_yx) -> np.ndarray:
+    fy = np.fft.fftfreq(shape_yx[0])[:, None]
+    fx = np.fft.rfftfreq(shape_yx[1])[None, :]
+    return np.sqrt(fy**2 + fx**2)  # cycles per voxel, 0 .. ~0.71
+
+
+def sharpness(pred: np.ndarray, truth: np.ndarray, cutoff: float = 0.125, min_coarse: float = 0.1) -> dict[str, float]:
+    """How much of the clean truth's fine in-plane detail a prediction reproduces.
+
+    Both ``[Z, Y, X]``; spectra per XY slice (Hann window), bands split at ``cutoff`` cycles per
+    voxel (0.125: structures finer than 8 voxels). With ``H(band) = Σ Re(P·T*) / Σ |T|²``:
+
+    * ``coarse = H(low)``: the coarse structure reproduced in phase with the truth (1 for a
+      perfect prediction at the truth's scale; lower for a weak or wrong one).
+    * ``transfer = H(high) / H(low)``: the fine detail reproduced *in phase with the truth*,
+      relative to the coarse detail (so an overall gain cancels). 1: as sharp as the truth;
+      below 1: blurred. Noise or invented texture, uncorrelated with the truth, adds nothing.
+      NaN when ``coarse < min_coarse``: a prediction that misses the structure has no sharpness.
+    * ``power = (P_high / P_low) / (T_high / T_low)``: the plain high-frequency power ratio; noise
+      and invented texture raise it, so it alone does not show sharpness.
+
+    Returns ``{"coarse", "transfer", "power"}`` (NaN where a band of the truth is empty).
+    """
+    if pred.shape != truth.shape or pred.ndim != 3:
+        raise ValueError(f"sharpness: pred {pred.shape} and truth {truth.shape} must be equal [Z, Y, X] shapes")
+    P, T = _spectra(pred), _spectra(truth)
+    f = _radial(pred.shape[1:])
+    hi, lo = f > cutoff, (f > 0) & (f <= cutoff)
+    cross = (P * np.conj(T)).real
+    tp, pp = np.abs(T) ** 2, np.abs(P) ** 2
+    nan = float("nan")
+
+    def ratio(a, b):
+        return a / b if b > 0 else nan
+
+    h_lo = ratio(cross[:, lo].sum(), tp[:, lo].sum())
+    h_hi = ratio(cross[:, hi].sum(), tp[:, hi].sum())
+    transfer = h_hi / h_lo if h_lo >= min_coarse else nan
+    t_ratio = ratio(tp[:, hi].sum(), tp[:, lo].sum())
+    p_ratio = ratio(pp[:, hi].sum(), pp[:, lo].sum())
+    return {"coarse": float(h_lo), "transfer": float(transfer), "power": float(ratio(p_ratio, t_ratio))}
+
+
+def sharpness_table(stage_in, pred_dirs: dict[str, str | Path], split: str = "test",
+                    cutoff: float = 0.125, include_target: bool = True, reference: str = "auto",
+                    min_coarse: float = 0.1) -> pd.DataFrame:
+    """:func:`sharpness` of every model's predictions per FOV and channel.
+
+    Args:
+        stage_in: the ``03_denoising`` stage (manifest, ``*_truth.tif``).
+        pred_dirs: model name -> stage folder holding ``predictions/<fov_id>.tif``.
+        split: which split's FOVs.
+        cutoff: the band split, cycles per voxel.
+        min_coarse: below this in-phase share of the coarse band, ``transfer`` is NaN.
+        include_target: with the clean truth as reference, add the measured (denoised) targets
+            as a pseudo-model ``"measured target"`` (labelled channels): a calibration, since
+            what remains of the noise in them raises the plain power ratio but not the transfer.
+        reference: ``"truth"`` (the simulator's clean truth, all six channels), ``"target"``
+            (the measured targets, labelled channels only: real data has no truth; noise in the
+            reference lowers every model's transfer alike, so the comparison stays fair) or
+            ``"auto"`` (the truth where every FOV has one, else the targets).
+
+    Returns a long table ``model, fov_id, channel, coarse, transfer, power, reference``.
+    """
+    if reference not in ("auto", "truth", "target"):
+        raise ValueError(f"reference must be 'auto', 'truth' or 'target', got {reference!r}")
+    df = dataset.read_manifest(stage_in)
+    df = df[df["split"] == split]
+    if df.empty:
+        raise ValueError(f"the processed set at {stage_in} has no FOV in split '{split}'")
+    has_truth = bool(df["truth_path"].astype(bool).all()) if "truth_path" in df else False
+    if reference == "auto":
+        reference = "truth" if has_truth else "target"
+    if reference == "truth" and not has_truth:
+        raise ValueError(f"reference='truth' needs the simulator's clean truth, which split '{split}' of {stage_in} lacks")
+    rows = []
+    for _, r in df.iterrows():
+        _, target, truth = dataset.load_fov(r)
+        ref = truth if reference == "truth" else target
+        vols = {m: dataset.read_volume(Path(d) / "predictions" / f"{r['fov_id']}.tif") for m, d in pred_dirs.items()}
+        if include_target and reference == "truth":
+            vols["measured target"] = target
+        for model, vol in vols.items():
+            for c, name in enumerate(TARGETS):
+                if np.isnan(vol[c]).all() or np.isnan(ref[c]).all():
+                    continue
+                rows.append({"model": model, "fov_id": r["fov_id"], "channel": name,
+                             **sharpness(vol[c], ref[c], cutoff, min_coarse), "reference": reference})
+    return pd.DataFrame(rows)
