@@ -50,6 +50,14 @@ def gradient_penalty(critic, x: Tensor, y_real: Tensor, y_fake: Tensor) -> Tenso
     ``ε ~ U[0, 1]`` per sample (the thesis' Algorithm 1 writes ``ε·x``, a typo), and penalises
     ``(||∇_ŷ D(x, ŷ)||₂ - 1)²`` averaged over the batch. ``critic(x, y)`` takes the brightfield
     and the (masked) targets.
+
+    The critic is a PatchGAN: it returns a map of P patch scores per sample. The penalty is on the
+    gradient of their *sum* (``grad_outputs`` of ones, as in most PatchGAN WGAN-GP code), while the
+    critic and adversarial losses use the *mean* score. The mean is then held to a Lipschitz
+    constant of about 1/P, which makes λ_adv a gentler pull the larger the crop (measured: the
+    adversarial gradient at the generator output is ~0.15x the L1 gradient at 16x64x64 with
+    λ_adv 0.05). A penalty on the mean would give ~17x there (shared/PILOT.md). The thesis does not
+    say which it used; ``WGANConfig.adv_weighting = "balanced"`` fixes the ratio directly instead.
     """
     eps = torch.rand(y_real.shape[0], *([1] * (y_real.dim() - 1)), device=y_real.device, dtype=y_real.dtype)
     y_hat = (eps * y_real + (1 - eps) * y_fake.detach()).requires_grad_(True)
