@@ -1,0 +1,171 @@
+"""Noise2Void through careamics, the NLM baseline, the scores and the processed set (vstain.denoise)."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from vstain import denoise
+from vstain.data import TARGETS
+from vstain.dataset import ProcessedCrops, load_fov, read_manifest, write_processed
+
+TINY = dict(patch_size=(8, 16, 16), batch_size=4, epochs=1, steps_per_epoch=3, base_width=8,
+            n_val_patches=2, tile_size=(8, 16, 16), tile_overlap=(2, 4, 4))
+
+
+def blobs(shape, seed):
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    clean = np.zeros(shape)
+    for _ in range(4):
+        c = [rng.uniform(0, s) for s in shape]
+        clean += 30 * np.exp(-((z - c[0]) ** 2 / 8 + (y - c[1]) ** 2 / 20 + (x - c[2]) ** 2 / 20))
+    clean = clean.astype(np.float32) + 5
+    return clean, rng.poisson(clean).astype(np.float32)
+
+
+def test_n2v_smoke_train_predict_and_reuse(tmp_path):
+    cfg = denoise.N2VConfig(**TINY)
+    shapes = [(9, 21, 19), (9, 21, 19)]
+    stacks = [blobs(s, i)[1] for i, s in enumerate(shapes)]
+    r = denoise.train_and_denoise(stacks, "mito", tmp_path / "mito", cfg)
+    assert not r.reused and r.train_s > 0
+    assert [d.shape for d in r.denoised] == shapes
+    assert all(np.isfinite(d).all() and d.dtype == np.float32 for d in r.denoised)
+    assert (tmp_path / "mito" / "model.ckpt").exists() and r.losses
+    again = denoise.train_and_denoise(stacks, "mito", tmp_path / "mito", cfg)
+    assert again.reused and np.allclose(again.denoised[0], r.denoised[0], atol=1e-5)
+    changed = denoise.train_and_denoise(stacks, "mito", tmp_path / "mito", denoise.N2VConfig(**{**TINY, "seed": 3}))
+    assert not changed.reused
+
+
+def test_n2v_failure_names_channel_and_cause(tmp_path, monkeypatch):
+    import careamics
+
+    def fail(self, **kw):
+        raise ValueError("simulated out-of-memory")
+
+    monkeypatch.setattr(careamics.CAREamist, "train", fail)
+    with pytest.raises(RuntimeError, match=r"channel 'envelope'.*ValueError: simulated out-of-memory.*train.log"):
+        denoise.train_and_denoise([blobs((8, 16, 16), 0)[1]], "envelope", tmp_path / "env", denoise.N2VConfig(**TINY))
+
+
+@pytest.mark.parametrize("bad,match", [
+    ([np.full((9, 20, 20), np.nan, np.float32)], "NaN"),
+    ([np.zeros((4, 20, 20), np.float32)], "patch_size"),
+    ([], "no stack"),
+])
+def test_n2v_rejects_bad_stacks_before_careamics(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        denoise.train_and_denoise(bad, "dna", tmp_path / "dna", denoise.N2VConfig(**TINY))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(patch_size=(8, 24, 24)), "powers of 2"), (dict(patch_size=(8, 16, 32)), "Y == X"),
+    (dict(tile_overlap=(3, 4, 4)), "even"), (dict(tile_overlap=(8, 4, 4), tile_size=(8, 16, 16)), "< tile_size"),
+    (dict(epochs=0), "epochs"),
+])
+def test_n2v_config_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        denoise.N2VConfig(**{**TINY, **kw})
+
+
+@pytest.mark.parametrize("sigma", [0.5, 2.0, 7.0])
+def test_noise_sigma_estimate(sigma):
+    noise = np.random.default_rng(1).normal(0, sigma, (5, 47, 66))
+    assert denoise.estimate_noise_sigma(noise + 100) == pytest.approx(sigma, rel=0.05)
+
+
+@pytest.mark.parametrize("mode", ["2d", "3d"])
+def test_nlm_improves_psnr_and_ssim(mode):
+    clean, noisy = blobs((9, 33, 35), 2)
+    den = denoise.nlm_denoise(noisy, mode=mode)
+    assert den.shape == noisy.shape and den.dtype == np.float32
+    before, after = denoise.score(noisy, clean), denoise.score(den, clean)
+    assert after["psnr"] > before["psnr"] + 3 and after["ssim"] > before["ssim"]
+
+
+def test_score_is_affine_invariant_and_perfect_on_truth():
+    clean, noisy = blobs((9, 21, 23), 3)
+    assert denoise.score(3 * noisy - 7, clean)["psnr"] == pytest.approx(denoise.score(noisy, clean)["psnr"], abs=1e-6)
+    perfect = denoise.score(clean * 2 + 1, clean)
+    assert perfect["ssim"] == pytest.approx(1.0) and perfect["psnr"] > 100
+
+
+def test_blind_spot_mask_replaces_selected_pixels_only():
+    patch = np.arange(40 * 44, dtype=np.float32).reshape(40, 44)  # all values distinct
+    masked, mask = denoise.blind_spot_mask(patch, masked_pixel_percentage=2.0, roi_size=5, seed=0)
+    assert mask.shape == patch.shape and 0 < mask.sum() < patch.size * 0.05
+    changed = masked != patch
+    assert not changed[~mask].any()  # nothing outside the mask moves
+    assert changed[mask].mean() > 0.9  # a masked pixel shows a neighbour's value, almost never its own
+
+
+def test_receptive_field_covers_a_neighbourhood():
+    rf = denoise.receptive_field(denoise.N2VConfig(**{**TINY, "depth": 1}), (16, 32, 32))
+    assert rf.shape == (16, 32, 32) and rf[8, 16, 16] > 0
+    covered = rf[8] > 0
+    assert 9 < covered.sum() < 32 * 32  # more than a 3x3 kernel, less than the whole slice
+
+
+def processed_records(n_per_structure=3, shape=(7, 13, 11), seed=0):
+    rng = np.random.default_rng(seed)
+    genes = {"mito": "TOMM20", "envelope": "LMNB1", "actomyosin": "MYH10", "nucleoli": "FBL"}
+    records = []
+    for s, gene in genes.items():
+        for i in range(n_per_structure):
+            tgt = np.full((len(TARGETS), *shape), np.nan, np.float32)
+            for c in ("dna", "membrane", s):
+                tgt[TARGETS.index(c)] = rng.normal(10, 2, shape)
+            records.append({"fov_id": f"{s}{i}", "gene": gene, "structure": s, "bf": rng.normal(0, 1, shape),
+                            "target": tgt, "truth": rng.normal(0, 1, (len(TARGETS), *shape))})
+    return records
+
+
+@pytest.mark.parametrize("n_per_structure,seed", [(3, 0), (5, 1), (8, 7)])
+def test_manifest_splits_disjoint_and_stratified(tmp_path, n_per_structure, seed):
+    df = write_processed(tmp_path, processed_records(n_per_structure, seed=seed), seed=seed)
+    assert df["fov_id"].is_unique and set(df["split"]) == {"train", "val", "test"}
+    groups = [set(df.loc[df["split"] == s, "fov_id"]) for s in ("train", "val", "test")]
+    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+    assert pd.crosstab(df["structure"], df["split"]).min().min() >= 1
+    again = write_processed(tmp_path / "again", processed_records(n_per_structure, seed=seed), seed=seed)
+    assert (again["split"] == df["split"]).all()
+
+
+def test_processed_set_with_an_entirely_nan_channel(tmp_path):
+    records = processed_records()
+    for r in records:
+        r["target"][TARGETS.index("nucleoli")] = np.nan  # no FOV carries it
+    write_processed(tmp_path, records, seed=0)
+    row = read_manifest(tmp_path).iloc[0]
+    bf, tgt, truth = load_fov(row)
+    assert np.isnan(tgt[TARGETS.index("nucleoli")]).all()
+    assert abs(np.nanmean(tgt[TARGETS.index("dna")])) < 1e-5 and abs(np.nanstd(bf) - 1) < 1e-3
+    x, y = ProcessedCrops(tmp_path, "train", crop=(5, 8, 8), samples=2)[0]
+    assert x.shape == (1, 5, 8, 8) and y.shape == (6, 5, 8, 8)
+
+
+@pytest.mark.slow
+def test_denoise_stage_end_to_end_on_simulated_fovs(tmp_path):
+    from test_focus import write_stage01
+    from vstain import preprocess
+
+    stage01 = write_stage01(tmp_path / "01_data", n_per_structure=3, shape=(24, 32, 36))
+    preprocess.run_focus_stage(stage01, tmp_path / "02_plls", window=8)
+    cfg = denoise.N2VConfig(**{**TINY, "tile_size": (8, 32, 32), "tile_overlap": (0, 8, 8)})
+    out = tmp_path / "03_denoising"
+    res = preprocess.run_denoise_stage(stage01, tmp_path / "02_plls", out, cfg, nlm_max_volumes=1)
+    man = read_manifest(out)
+    assert len(man) == 12 and pd.crosstab(man["structure"], man["split"]).min().min() >= 1
+    bf, tgt, truth = load_fov(man.iloc[0])
+    assert bf.shape == (1, 8, 32, 36) and tgt.shape == (6, 8, 32, 36) and truth.shape == (6, 8, 32, 36)
+    carried = [not np.isnan(c).all() for c in tgt]
+    assert sum(carried) == 3 and carried[0] and carried[1]
+    ev = res["eval"]
+    assert set(ev["method"]) == {"noisy", "n2v", "nlm"} and set(ev["channel"]) == set(TARGETS)
+    assert ev[["psnr", "ssim"]].notna().all().all()
+    assert (ev[ev["method"] == "nlm"].groupby("channel").size() == 1).all()
+    summary = preprocess.denoise_summary(ev, res["time"])
+    assert "thesis' claim" in preprocess.thesis_claim(summary)
+    assert sorted(p.name for p in (out / "n2v").iterdir()) == sorted(TARGETS)
+    again = preprocess.run_denoise_stage(stage01, tmp_path / "02_plls", out, cfg, nlm_max_volumes=1)
+    assert again["time"].query("method == 'n2v'")["reused"].all()
