@@ -1,0 +1,163 @@
+"""Pixel metrics against hand-computed values, and the Table 4.1 layout."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from vstain import metrics
+from vstain.data import TARGETS
+from vstain.dataset import write_processed, write_volume
+
+SHAPES = [(7, 9, 11), (16, 33, 35), (5, 40, 21), (3, 8, 10)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_pcc_of_affine_copy_is_one(shape):
+    y = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    assert metrics.pcc(2 * y + 1, y) == pytest.approx(1.0, abs=1e-6)
+    assert metrics.pcc(-3 * y + 2, y) == pytest.approx(-1.0, abs=1e-6)
+    assert metrics.pcc(np.ones(shape), y) == 0.0  # a constant prediction has no correlation
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ssim_of_identical_volumes_is_one(shape):
+    y = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    assert metrics.ssim3d(y, y) == pytest.approx(1.0, abs=1e-9)
+    assert metrics.ssim3d(y + np.random.default_rng(2).normal(size=shape), y) < 0.9
+
+
+def test_ssim_rejects_too_thin_volumes():
+    with pytest.raises(ValueError, match="at least 3 voxels"):
+        metrics.ssim3d(np.zeros((2, 9, 9)), np.zeros((2, 9, 9)))
+
+
+def test_mse_mae_of_known_arrays():
+    target = np.array([1.0, -3.0, 0.5, 2.0]).reshape(1, 2, 2)
+    pred = np.array([0.0, -1.0, 0.5, 5.0]).reshape(1, 2, 2)
+    # errors 1, -2, 0, -3: squares 1, 4, 0, 9; absolutes 1, 2, 0, 3
+    assert metrics.mse(pred, target) == pytest.approx(14 / 4)
+    assert metrics.mae(pred, target) == pytest.approx(6 / 4)
+
+
+def test_nan_channels_are_excluded():
+    rng = np.random.default_rng(3)
+    target = rng.normal(size=(6, 7, 12, 13)).astype(np.float32)
+    target[[2, 4]] = np.nan
+    pred = target.copy()
+    pred[[2, 4]] = rng.normal(size=(2, 7, 12, 13))
+    m = metrics.fov_metrics(pred, target)
+    assert sorted(set(m["channel"])) == sorted(TARGETS[c] for c in (0, 1, 3, 5))
+    assert len(m) == 4 * len(metrics.METRICS)
+    assert np.isfinite(m["value"]).all()
+    perfect = m.set_index(["channel", "metric"])["value"]
+    assert perfect.xs("ssim", level="metric").min() == pytest.approx(1.0)
+    assert perfect.xs("mse", level="metric").max() == pytest.approx(0.0)
+
+
+def test_partly_nan_channel_is_an_error():
+    target = np.zeros((6, 5, 8, 8), np.float32)
+    target[1, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="partly NaN"):
+        metrics.fov_metrics(target, target)
+
+
+def _tiny_set(tmp_path, shape=(9, 20, 23)):
+    """Three FOVs per structure with truth, and two models' predictions for val and test."""
+    rng = np.random.default_rng(0)
+    structures = ("mito", "envelope", "actomyosin", "nucleoli")
+    recs = []
+    for s in structures:
+        for i in range(3):
+            truth = rng.normal(size=(6, *shape)).astype(np.float32)
+            target = truth + 0.1 * rng.normal(size=truth.shape).astype(np.float32)
+            keep = {"dna", "membrane", s}
+            target[[c for c, t in enumerate(TARGETS) if t not in keep]] = np.nan
+            recs.append({"fov_id": f"{s}{i}", "gene": s.upper(), "structure": s, "bf": rng.normal(size=shape),
+                         "target": target, "truth": truth})
+    stage = tmp_path / "03_denoising"
+    df = write_processed(stage, recs)
+    preds = {}
+    for k, (model, noise) in enumerate((("U-Net", 0.3), ("WGAN", 0.8))):
+        d = tmp_path / model / "predictions"
+        for fid in df.loc[df["split"] != "train", "fov_id"]:
+            r = next(r for r in recs if r["fov_id"] == fid)
+            t = np.stack([(c - c.mean()) / c.std() for c in r["truth"]])
+            write_volume(d / f"{fid}.tif", t + noise * rng.normal(size=t.shape))
+        preds[model] = d
+    return stage, df, preds
+
+
+def test_table_has_a_row_per_channel_and_model_and_no_nan(tmp_path):
+    stage, df, preds = _tiny_set(tmp_path)
+    long = metrics.evaluate_predictions(stage, preds)
+    n_test = (df["split"] == "test").sum()
+    # each test FOV carries three labels
+    assert len(long) == n_test * 3 * len(preds) * len(metrics.METRICS)
+    table = metrics.summarise(long)
+    assert list(table.index) == [(c, m) for c in TARGETS for m in preds]
+    assert not table.isna().any().any()
+    assert (table.loc[("dna", "U-Net"), "n"]) == n_test
+    # the less noisy model wins every pixel metric on every channel
+    w = metrics.wins(table)
+    assert (w["U-Net"] == len(TARGETS)).all()
+    assert metrics.coverage(long).startswith(f"Scored on {n_test} test FOVs (DNA on {n_test},")
+    side = metrics.compare_with_thesis(table)
+    assert side.loc[("DNA", "U-Net"), ("SSIM", "thesis")] == 0.75 and side.shape == (12, 8)
+    clean = metrics.summarise(metrics.evaluate_predictions(stage, preds, reference="truth"))
+    assert (clean["n"] == n_test).all()  # all six channels of every test FOV
+    assert clean.loc[("mito", "U-Net"), "pcc_mean"] > 0.9
+
+
+def test_bad_reference_and_missing_truth(tmp_path):
+    stage, _, preds = _tiny_set(tmp_path)
+    with pytest.raises(ValueError, match="reference"):
+        metrics.evaluate_predictions(stage, preds, reference="clean")
+    with pytest.raises(FileNotFoundError):
+        metrics.evaluate_predictions(stage, {"x": tmp_path / "nowhere"})
+
+
+def _table(pix_unet_better=True, f1_wgan_better=True):
+    rows = []
+    for c in TARGETS:
+        for m in ("U-Net", "WGAN"):
+            good = (m == "U-Net") == pix_unet_better
+            rows.append({"channel": c, "model": m, "ssim_mean": 0.8 if good else 0.7, "ssim_std": 0.05,
+                         "mse_mean": 0.2 if good else 0.3, "mse_std": 0.01, "mae_mean": 0.3 if good else 0.4,
+                         "mae_std": 0.02, "pcc_mean": 0.9 if good else 0.8, "pcc_std": 0.03,
+                         "f1clf": 0.95 if (m == "WGAN") == f1_wgan_better else 0.8,
+                         "perceptual_mean": 0.1, "perceptual_std": 0.0})
+    return pd.DataFrame(rows).set_index(["channel", "model"])
+
+
+@pytest.mark.parametrize("pix,f1,verdict", [(True, True, "holds in this run"), (True, False, "holds only in part"),
+                                            (False, True, "holds only in part"), (False, False, "does not hold")])
+def test_headline_is_generated_from_the_numbers(pix, f1, verdict):
+    text = metrics.headline(_table(pix, f1))
+    assert verdict in text
+    assert "24 channel-metric cells" in text
+
+
+def test_bold_marks_the_best_model_per_channel_and_metric():
+    t = _table(True, True)
+    best = metrics.best_models(t)
+    assert best.loc[("dna", "U-Net"), "mse"] and not best.loc[("dna", "WGAN"), "mse"]
+    assert best.loc[("dna", "WGAN"), "f1clf"] and not best.loc[("dna", "U-Net"), "f1clf"]
+    assert best["perceptual"].all()  # a tie is best for both
+    html = metrics.styled_table(t, caption="x").to_html()
+    assert html.count("font-weight: bold") >= 1
+    shown = metrics.display_table(t)
+    assert shown.loc[("DNA", "U-Net"), "SSIM"] == "0.80 ± 0.05"
+
+
+@pytest.mark.parametrize("mean,std,text", [(0.75, 0.08, "0.75 ± 0.08"), (0.4, 0.1, "0.40 ± 0.10"),
+                                           (0.123456, 0.00123, "0.123 ± 0.001"), (0.5, 0.0, "0.500 ± 0")])
+def test_format_pm(mean, std, text):
+    assert metrics.format_pm(mean, std) == text
+
+
+def test_thesis_reference_table():
+    t = metrics.thesis_table41()
+    assert list(t.index) == [(c, m) for c in TARGETS for m in ("U-Net", "WGAN")]
+    assert t.loc[("dna", "U-Net"), "ssim_mean"] == 0.75
+    assert t.loc[("envelope", "WGAN"), "f1clf"] == 0.9410
+    # the thesis' headline holds in its own numbers: F1clf is the WGAN's on every channel
+    assert (metrics.wins(t)["WGAN"]["f1clf"]) == len(TARGETS)

@@ -1,0 +1,321 @@
+"""Pixel metrics of predicted channels and the layout of the thesis' Table 4.1 (thesis 4.2).
+
+Per test FOV and target channel: SSIM (3D, scikit-image, ``data_range`` from the target), MSE,
+MAE and the Pearson correlation (PCC). Against the processed targets only the channels a FOV
+carries are scored (a NaN channel is no label); on simulated data the same metrics against the clean
+six-channel truth score every channel. Results are long-format tables (one row per FOV, channel,
+model and metric) summarised as mean ± standard deviation over FOVs.
+
+This module knows nothing of models: it reads volumes and compares arrays. The classifier's
+columns (F1clf, the perceptual distance) come from :mod:`vstain.classifier` as tables that
+:func:`table41` merges in.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from skimage.metrics import structural_similarity
+
+from .data import TARGET_LABELS, TARGETS
+from .dataset import load_fov, read_manifest, read_volume
+
+METRICS = ("ssim", "mse", "mae", "pcc")
+# Which direction is better, for every column Table 4.1 can hold.
+HIGHER_IS_BETTER = {"ssim": True, "mse": False, "mae": False, "pcc": True, "f1clf": True, "perceptual": False}
+COLUMN_LABELS = {"ssim": "SSIM", "mse": "MSE", "mae": "MAE", "pcc": "PCC", "f1clf": "F1clf",
+                 "perceptual": "Perceptual dist."}
+
+# The thesis' own Table 4.1 (test set, real Allen hiPSC data, models at thesis scale): THE THESIS'
+# REPORTED VALUES, typed in as a reference for side-by-side comparison, not computed here.
+# Rows: (channel, model, ssim, ssim_std, mse, mse_std, mae, mae_std, pcc, pcc_std, f1clf).
+THESIS_TABLE41_ROWS = [
+    ("dna", "U-Net", 0.75, 0.08, 0.40, 0.10, 0.42, 0.06, 0.79, 0.07, 0.9750),
+    ("dna", "WGAN", 0.73, 0.09, 0.43, 0.14, 0.39, 0.07, 0.76, 0.08, 0.9796),
+    ("membrane", "U-Net", 0.69, 0.09, 0.60, 0.10, 0.43, 0.06, 0.65, 0.08, 0.8908),
+    ("membrane", "WGAN", 0.64, 0.09, 0.60, 0.10, 0.46, 0.06, 0.61, 0.08, 0.9889),
+    ("mito", "U-Net", 0.79, 0.05, 0.35, 0.06, 0.29, 0.03, 0.81, 0.04, 0.9086),
+    ("mito", "WGAN", 0.77, 0.05, 0.39, 0.08, 0.31, 0.04, 0.79, 0.05, 0.9528),
+    ("envelope", "U-Net", 0.85, 0.05, 0.19, 0.04, 0.24, 0.02, 0.89, 0.02, 0.7707),
+    ("envelope", "WGAN", 0.82, 0.06, 0.25, 0.05, 0.27, 0.03, 0.86, 0.03, 0.9410),
+    ("actomyosin", "U-Net", 0.72, 0.09, 0.50, 0.20, 0.43, 0.07, 0.70, 0.10, 0.9855),
+    ("actomyosin", "WGAN", 0.70, 0.10, 0.50, 0.20, 0.47, 0.09, 0.70, 0.10, 0.9919),
+    ("nucleoli", "U-Net", 0.93, 0.03, 0.14, 0.05, 0.15, 0.02, 0.92, 0.03, 0.9500),
+    ("nucleoli", "WGAN", 0.91, 0.04, 0.19, 0.06, 0.17, 0.03, 0.90, 0.04, 0.9789),
+]
+
+
+def thesis_table41() -> pd.DataFrame:
+    """The thesis' reported Table 4.1 in the layout of :func:`summarise` (plus ``f1clf``):
+    index ``(channel, model)``, columns ``<metric>_mean``, ``<metric>_std``, ``f1clf``."""
+    cols = ["channel", "model", "ssim_mean", "ssim_std", "mse_mean", "mse_std", "mae_mean", "mae_std",
+            "pcc_mean", "pcc_std", "f1clf"]
+    return pd.DataFrame(THESIS_TABLE41_ROWS, columns=cols).set_index(["channel", "model"])
+
+
+# ---------------------------------------------------------------------------------------------
+# One channel
+# ---------------------------------------------------------------------------------------------
+def ssim3d(pred: np.ndarray, target: np.ndarray) -> float:
+    """3D SSIM (scikit-image, uniform 7-voxel window, or the largest odd window that fits a smaller
+    axis) with ``data_range`` = the target's max - min."""
+    win = min(7, *(s if s % 2 else s - 1 for s in target.shape))
+    if win < 3:
+        raise ValueError(f"SSIM needs at least 3 voxels along every axis, got a volume of shape {target.shape}")
+    rng = float(target.max() - target.min())
+    if rng == 0:
+        rng = 1.0  # a constant target: SSIM still defined through its stabilising constants
+    return float(structural_similarity(pred.astype(np.float64), target.astype(np.float64),
+                                       data_range=rng, win_size=win))
+
+
+def mse(pred: np.ndarray, target: np.ndarray) -> float:
+    return float(np.mean((pred.astype(np.float64) - target) ** 2))
+
+
+def mae(pred: np.ndarray, target: np.ndarray) -> float:
+    return float(np.mean(np.abs(pred.astype(np.float64) - target)))
+
+
+def pcc(pred: np.ndarray, target: np.ndarray) -> float:
+    """Pearson correlation over all voxels; 0 where either volume is constant."""
+    a = pred.astype(np.float64).ravel() - pred.mean()
+    b = target.astype(np.float64).ravel() - target.mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 0 else 0.0
+
+
+def channel_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """SSIM, MSE, MAE and PCC of one predicted channel ``[Z,Y,X]`` against its target."""
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {pred.shape} and target {target.shape} differ in shape")
+    return {"ssim": ssim3d(pred, target), "mse": mse(pred, target), "mae": mae(pred, target), "pcc": pcc(pred, target)}
+
+
+def labelled_channels(target: np.ndarray) -> list[int]:
+    """Indices of the channels of a ``[6,Z,Y,X]`` target that carry a label (not all NaN).
+
+    A channel is either a label (all finite) or no label (all NaN); a partly-NaN channel is an
+    error, since the processed set never writes one."""
+    out = []
+    for c in range(target.shape[0]):
+        finite = np.isfinite(target[c])
+        if finite.all():
+            out.append(c)
+        elif finite.any():
+            raise ValueError(f"target channel {c} ({TARGETS[c]}) is partly NaN: expected a whole channel or none")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# FOVs and models
+# ---------------------------------------------------------------------------------------------
+def fov_metrics(pred: np.ndarray, target: np.ndarray) -> pd.DataFrame:
+    """Metrics of a ``[6,Z,Y,X]`` prediction on every labelled channel of ``target``.
+
+    Returns a long table with columns ``channel, metric, value`` (channels as TARGETS keys)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {pred.shape} and target {target.shape} differ in shape")
+    rows = []
+    for c in labelled_channels(target):
+        for k, v in channel_metrics(pred[c], target[c]).items():
+            rows.append({"channel": TARGETS[c], "metric": k, "value": v})
+    return pd.DataFrame(rows, columns=["channel", "metric", "value"])
+
+
+def evaluate_predictions(stage_in: str | Path, pred_dirs: dict[str, str | Path], split: str = "test",
+                         reference: str = "target") -> pd.DataFrame:
+    """Pixel metrics of every model on every FOV of one split of the processed set.
+
+    Args:
+        stage_in: the ``03_denoising`` stage folder (manifest and processed volumes).
+        pred_dirs: model name -> folder of ``<fov_id>.tif`` predictions ``[6,Z,Y,X]``.
+        split: which split to score (default ``"test"``, as Table 4.1).
+        reference: ``"target"`` scores the labelled channels against the processed targets;
+            ``"truth"`` scores all six channels against the clean simulated truth (simulated data only).
+
+    Returns a long table ``fov_id, structure, model, channel, metric, value``.
+    """
+    if reference not in ("target", "truth"):
+        raise ValueError(f"reference must be 'target' or 'truth', got {reference!r}")
+    df = read_manifest(stage_in)
+    df = df[df["split"] == split]
+    if df.empty:
+        raise ValueError(f"the processed set at {stage_in} has no FOV in split '{split}'")
+    frames = []
+    for _, row in df.iterrows():
+        _, target, truth = load_fov(row)
+        if reference == "truth":
+            if truth is None:
+                raise ValueError(f"FOV {row['fov_id']} has no clean truth: reference='truth' needs simulated data")
+            target = truth
+        for model, d in pred_dirs.items():
+            pred = read_volume(Path(d) / f"{row['fov_id']}.tif")
+            m = fov_metrics(pred, target)
+            m.insert(0, "model", model)
+            m.insert(0, "structure", row["structure"])
+            m.insert(0, "fov_id", row["fov_id"])
+            frames.append(m)
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarise(long: pd.DataFrame, models: list[str] | None = None) -> pd.DataFrame:
+    """Mean ± population standard deviation (ddof=0, so one FOV gives 0, not NaN) over FOVs.
+
+    Returns one row per ``(channel, model)`` in TARGETS order, columns ``<metric>_mean``,
+    ``<metric>_std`` and ``n`` (FOVs scored)."""
+    g = long.groupby(["channel", "model", "metric"])["value"]
+    stats = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=0), "n": g.size()}).reset_index()
+    wide = stats.pivot_table(index=["channel", "model"], columns="metric", values=["mean", "std"])
+    wide.columns = [f"{m}_{s}" for s, m in wide.columns]
+    n = stats.groupby(["channel", "model"])["n"].max()
+    out = wide[[f"{m}_{s}" for m in METRICS for s in ("mean", "std")]].assign(n=n)
+    models = models or list(dict.fromkeys(long["model"]))
+    order = [(c, m) for c in TARGETS for m in models if (c, m) in out.index]
+    return out.loc[order]
+
+
+def table41(pixel: pd.DataFrame, extra: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Table 4.1 as numbers: :func:`summarise`'s output joined with per ``(channel, model)``
+    columns such as ``f1clf`` and ``perceptual`` from :mod:`vstain.classifier`."""
+    out = pixel.copy()
+    if extra is not None:
+        out = out.join(extra, how="left")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Presentation
+# ---------------------------------------------------------------------------------------------
+def format_pm(mean: float, std: float) -> str:
+    """``mean ± std`` rounded at the standard deviation's first significant digit (as the thesis
+    prints them: ``0.75 ± 0.08``, ``0.4 ± 0.1``), with two to four decimals."""
+    if not np.isfinite(std) or std <= 0:
+        return f"{mean:.3f} ± 0"
+    d = int(np.clip(-np.floor(np.log10(std)), 2, 4))
+    return f"{mean:.{d}f} ± {std:.{d}f}"
+
+
+def best_models(table: pd.DataFrame) -> pd.DataFrame:
+    """Boolean frame: True where a model is the best for its channel and column (ties count for all)."""
+    cols = [c for c in HIGHER_IS_BETTER if f"{c}_mean" in table or c in table]
+    best = pd.DataFrame(False, index=table.index, columns=cols)
+    for col in cols:
+        v = table[f"{col}_mean"] if f"{col}_mean" in table else table[col]
+        for ch in table.index.get_level_values(0).unique():
+            vals = v.loc[ch]
+            if vals.isna().all():
+                continue
+            tgt = vals.max() if HIGHER_IS_BETTER[col] else vals.min()
+            for model in vals.index[np.isclose(vals, tgt)]:
+                best.loc[(ch, model), col] = True
+    return best
+
+
+def display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Table 4.1 as strings: ``mean ± std`` cells (``mean (1 FOV)`` where a single FOV was scored,
+    whose spread is unknown), F1 to four decimals, display names."""
+    best = best_models(table)
+    out = pd.DataFrame(index=table.index)
+    single = table["n"].to_numpy() == 1 if "n" in table else np.zeros(len(table), bool)
+    for col in best.columns:
+        if f"{col}_mean" in table:
+            one = single if col in METRICS else np.zeros(len(table), bool)
+            out[COLUMN_LABELS[col]] = [f"{m:.3f} (1 FOV)" if o else format_pm(m, s)
+                                       for m, s, o in zip(table[f"{col}_mean"], table[f"{col}_std"], one)]
+        else:
+            out[COLUMN_LABELS[col]] = [f"{v:.4f}" for v in table[col]]
+    out.index = pd.MultiIndex.from_tuples([(TARGET_LABELS[c], m) for c, m in table.index], names=["Channel", "Model"])
+    return out
+
+
+def styled_table(table: pd.DataFrame, caption: str = ""):
+    """A pandas Styler of :func:`display_table` with the best model per channel and column in bold."""
+    shown = display_table(table)
+    best = best_models(table)
+    bold = pd.DataFrame("", index=shown.index, columns=shown.columns)
+    for col in best.columns:
+        bold[COLUMN_LABELS[col]] = np.where(best[col].to_numpy(), "font-weight: bold", "")
+    sty = shown.style.apply(lambda _: bold, axis=None)
+    if caption:
+        sty = sty.set_caption(caption)
+    return sty
+
+
+def wins(table: pd.DataFrame, models: tuple[str, str] = ("U-Net", "WGAN")) -> pd.DataFrame:
+    """For each column, how many channels each model is strictly best on (ties go to neither)."""
+    a, b = models
+    rows = []
+    for col in HIGHER_IS_BETTER:
+        key = f"{col}_mean" if f"{col}_mean" in table else col
+        if key not in table:
+            continue
+        v = table[key].unstack("model")
+        if a not in v or b not in v:
+            continue
+        diff = (v[a] - v[b]) * (1 if HIGHER_IS_BETTER[col] else -1)
+        rows.append({"metric": col, a: int((diff > 0).sum()), b: int((diff < 0).sum()),
+                     "channels": int(diff.notna().sum())})
+    return pd.DataFrame(rows).set_index("metric")
+
+
+def headline(table: pd.DataFrame, models: tuple[str, str] = ("U-Net", "WGAN")) -> str:
+    """A paragraph, generated from the numbers, on whether the thesis' finding holds: the U-Net
+    wins the pixel metrics (SSIM, MSE, MAE, PCC) and the WGAN wins F1clf."""
+    a, b = models
+    w = wins(table, models)
+    pix = w.loc[[m for m in METRICS if m in w.index]]
+    n_pix, a_pix = int(pix["channels"].sum()), int(pix[a].sum())
+    parts = [f"Across {len(pix)} pixel metrics and {int(pix['channels'].max())} channels, the {a} is best in "
+             f"{a_pix} of {n_pix} channel-metric cells and the {b} in {int(pix[b].sum())}."]
+    pixel_holds = a_pix > n_pix / 2
+    f1_holds = None
+    if "f1clf" in w.index:
+        f = w.loc["f1clf"]
+        f1_holds = f[b] > f["channels"] / 2
+        parts.append(f"On F1clf the {b} is best on {f[b]} of {f['channels']} channels and the {a} on {f[a]}.")
+    if "perceptual" in w.index:
+        p = w.loc["perceptual"]
+        parts.append(f"The perceptual distance is lower for the {b} on {p[b]} of {p['channels']} channels "
+                     f"and for the {a} on {p[a]}.")
+    claim = f"the thesis' finding ({a} wins the pixel metrics, {b} wins F1clf)"
+    if f1_holds is None:
+        half = "holds" if pixel_holds else "does not hold"
+        verdict = f"Without F1clf only half of {claim} can be checked: the pixel half {half}."
+    elif pixel_holds and f1_holds:
+        verdict = f"So {claim} holds in this run."
+    elif pixel_holds or f1_holds:
+        held = "pixel-metric" if pixel_holds else "F1clf"
+        verdict = f"So {claim} holds only in part in this run: its {held} half holds, the other does not."
+    else:
+        verdict = f"So {claim} does not hold in this run."
+    return " ".join(parts + [verdict])
+
+
+def compare_with_thesis(table: pd.DataFrame, thesis: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Means of this run beside the thesis' reported Table 4.1, per channel and model: columns
+    ``(metric, "thesis" | "this run")`` for SSIM, MSE, MAE, PCC and F1clf."""
+    thesis = thesis_table41() if thesis is None else thesis
+    cols = {}
+    for m in (*METRICS, "f1clf"):
+        key = f"{m}_mean" if m in METRICS else m
+        if key not in table:
+            continue
+        cols[(COLUMN_LABELS[m], "thesis")] = thesis[key].reindex(table.index)
+        cols[(COLUMN_LABELS[m], "this run")] = table[key]
+    out = pd.DataFrame(cols)
+    out.columns = pd.MultiIndex.from_tuples(out.columns)
+    out.index = pd.MultiIndex.from_tuples([(TARGET_LABELS[c], m) for c, m in table.index], names=["Channel", "Model"])
+    return out
+
+
+def coverage(long: pd.DataFrame, split: str = "test") -> str:
+    """A sentence on how many FOVs each channel of a :func:`evaluate_predictions` table was scored on."""
+    n = long.groupby("channel")["fov_id"].nunique()
+    total = long["fov_id"].nunique()
+    parts = []
+    for c in TARGETS:
+        if c in n:
+            parts.append(f"{TARGET_LABELS[c]} on {n[c]}")
+    return f"Scored on {total} {split} FOVs ({', '.join(parts)})."

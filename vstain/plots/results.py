@@ -1,0 +1,181 @@
+"""Figures of the evaluation (thesis chapter 4): classifier training curves, confusion matrices
+(Figure 4.1), an input with its prediction (Figure 4.2) and ground-truth/prediction galleries
+(Figures 4.3 and 4.4). Every function returns a matplotlib Figure and never saves or shows it."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.patches import Rectangle
+
+from ..data import TARGET_LABELS, TARGETS
+
+PALETTE = {"Real": "0.6", "U-Net": "tab:blue", "WGAN": "tab:orange"}
+SHORT = {"dna": "DNA", "membrane": "Membrane", "mito": "Mito.", "envelope": "N. env.",
+         "actomyosin": "Actomyosin", "nucleoli": "Nucleoli"}
+
+
+def _range(img: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> tuple[float, float]:
+    a, b = np.percentile(img[np.isfinite(img)], [lo, hi]) if np.isfinite(img).any() else (0.0, 1.0)
+    return float(a), float(b if b > a else a + 1)
+
+
+def training_curves(history: pd.DataFrame, title: str = "Classifier training") -> plt.Figure:
+    """Loss and accuracy per epoch on the real train patches and the held-out val patches."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.plot(history["epoch"], history["train_loss"], "o-", label="train")
+    a.plot(history["epoch"], history["val_loss"], "s-", label="val (held out)")
+    a.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+    b.plot(history["epoch"], history["train_acc"], "o-", label="train")
+    b.plot(history["epoch"], history["val_acc"], "s-", label="val (held out)")
+    b.axhline(1 / len(TARGETS), color="grey", ls=":", label="chance")
+    b.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1.02))
+    for ax in (a, b):
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_heatmap(conf: np.ndarray, ax: plt.Axes, title: str = "", labels=TARGETS) -> plt.Axes:
+    """Row-normalised confusion matrix (rows: the true channel, columns: the classifier's answer),
+    annotated with fractions; rows without patches stay empty."""
+    conf = np.asarray(conf, float)
+    rows = conf.sum(1, keepdims=True)
+    frac = np.divide(conf, rows, out=np.full_like(conf, np.nan), where=rows > 0)
+    names = [SHORT[c] for c in labels]
+    sns.heatmap(frac, ax=ax, vmin=0, vmax=1, cmap="Blues", annot=True, fmt=".2f", annot_kws={"size": 7},
+                xticklabels=names, yticklabels=[f"{n} ({int(r)})" for n, r in zip(names, rows[:, 0])],
+                cbar_kws={"label": "fraction of the row's patches"}, square=True)
+    ax.set(xlabel="classified as", ylabel="true channel (patches)", title=title)
+    ax.tick_params(axis="x", rotation=45)
+    ax.tick_params(axis="y", rotation=0)
+    return ax
+
+
+def confusion_pair(confs: dict[str, np.ndarray], title: str) -> plt.Figure:
+    """One heatmap per model side by side (Figure 4.1: (A) U-Net, (B) WGAN)."""
+    fig, axes = plt.subplots(1, len(confs), figsize=(5.6 * len(confs), 4.8))
+    axes = np.atleast_1d(axes)
+    for i, (ax, (name, conf)) in enumerate(zip(axes, confs.items())):
+        confusion_heatmap(conf, ax, f"({chr(65 + i)}) {name}")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def input_and_prediction(bf: np.ndarray, pred: np.ndarray, title: str, z: int | None = None) -> plt.Figure:
+    """Figure 4.2: (A) the brightfield input and (B) the six predicted channels, one z-plane
+    (default: the central one) of ``bf [1,Z,Y,X]`` and ``pred [6,Z,Y,X]``."""
+    z = pred.shape[1] // 2 if z is None else z
+    fig = plt.figure(figsize=(11, 4.2))
+    gs = fig.add_gridspec(2, 5, width_ratios=[2, 1, 1, 1, 0.05])
+    ax = fig.add_subplot(gs[:, 0])
+    ax.imshow(bf[0, z], cmap="gray", vmin=_range(bf[0, z])[0], vmax=_range(bf[0, z])[1])
+    ax.set_title(f"(A) brightfield input, z={z}")
+    ax.axis("off")
+    for c, name in enumerate(TARGETS):
+        a = fig.add_subplot(gs[c // 3, 1 + c % 3])
+        lo, hi = _range(pred[c, z])
+        a.imshow(pred[c, z], cmap="magma", vmin=lo, vmax=hi)
+        a.set_title(("(B) " if c == 0 else "") + TARGET_LABELS[name], fontsize=9)
+        a.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def gallery(fov_ids: list[str], targets: list[np.ndarray], preds: list[np.ndarray], title: str,
+            z: int | None = None) -> plt.Figure:
+    """Figures 4.3/4.4: FOVs in columns; for each of the six channels a ground-truth row and a
+    prediction row (central z-plane). A channel the FOV carries no label for is drawn as a hatched
+    grey panel marked "no label"; its prediction is shown all the same. Each GT/prediction pair
+    shares the ground truth's display range (the prediction's own where there is no label)."""
+    n = len(fov_ids)
+    fig, axes = plt.subplots(2 * len(TARGETS), n, figsize=(1.9 * n + 1.2, 1.75 * 2 * len(TARGETS)), squeeze=False)
+    for j, (fid, tgt, prd) in enumerate(zip(fov_ids, targets, preds)):
+        zz = tgt.shape[1] // 2 if z is None else z
+        for c, name in enumerate(TARGETS):
+            g, p = tgt[c, zz], prd[c, zz]
+            has = bool(np.isfinite(g).all())
+            lo, hi = _range(g if has else p)
+            ag, ap = axes[2 * c, j], axes[2 * c + 1, j]
+            if has:
+                ag.imshow(g, cmap="magma", vmin=lo, vmax=hi)
+            else:
+                ag.imshow(np.zeros_like(p), cmap="gray", vmin=-1, vmax=1)
+                ag.add_patch(Rectangle((0, 0), 1, 1, transform=ag.transAxes, fill=False, hatch="//", color="0.4"))
+                ag.text(0.5, 0.5, "no label", transform=ag.transAxes, ha="center", va="center",
+                        fontsize=8, color="w", bbox={"facecolor": "0.25", "edgecolor": "none"})
+            ap.imshow(p, cmap="magma", vmin=lo, vmax=hi)
+            for a in (ag, ap):
+                a.set_xticks([])
+                a.set_yticks([])
+            if j == 0:
+                ag.set_ylabel(f"{SHORT[name]}\nGT", fontsize=8)
+                ap.set_ylabel(f"{SHORT[name]}\npred.", fontsize=8)
+        axes[0, j].set_title(str(fid), fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
+    return fig
+
+
+def patch_rule(ref: np.ndarray, all_starts, kept_starts, patch, title: str, z: int | None = None) -> plt.Figure:
+    """The background rule on one channel: the central plane of ``ref [Z,Y,X]`` with the grid's
+    patches that cross it, kept ones in green, excluded ones in red (dashed)."""
+    z = ref.shape[0] // 2 if z is None else z
+    kept = set(map(tuple, kept_starts))
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    lo, hi = _range(ref[z])
+    ax.imshow(ref[z], cmap="magma", vmin=lo, vmax=hi)
+    for s in all_starts:
+        if not s[0] <= z < s[0] + patch[0]:
+            continue
+        ok = tuple(s) in kept
+        ax.add_patch(Rectangle((s[2] - 0.5, s[1] - 0.5), patch[2], patch[1], fill=False,
+                               ec="lime" if ok else "red", ls="-" if ok else "--", lw=1.5 if ok else 1))
+    ax.set_title(title, fontsize=10)
+    ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def patch_examples(patches: np.ndarray, classes: np.ndarray, per_class: int = 4, title: str = "",
+                   seed: int = 0) -> plt.Figure:
+    """A few patches ``[N,pz,py,px]`` of each class (central plane), one row per class."""
+    rng = np.random.default_rng(seed)
+    fig, axes = plt.subplots(len(TARGETS), per_class, figsize=(1.5 * per_class + 1, 1.5 * len(TARGETS)), squeeze=False)
+    for c, name in enumerate(TARGETS):
+        idx = np.flatnonzero(classes == c)
+        pick = rng.permutation(idx)[:per_class]
+        for k in range(per_class):
+            ax = axes[c, k]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k < len(pick):
+                p = patches[pick[k]]
+                ax.imshow(p[p.shape[0] // 2], cmap="magma", vmin=_range(p)[0], vmax=_range(p)[1])
+            if k == 0:
+                ax.set_ylabel(SHORT[name], fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def classifier_scores(scores: pd.DataFrame, title: str) -> plt.Figure:
+    """F1clf and the perceptual distance per channel, one bar per model (``summarise_scores`` output)."""
+    df = scores.reset_index()
+    df["channel"] = [SHORT[c] for c in df["channel"]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4))
+    pal = {m: PALETTE.get(m, f"C{i + 2}") for i, m in enumerate(dict.fromkeys(df["model"]))}
+    sns.barplot(df, x="channel", y="f1clf", hue="model", ax=a, palette=pal)
+    a.set(ylim=(0, 1.02), ylabel="F1 of the classifier", title="F1clf (higher is better)")
+    sns.barplot(df[df["model"] != "Real"], x="channel", y="perceptual_mean", hue="model", ax=b, palette=pal)
+    b.set(ylabel="distance to the real patch", title="Perceptual distance (lower is better)")
+    for ax in (a, b):
+        ax.tick_params(axis="x", rotation=30)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
