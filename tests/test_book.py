@@ -79,11 +79,12 @@ def test_results_check_needs_table_and_confusion_matrices():
 
 @pytest.mark.slow
 def test_quick_book_builds_and_every_page_opens():
-    """The whole chain at the quick profile, built into runs/quick/book_src/_build/html (never the
-    user's book/_build), then every page opened in headless Chromium."""
+    """The whole chain at the quick profile, built into runs/quick-book/book_src/_build/html (never
+    the user's book/_build, nor runs/quick, where nbval trains afresh), then every page opened in
+    headless Chromium."""
     chromium = chromium_or_fail()
-    result = pipeline.run("quick", log=print)
-    assert result.html == ROOT / "runs" / "quick" / "book_src" / "_build" / "html"
+    result = pipeline.run("quick", run_dir="runs/quick-book", log=print)
+    assert result.html == ROOT / "runs" / "quick-book" / "book_src" / "_build" / "html"
     reports = browser.check_book(result.html, chromium=chromium)
     bad = {r.page: r.errors for r in reports if r.errors}
     assert not bad, bad

@@ -78,6 +78,17 @@ def split_fovs(df: pd.DataFrame, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> 
     return split
 
 
+def _open_volume(path: str | Path) -> np.ndarray:
+    """A processed ``[7, Z, Y, X]`` volume, memory-mapped when the file allows it."""
+    try:
+        vol = tifffile.memmap(path, mode="r")
+    except ValueError:  # compressed or tiled: read it whole
+        vol = read_volume(path)
+    if vol.ndim != 4 or vol.shape[0] != 1 + len(TARGETS):
+        raise ValueError(f"{path}: expected a [{1 + len(TARGETS)}, Z, Y, X] processed volume, got {vol.shape}")
+    return vol
+
+
 def read_manifest(stage: str | Path) -> pd.DataFrame:
     """The processed set's manifest, with ``path``/``truth_path`` made absolute."""
     stage = Path(stage)
@@ -112,7 +123,9 @@ class ProcessedCrops(Dataset):
         split: ``"train"``, ``"val"`` or ``"test"``.
         crop: crop size ``(Z, Y, X)``; each must fit every FOV of the split.
         samples: crops per epoch (the dataset's length).
-        flips: random flips along Y and X (and Z) when True.
+        flips: random flips along Y and X when True. Never along Z: brightfield phase contrast
+            changes sign through focus, so a Z-flipped stack would pair the opposite contrast
+            with the same target.
         seed: base seed; crop ``i`` of epoch ``e`` is drawn from ``(seed, e, i)``, so a resumed run
             sees the same crops as an uninterrupted one.
 
@@ -126,7 +139,8 @@ class ProcessedCrops(Dataset):
         df = df[df["split"] == split]
         if df.empty:
             raise ValueError(f"the processed set at {stage} has no FOV in split '{split}'")
-        self.fovs = [np.concatenate(load_fov(r)[:2], axis=0) for _, r in df.iterrows()]
+        # memory-mapped, so a split larger than RAM (the full profile) is read crop by crop
+        self.fovs = [_open_volume(r["path"]) for _, r in df.iterrows()]
         self.ids = df["fov_id"].tolist()
         self.crop = tuple(int(c) for c in crop)
         for fid, v in zip(self.ids, self.fovs):
@@ -147,10 +161,10 @@ class ProcessedCrops(Dataset):
         sl = tuple(slice(s, s + c) for s, c in zip(start, self.crop))
         c = v[(slice(None), *sl)]
         if self.flips:
-            for ax in (1, 2, 3):
+            for ax in (2, 3):
                 if rng.random() < 0.5:
                     c = np.flip(c, axis=ax)
-        c = torch.from_numpy(np.ascontiguousarray(c))
+        c = torch.from_numpy(np.array(c, dtype=np.float32))
         return c[:1], c[1:]
 
 

@@ -32,6 +32,7 @@ from .data import TARGETS
 from .infer import default_max_voxels, plan, predict_volume
 from .losses import masked_l1
 from .models import Generator, GeneratorConfig, num_params
+from .rundir import sha256
 
 CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
@@ -461,6 +462,20 @@ def prepare_out_dir(out_dir, config: dict, resumable_keys=RESUMABLE_KEYS) -> boo
     return last.exists()
 
 
+def run_config(config: dict, stage_in, *files) -> dict:
+    """``config`` plus the SHA-256 of the processed set (its stage manifest, else its
+    ``manifest.csv``) and of any other input ``files`` (e.g. an initial checkpoint), so a run is
+    only resumed on the same data: new data or a new split starts training afresh."""
+    stage_in = Path(stage_in)
+    ref = stage_in / "manifest.json"
+    ref = ref if ref.exists() else stage_in / "manifest.csv"
+    inputs = {"processed_set": sha256(ref) if ref.exists() else None}
+    for f in files:
+        if f and Path(f).is_file():
+            inputs[str(f)] = sha256(f)
+    return {**config, "inputs_sha256": inputs}
+
+
 def save_model_json(out_dir, config: dict, **extra) -> Path:
     """Write ``out_dir/model.json``: ``{"config": ..., **extra}``."""
     p = Path(out_dir) / MODEL_JSON
@@ -548,8 +563,8 @@ def fit_unet(cfg: UNetConfig, stage_in, out_dir, progress: bool = True) -> tuple
     checkpoints and logs into ``out_dir``. Returns the module and its trainer."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    prepare_out_dir(out_dir, cfg.to_dict())
-    save_model_json(out_dir, cfg.to_dict(), model="unet", generator=asdict(cfg.generator_config()))
+    prepare_out_dir(out_dir, run_config(cfg.to_dict(), stage_in))
+    save_model_json(out_dir, run_config(cfg.to_dict(), stage_in), model="unet", generator=asdict(cfg.generator_config()))
     set_threads(cfg)
     trainer = make_trainer(out_dir, cfg.max_steps, cfg.device, cfg.precision, cfg.devices, cfg.strategy,
                            ckpt_every=cfg.ckpt_every, val_every=cfg.val_every, seed=cfg.seed, progress=progress)
@@ -586,8 +601,8 @@ def run_unet_stage(stage_in, out_dir, cfg: UNetConfig, splits=("val", "test"), m
     gen = module.generator.to("cuda" if on_gpu else "cpu").to(memory_format=torch.contiguous_format).eval()
     preds = write_predictions(gen, stage_in, out_dir, splits=splits, max_voxels=max_voxels)
     gen = gen.to("cpu")
-    save_model_json(out_dir, cfg.to_dict(), model="unet", generator=asdict(cfg.generator_config()),
-                    num_params=num_params(gen), global_step=int(trainer.global_step),
+    save_model_json(out_dir, run_config(cfg.to_dict(), stage_in), model="unet",
+                    generator=asdict(cfg.generator_config()), num_params=num_params(gen), global_step=int(trainer.global_step),
                     train_seconds=round(train_s, 2), threads=torch.get_num_threads(),
                     prediction_modes=sorted(set(preds["mode"])) if len(preds) else [])
     return StageResult(losses, preds, gen, cfg, int(trainer.global_step), start, train_s)

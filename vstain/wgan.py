@@ -42,7 +42,8 @@ from .data import TARGETS
 from .losses import gradient_penalty, mask_pair, masked_l1, wasserstein_estimate
 from .models import Critic, CriticConfig, Generator, GeneratorConfig, num_params
 from .train import (CHECKPOINTS, DEVICES, LAST, LOSSES_CSV, OPTIMIZERS, PRECISIONS, CropDataModule,
-                    make_optimizer, make_trainer, prepare_out_dir, save_model_json, write_predictions)
+                    make_optimizer, make_trainer, prepare_out_dir, run_config, save_model_json,
+                    write_predictions)
 
 log = logging.getLogger(__name__)
 
@@ -482,6 +483,14 @@ def load_generator_state(source) -> tuple[dict, dict | None]:
     return state, cfg
 
 
+def _init_ckpt(source) -> str:
+    """The checkpoint file behind ``init_from`` (a ``04_unet`` stage folder or a ``.ckpt``), or ""."""
+    if not source:
+        return ""
+    p = Path(source)
+    return str(p / CHECKPOINTS / LAST) if p.is_dir() else str(p)
+
+
 def init_generator(generator: Generator, source) -> None:
     """Load the U-Net baseline's weights into ``generator`` (widths must match)."""
     state, cfg = load_generator_state(source)
@@ -529,8 +538,9 @@ def fit_wgan(cfg: WGANConfig, stage_in, out_dir, progress: bool = True, callback
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    prepare_out_dir(out_dir, cfg.to_dict(), RESUMABLE_KEYS)
-    save_model_json(out_dir, cfg.to_dict(), model="wgan", generator=asdict(cfg.generator_config()),
+    config = run_config(cfg.to_dict(), stage_in, _init_ckpt(cfg.init_from))
+    prepare_out_dir(out_dir, config, RESUMABLE_KEYS)
+    save_model_json(out_dir, config, model="wgan", generator=asdict(cfg.generator_config()),
                     critic=asdict(cfg.critic_config()))
     if cfg.device == "cpu" and cfg.num_threads > 0:
         torch.set_num_threads(int(cfg.num_threads))
@@ -573,10 +583,13 @@ def run_wgan_stage(stage_in, out_dir, cfg: WGANConfig, splits=("val", "test"), m
     train_s = time.perf_counter() - t
     losses = history_frame(module.history)
     losses.to_csv(Path(out_dir) / LOSSES_CSV, index=False)
-    gen = module.generator.to("cpu").to(memory_format=torch.contiguous_format).eval()
+    # predict on the training accelerator when it is a GPU (whole FOVs are slow on a CPU at width 64)
+    on_gpu = cfg.device in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    gen = module.generator.to("cuda" if on_gpu else "cpu").to(memory_format=torch.contiguous_format).eval()
     preds = write_predictions(gen, stage_in, out_dir, splits=splits, max_voxels=max_voxels)
+    gen = gen.to("cpu")
     step = int(getattr(module, "restored_step", trainer.global_step))
-    save_model_json(out_dir, cfg.to_dict(), model="wgan", generator=asdict(cfg.generator_config()),
+    save_model_json(out_dir, run_config(cfg.to_dict(), stage_in, _init_ckpt(cfg.init_from)), model="wgan", generator=asdict(cfg.generator_config()),
                     critic=asdict(cfg.critic_config()), num_params=num_params(gen),
                     critic_params=num_params(module.critic), global_step=step,
                     iterations=step // cfg.steps_per_iteration, train_seconds=round(train_s, 2),
