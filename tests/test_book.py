@@ -72,8 +72,11 @@ def test_browser_check_catches_broken_pages(tmp_path):
 
 
 def test_results_check_needs_table_and_confusion_matrices():
-    ok = {"text": "Table 4.1 ... Confusion matrices", "tables": ["Channel Model SSIM MSE MAE PCC F1"], "loaded": 2}
+    ok = {"text": "Table 4.1 ... Figure 4.1: confusion matrices", "tables": ["Channel Model SSIM MSE MAE PCC F1"],
+          "loaded": 4}
     assert browser.check_results_page(ok) == []
+    assert len(browser.check_results_page({**ok, "loaded": 1})) == 1  # the figures did not all load
+    assert len(browser.check_results_page({**ok, "text": "Table 4.1 confusion"})) == 1  # no Figure 4.1
     assert len(browser.check_results_page({"text": "", "tables": [], "loaded": 0})) == 4
 
 

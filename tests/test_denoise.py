@@ -1,4 +1,4 @@
-"""Noise2Void through careamics, the NLM baseline, the scores and the processed set (vstain.denoise)."""
+"""Noise2Void through careamics, the BM3D and NLM baselines, the scores and the processed set (vstain.denoise)."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -83,6 +83,64 @@ def test_nlm_improves_psnr_and_ssim(mode):
     assert after["psnr"] > before["psnr"] + 3 and after["ssim"] > before["ssim"]
 
 
+@pytest.mark.parametrize("mode,shape", [("2d", (3, 24, 26)), ("3d", (8, 24, 26))])
+def test_bm3d_lowers_the_error_of_a_noisy_smooth_volume(mode, shape):
+    clean, noisy = blobs(shape, 4)
+    den = denoise.bm3d_denoise(noisy, mode=mode)
+    assert den.shape == noisy.shape and den.dtype == np.float32
+    assert np.mean((den - clean) ** 2) < 0.5 * np.mean((noisy - clean) ** 2)
+    before, after = denoise.score(noisy, clean), denoise.score(den, clean)
+    assert after["psnr"] > before["psnr"] + 3 and after["ssim"] > before["ssim"]
+
+
+def test_bm3d_bad_input():
+    flat = np.full((2, 16, 16), 7.0, np.float32)
+    assert np.array_equal(denoise.bm3d_denoise(flat), flat)  # zero noise: nothing to remove, no NaN
+    with pytest.raises(ValueError, match="at least"):
+        denoise.bm3d_denoise(np.zeros((2, 6, 16), np.float32))
+    with pytest.raises(ValueError, match="at least"):
+        denoise.bm3d_denoise(np.zeros((4, 16, 16), np.float32), mode="3d")
+    with pytest.raises(ValueError, match="NaN"):
+        denoise.bm3d_denoise(np.full((2, 16, 16), np.nan, np.float32))
+    with pytest.raises(ValueError, match="mode"):
+        denoise.bm3d_denoise(flat, mode="4d")
+
+
+@pytest.mark.parametrize("cap", [0, 1])
+def test_denoise_stage_caps_bm3d_volumes(tmp_path, monkeypatch, cap):
+    """``bm3d_max_volumes`` bounds BM3D's volumes per channel (N2V faked: this tests the bookkeeping)."""
+    from test_focus import write_stage01
+    from vstain import preprocess
+
+    def fake_n2v(stacks, channel, work_dir, cfg, device="cpu", precision="32-true"):
+        return denoise.N2VResult(channel, [np.asarray(s, np.float32) for s in stacks], False, 1.0, 0.5,
+                                 tmp_path / "none.ckpt")
+
+    monkeypatch.setattr(denoise, "train_and_denoise", fake_n2v)
+    stage01 = write_stage01(tmp_path / "01_data", n_per_structure=3, shape=(24, 24, 24))
+    preprocess.run_focus_stage(stage01, tmp_path / "02_plls", window=4)
+    out = tmp_path / "03_denoising"
+    res = preprocess.run_denoise_stage(stage01, tmp_path / "02_plls", out, denoise.N2VConfig(**TINY),
+                                       bm3d_max_volumes=cap, nlm_max_volumes=1)
+    ev, tm = res["eval"], res["time"]
+    per_channel = ev[ev["method"] == "bm3d"].groupby("channel").size()
+    carried = ev[ev["method"] == "noisy"].groupby("channel").size()  # dna, membrane: 12 FOVs; the rest 3
+    assert (per_channel.reindex(carried.index, fill_value=0) == carried.clip(upper=cap)).all()
+    bm = tm[tm["method"] == "bm3d"].set_index("channel")
+    assert len(bm) == (len(carried) if cap else 0) and (bm["n_volumes"] <= cap).all()
+    assert (tm[tm["method"] == "nlm"]["n_volumes"] == 1).all()
+    gallery = preprocess.read_volume(out / preprocess.GALLERY_TIF)
+    assert gallery.shape[1] == len(preprocess.GALLERY_METHODS)
+    j = preprocess.GALLERY_METHODS.index("bm3d")
+    assert np.isfinite(gallery[:, j]).any() == bool(cap)
+    summary = preprocess.denoise_summary(ev, tm)
+    claim = preprocess.thesis_claim(summary, ev)
+    assert ("BM3D" in claim) and (("cannot be checked" in claim) == (cap == 0))
+    with pytest.raises(ValueError, match="bm3d_max_volumes"):
+        preprocess.run_denoise_stage(stage01, tmp_path / "02_plls", out, denoise.N2VConfig(**TINY),
+                                     bm3d_max_volumes=-1)
+
+
 def test_score_is_affine_invariant_and_perfect_on_truth():
     clean, noisy = blobs((9, 21, 23), 3)
     assert denoise.score(3 * noisy - 7, clean)["psnr"] == pytest.approx(denoise.score(noisy, clean)["psnr"], abs=1e-6)
@@ -161,11 +219,13 @@ def test_denoise_stage_end_to_end_on_simulated_fovs(tmp_path):
     carried = [not np.isnan(c).all() for c in tgt]
     assert sum(carried) == 3 and carried[0] and carried[1]
     ev = res["eval"]
-    assert set(ev["method"]) == {"noisy", "n2v", "nlm"} and set(ev["channel"]) == set(TARGETS)
+    assert set(ev["method"]) == {"noisy", "n2v", "bm3d", "nlm"} and set(ev["channel"]) == set(TARGETS)
     assert ev[["psnr", "ssim"]].notna().all().all()
     assert (ev[ev["method"] == "nlm"].groupby("channel").size() == 1).all()
+    assert (ev[ev["method"] == "bm3d"].groupby("channel").size() == 1).all()  # bm3d_max_volumes default 1
     summary = preprocess.denoise_summary(ev, res["time"])
-    assert "thesis' claim" in preprocess.thesis_claim(summary)
+    claim = preprocess.thesis_claim(summary, ev)
+    assert "thesis' claim" in claim and "BM3D" in claim and "non-local means" in claim
     assert sorted(p.name for p in (out / "n2v").iterdir()) == sorted(TARGETS)
     again = preprocess.run_denoise_stage(stage01, tmp_path / "02_plls", out, cfg, nlm_max_volumes=1)
     assert again["time"].query("method == 'n2v'")["reused"].all()

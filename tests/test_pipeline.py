@@ -181,6 +181,8 @@ def test_every_profile_value_says_why(path):
 
 def test_quick_profile_is_the_notebook_defaults():
     prof = pipeline.load_profile(ROOT / "profiles" / "quick.yaml")
+    # quick is the notebooks' defaults: it may only restate them, and today it sets nothing at all
+    assert not prof.common and not any(prof.sections.values())
     stages = {s.stem: s for s in pipeline.stages_from_toc(ROOT / "_toc.yml", ROOT)}
     for stem, values in [(None, prof.common), *prof.sections.items()]:
         for key, value in values.items():
@@ -195,3 +197,16 @@ def test_project_toc_lists_every_notebook():
     stored = {p.stem for p in (ROOT / "notebooks").glob("*.ipynb")}
     assert stored <= listed, f"notebooks missing from _toc.yml: {sorted(stored - listed)}"
     assert Path(ROOT / "_config.yml").exists()
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
+def test_wgan_generator_matches_the_unet_it_starts_from(path):
+    """05 loads 04's checkpoint when init_from_unet: both must build the same generator."""
+    stages = pipeline.stages_from_toc(ROOT / "_toc.yml", ROOT)
+    params = pipeline.resolve_parameters(pipeline.load_profile(path), stages, f"runs/{path.stem}")
+    defaults = {s.stem: {k: ast.literal_eval(v["default"]) for k, v in papermill.inspect_notebook(str(s.source)).items()}
+                for s in stages if s.stem in ("04_unet", "05_wgan")}
+    unet = {**defaults["04_unet"], **params["04_unet"]}
+    wgan = {**defaults["05_wgan"], **params["05_wgan"]}
+    if wgan["init_from_unet"]:
+        assert wgan["base_width"] == unet["base_width"], path.name

@@ -264,6 +264,9 @@ class PageReport:
     title: str = ""
 
 
+RESULTS_MIN_FIGURES = 4  # Figures 4.1 (the confusion matrices), 4.2, 4.3 and 4.4
+
+
 def check_results_page(probe: dict) -> list[str]:
     """Table 4.1 and the confusion matrices must be on the results page."""
     errors = []
@@ -273,10 +276,11 @@ def check_results_page(probe: dict) -> list[str]:
     metric_tables = [t for t in probe.get("tables", []) if sum(m in t for m in ("SSIM", "MSE", "MAE", "PCC")) >= 3]
     if not metric_tables:
         errors.append("results page: no table with the SSIM/MSE/MAE/PCC columns of Table 4.1")
-    if "confusion" not in text.lower():
-        errors.append("results page: the confusion matrices are not mentioned")
-    if probe.get("loaded", 0) < 1:
-        errors.append("results page: no figure loaded (the confusion matrices are figures)")
+    if "Figure 4.1" not in text or "confusion" not in text.lower():
+        errors.append("results page: no 'Figure 4.1' section with the confusion matrices")
+    if probe.get("loaded", 0) < RESULTS_MIN_FIGURES:
+        errors.append(f"results page: {probe.get('loaded', 0)} figures loaded, expected at least "
+                      f"{RESULTS_MIN_FIGURES} (Figures 4.1-4.4)")
     return errors
 
 

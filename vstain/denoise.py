@@ -7,8 +7,10 @@ pixel from its surroundings. This module is the project's only importer of carea
 lazily, so that the focus stage does not pay for it); nothing here talks to the network (no
 BioImage Model Zoo export or download is ever called).
 
-The classical baseline is scikit-image's non-local means with the noise level estimated per
-stack: the thesis compared against BM3D, but the ``bm3d`` package is not installed here.
+Two classical baselines run next to it, both with the noise level estimated from the stack by
+:func:`estimate_noise_sigma`: BM3D (Dabov et al. 2007, the ``bm3d`` package), the method the thesis
+compared against, slice by slice (or its volumetric extension BM4D, ``bm4d`` package, on request),
+and scikit-image's non-local means, a much cheaper reference.
 """
 from __future__ import annotations
 
@@ -334,8 +336,8 @@ def estimate_noise_sigma(stack: np.ndarray) -> float:
     """Gaussian noise sigma of a ``[Z, Y, X]`` (or ``[Y, X]``) stack: Donoho's wavelet estimator,
     ``median(|d|) / 0.6745`` over the finest diagonal Haar detail ``d`` of every slice.
 
-    (scikit-image's ``estimate_sigma`` does the same with a Daubechies wavelet but needs PyWavelets,
-    which is not installed here.)
+    (scikit-image's ``estimate_sigma`` does the same with a Daubechies wavelet through PyWavelets;
+    the Haar detail needs no wavelet library and is what both baselines here are given.)
     """
     s = np.asarray(stack, dtype=np.float64)
     s = s.reshape(-1, *s.shape[-2:])
@@ -345,9 +347,60 @@ def estimate_noise_sigma(stack: np.ndarray) -> float:
     return float(np.median(np.abs(d)) / 0.6745)
 
 
+BM3D_MODES = ("2d", "3d")
+
+
+def bm3d_denoise(stack: np.ndarray, mode: str = "2d", sigma: float | None = None) -> np.ndarray:
+    """BM3D (Dabov et al. 2007) on a ``[Z, Y, X]`` stack, in the stack's own units.
+
+    The noise is treated as white Gaussian with one sigma for the whole stack, estimated by
+    :func:`estimate_noise_sigma` unless given (the simulator's camera noise is Poisson plus read
+    noise, so this sigma is an average level, as for non-local means).
+
+    Args:
+        stack: ``[Z, Y, X]``, raw intensities, no NaN; each slice at least 8 x 8 pixels (BM3D's
+            block size).
+        mode: ``"2d"``: ``bm3d.bm3d`` on each z-slice, the method the thesis names (default);
+            ``"3d"``: ``bm4d.bm4d`` on the whole stack (BM4D, BM3D's volumetric extension; needs at
+            least 8 slices). Pilot on one 16 x 96 x 96 quick-profile volume (membrane, 2 busy cores):
+            BM3D 6.4 s, PSNR 27.3 -> 33.9 dB; BM4D 7.9 s, 35.6 dB. The default stays BM3D, the
+            method whose comparison the thesis reports.
+        sigma: noise standard deviation in the stack's units (``None``: estimated). A sigma of 0
+            (a blank or noiseless stack) returns the stack unchanged.
+
+    Both run single-threaded (``num_threads=1``): the packages' automatic threading was slower
+    here (each call carries ~0.2-0.4 s of fixed cost, more with threads) and makes the output vary
+    slightly from run to run.
+    """
+    if mode not in BM3D_MODES:
+        raise ValueError(f"mode must be '2d' or '3d', got {mode!r}")
+    s = np.asarray(stack, dtype=np.float32)
+    if s.ndim != 3:
+        raise ValueError(f"BM3D expects a [Z, Y, X] stack, got shape {s.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError("BM3D: the stack holds NaN/inf; pass only the FOVs that carry the channel")
+    need = (8, 8, 8) if mode == "3d" else (1, 8, 8)
+    if any(n < k for n, k in zip(s.shape, need)):
+        raise ValueError(f"BM3D ({mode}) needs a stack of at least {need} (Z, Y, X), got {s.shape}")
+    sigma = estimate_noise_sigma(s) if sigma is None else float(sigma)
+    if not sigma > 0:
+        return s.copy()
+    if mode == "3d":
+        import bm4d
+
+        profile = bm4d.BM4DProfile()
+        profile.num_threads = 1
+        return np.asarray(bm4d.bm4d(s, sigma_psd=sigma, profile=profile), dtype=np.float32)
+    import bm3d
+
+    profile = bm3d.BM3DProfile()
+    profile.num_threads = 1
+    return np.stack([bm3d.bm3d(z, sigma_psd=sigma, profile=profile) for z in s]).astype(np.float32)
+
+
 def nlm_denoise(stack: np.ndarray, patch_size: int = 5, patch_distance: int = 6, h: float = 0.8,
                 mode: str = "2d") -> np.ndarray:
-    """scikit-image non-local means with the noise level estimated from the stack (the BM3D stand-in).
+    """scikit-image non-local means with the noise level estimated from the stack (the cheap baseline).
 
     Args:
         stack: ``[Z, Y, X]``, raw intensities.

@@ -15,7 +15,8 @@ from ..data import TARGET_LABELS, TARGETS
 
 LABELS = {"brightfield": "Brightfield", **TARGET_LABELS}
 METHOD_LABELS = {"plls": "PLLS", "nvar": "normalised variance", "brenner": "Brenner gradient",
-                 "noisy": "noisy input", "n2v": "Noise2Void", "nlm": "non-local means", "truth": "clean truth"}
+                 "noisy": "noisy input", "n2v": "Noise2Void", "bm3d": "BM3D", "nlm": "non-local means",
+                 "truth": "clean truth"}
 
 
 def _range(img: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> tuple[float, float]:
@@ -152,10 +153,14 @@ def blind_spot(patch: np.ndarray, masked: np.ndarray, mask: np.ndarray, rf: np.n
     return fig
 
 
-def denoise_gallery(gallery: np.ndarray, rows: pd.DataFrame, methods=("noisy", "n2v", "nlm", "truth"),
-                    title: str = "Denoising, one slice per target channel") -> plt.Figure:
+def denoise_gallery(gallery: np.ndarray, rows: pd.DataFrame, methods=("noisy", "n2v", "bm3d", "nlm", "truth"),
+                    title: str = "Denoising, one slice per target channel",
+                    method_labels: dict[str, str] | None = None) -> plt.Figure:
     """Before/after per channel: ``gallery [6, len(methods), Y, X]`` (NaN rows: no FOV carries the
-    channel); each row shares the display range of its clean truth (or its noisy input)."""
+    channel; a NaN panel: the method did not run on that FOV). The panels of a row share the noisy
+    input's display range, except the clean truth, which has its own. ``method_labels`` overrides
+    :data:`METHOD_LABELS` (e.g. ``{"bm3d": "BM4D"}``)."""
+    labels = {**METHOD_LABELS, **(method_labels or {})}
     chans = [c for c in TARGETS if c in set(rows["channel"])]
     fig, axes = plt.subplots(len(chans), len(methods), figsize=(2.4 * len(methods), 2.4 * len(chans)), squeeze=False)
     info = rows.set_index("channel")
@@ -177,7 +182,7 @@ def denoise_gallery(gallery: np.ndarray, rows: pd.DataFrame, methods=("noisy", "
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(METHOD_LABELS.get(m, m), fontsize=10)
+                ax.set_title(labels.get(m, m), fontsize=10)
             if j == 0:
                 ax.set_ylabel(f"{LABELS[ch]}\nFOV {info.loc[ch, 'fov_id']}, z {info.loc[ch, 'z']}", fontsize=8)
     fig.suptitle(title)
@@ -185,16 +190,19 @@ def denoise_gallery(gallery: np.ndarray, rows: pd.DataFrame, methods=("noisy", "
     return fig
 
 
-def denoise_scores(summary: pd.DataFrame, title: str = "Denoising against the clean truth") -> plt.Figure:
-    """Mean PSNR and SSIM per channel and method (``preprocess.denoise_summary``)."""
+def denoise_scores(summary: pd.DataFrame, title: str = "Denoising against the clean truth",
+                   method_labels: dict[str, str] | None = None) -> plt.Figure:
+    """Mean PSNR and SSIM per channel and method (``preprocess.denoise_summary``; each method over
+    the volumes it ran on)."""
+    labels = {**METHOD_LABELS, **(method_labels or {})}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     chans = [c for c in TARGETS if c in set(summary["channel"])]
-    methods = [m for m in ("noisy", "n2v", "nlm") if m in set(summary["method"])]
+    methods = [m for m in ("noisy", "n2v", "bm3d", "nlm") if m in set(summary["method"])]
     w = 0.8 / len(methods)
     for ax, metric in zip(axes, ("psnr", "ssim")):
         for k, m in enumerate(methods):
             d = summary[summary["method"] == m].set_index("channel").reindex(chans)
-            ax.bar(np.arange(len(chans)) + (k - (len(methods) - 1) / 2) * w, d[metric], w, label=METHOD_LABELS[m])
+            ax.bar(np.arange(len(chans)) + (k - (len(methods) - 1) / 2) * w, d[metric], w, label=labels.get(m, m))
         ax.set_xticks(np.arange(len(chans)), [LABELS[c] for c in chans], rotation=25, ha="right", fontsize=8)
         ax.set(ylabel="PSNR (dB)" if metric == "psnr" else "SSIM", title=metric.upper())
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
