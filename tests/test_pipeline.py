@@ -210,3 +210,16 @@ def test_wgan_generator_matches_the_unet_it_starts_from(path):
     wgan = {**defaults["05_wgan"], **params["05_wgan"]}
     if wgan["init_from_unet"]:
         assert wgan["base_width"] == unet["base_width"], path.name
+
+
+def test_progress_bars_are_stored_as_a_terminal_shows_them():
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("pass")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text="Epoch 0:  10%\r"),
+                    nbformat.v4.new_output("stream", name="stderr", text="Epoch 0:  50%\rEpoch 0: 100%\ndone\n"),
+                    nbformat.v4.new_output("stream", name="stdout", text="result 1\n")]
+    nb.cells.append(cell)
+    out = pipeline.render_carriage_returns(nb).cells[0].outputs
+    assert [o["name"] for o in out] == ["stderr", "stdout"]
+    assert out[0]["text"] == "Epoch 0: 100%\ndone\n"
+    assert out[1]["text"] == "result 1\n"

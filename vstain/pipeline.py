@@ -240,6 +240,27 @@ def _error_cells(nb) -> list[tuple[int, str]]:
     return bad
 
 
+def render_carriage_returns(nb):
+    """Store stream outputs as a terminal shows them: consecutive outputs of one stream merged, and
+    of each line only what follows its last carriage return. Progress bars (Lightning, careamics)
+    redraw one line with ``\r``; without this the book prints every redraw, hundreds of lines."""
+    for cell in nb.cells:
+        merged = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream" \
+                    and merged[-1].get("name") == out.get("name"):
+                merged[-1]["text"] += out["text"]
+            else:
+                merged.append(out)
+        for out in merged:
+            if out.get("output_type") == "stream" and "\r" in out["text"]:
+                lines = out["text"].split("\n")
+                out["text"] = "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in lines)
+        if "outputs" in cell:
+            cell["outputs"] = merged
+    return nb
+
+
 def execute(stage: Stage, params: dict[str, Any], executed: Path, cwd: Path, progress: bool = False) -> None:
     """Run one notebook with papermill into ``executed``.
 
@@ -265,7 +286,7 @@ def execute(stage: Stage, params: dict[str, Any], executed: Path, cwd: Path, pro
             None, nb, kernel_name=kernel, input_path=str(stage.source), output_path=str(executed),
             progress_bar=progress, log_output=False, start_timeout=120,
         )
-    write_ipynb(nb, str(executed))
+    write_ipynb(render_carriage_returns(nb), str(executed))
     bad = _error_cells(nb)
     if bad:
         index, what = bad[0]
