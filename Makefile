@@ -52,5 +52,7 @@ book: $(STAMP) $(MATHJAX)
 check-book: $(STAMP) $(CHROMIUM)
 	$(PY) -m vstain.browser book/_build/html
 
+# Timing scripts (never part of make test); run them on a quiet machine.
 bench: $(STAMP)
-	$(PY) benchmarks/bench_unet.py
+	$(PY) benchmarks/bench_unet.py --infer-width 16
+	$(PY) benchmarks/bench_wgan.py --optimizer adam --critic-channels-last

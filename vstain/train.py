@@ -47,8 +47,25 @@ PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
+class DictConfig:
+    """Round trip of a config dataclass through JSON/YAML (the checkpoint's ``hyper_parameters``,
+    ``model.json``)."""
+
+    def to_dict(self) -> dict:
+        """JSON/YAML-friendly (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; allowed: {sorted(names)}")
+        return cls(**d)
+
+
 @dataclass
-class UNetConfig:
+class UNetConfig(DictConfig):
     """Everything that defines a U-Net baseline run; saved in every checkpoint and ``model.json``.
 
     Args:
@@ -120,17 +137,6 @@ class UNetConfig:
     def generator_config(self) -> GeneratorConfig:
         return GeneratorConfig(base_width=self.base_width, negative_slope=self.negative_slope)
 
-    def to_dict(self) -> dict:
-        """JSON/YAML-friendly (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown UNetConfig keys {sorted(unknown)}; allowed: {sorted(names)}")
-        return cls(**d)
 
 
 # Keys that may change between an interrupted run and its resumption.

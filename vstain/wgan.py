@@ -28,7 +28,7 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
@@ -41,7 +41,7 @@ from . import dataset
 from .data import TARGETS
 from .losses import gradient_penalty, mask_pair, masked_l1, wasserstein_estimate
 from .models import Critic, CriticConfig, Generator, GeneratorConfig, num_params
-from .train import (CHECKPOINTS, DEVICES, LAST, LOSSES_CSV, OPTIMIZERS, PRECISIONS, CropDataModule,
+from .train import (CHECKPOINTS, DEVICES, LAST, LOSSES_CSV, OPTIMIZERS, PRECISIONS, CropDataModule, DictConfig,
                     make_optimizer, make_trainer, prepare_out_dir, run_config, save_model_json,
                     write_predictions)
 
@@ -59,7 +59,7 @@ LOSS_COLUMNS = ("step", "iteration", "epoch", "kind", "critic_loss", "wasserstei
 # Configuration
 # --------------------------------------------------------------------------------------------
 @dataclass
-class WGANConfig:
+class WGANConfig(DictConfig):
     """Everything that defines a WGAN-GP run; saved in every checkpoint and in ``model.json``.
 
     Args:
@@ -165,17 +165,6 @@ class WGANConfig:
     def critic_config(self) -> CriticConfig:
         return CriticConfig(base_width=self.critic_width, negative_slope=self.negative_slope)
 
-    def to_dict(self) -> dict:
-        """JSON/YAML-friendly (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "WGANConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown WGANConfig keys {sorted(unknown)}; allowed: {sorted(names)}")
-        return cls(**d)
 
 
 # Keys that may change between an interrupted run and its resumption.
