@@ -63,6 +63,18 @@ class DictConfig:
             raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; allowed: {sorted(names)}")
         return cls(**d)
 
+    def check_run_fields(self, positive_ints) -> None:
+        """The checks every training config shares: counts are positive integers, and the
+        Lightning ``device`` and ``precision`` are ones this study supports."""
+        for name in positive_ints:
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if str(self.precision) not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
 
 @dataclass
 class UNetConfig(DictConfig):
@@ -125,14 +137,8 @@ class UNetConfig(DictConfig):
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        for name in ("base_width", "batch_size", "samples", "val_samples", "max_steps", "val_every", "ckpt_every", "devices"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if str(self.precision) not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        self.check_run_fields(("base_width", "batch_size", "samples", "val_samples", "max_steps", "val_every",
+                               "ckpt_every", "devices"))
 
     def generator_config(self) -> GeneratorConfig:
         return GeneratorConfig(base_width=self.base_width, negative_slope=self.negative_slope)

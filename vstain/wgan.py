@@ -41,7 +41,7 @@ from . import dataset
 from .data import TARGETS
 from .losses import gradient_penalty, mask_pair, masked_l1, wasserstein_estimate
 from .models import Critic, CriticConfig, Generator, GeneratorConfig, num_params
-from .train import (CHECKPOINTS, DEVICES, LAST, LOSSES_CSV, OPTIMIZERS, PRECISIONS, CropDataModule, DictConfig,
+from .train import (CHECKPOINTS, LAST, LOSSES_CSV, OPTIMIZERS, CropDataModule, DictConfig,
                     make_optimizer, make_trainer, prepare_out_dir, run_config, save_model_json,
                     write_predictions)
 
@@ -144,15 +144,8 @@ class WGANConfig(DictConfig):
         for name in ("lambda_adv", "lambda_gp"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("base_width", "critic_width", "n_critic", "batch_size", "samples", "val_samples",
-                     "iterations", "val_every", "ckpt_every", "devices"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if str(self.precision) not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        self.check_run_fields(("base_width", "critic_width", "n_critic", "batch_size", "samples", "val_samples",
+                               "iterations", "val_every", "ckpt_every", "devices"))
 
     @property
     def steps_per_iteration(self) -> int:

@@ -33,6 +33,15 @@ def plot_losses(losses: pd.DataFrame, ax=None, title: str = "U-Net baseline: mas
     return ax
 
 
+def channel_panel(ax, sec: np.ndarray, aspect, vrange) -> None:
+    """One channel's section, or a grey "no label" panel where the channel is all NaN."""
+    if np.isnan(sec).all():
+        ax.imshow(np.zeros_like(sec), cmap="gray", vmin=0, vmax=1, aspect=aspect)
+        ax.text(0.5, 0.5, "no label", color="0.6", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.imshow(sec, cmap="magma", vmin=vrange[0], vmax=vrange[1], aspect=aspect)
+
+
 def _section(vol: np.ndarray, view: str, z: int, y: int) -> np.ndarray:
     """``vol`` ``[Z, Y, X]`` -> the XY plane at ``z`` or the XZ plane at ``y``."""
     return vol[z] if view == "xy" else vol[:, y, :]
@@ -73,11 +82,7 @@ def plot_prediction(bf: np.ndarray, target: np.ndarray, pred: np.ndarray, truth:
             ax = axes[r, c + 1]
             sec = _section(vol[c], view, z, y)
             ax.set_xticks([]), ax.set_yticks([])
-            if np.isnan(sec).all():
-                ax.imshow(np.zeros_like(sec), cmap="gray", vmin=0, vmax=1, aspect=aspect)
-                ax.text(0.5, 0.5, "no label", color="0.6", ha="center", va="center", transform=ax.transAxes)
-            else:
-                ax.imshow(sec, cmap="magma", vmin=vrange[0], vmax=vrange[1], aspect=aspect)
+            channel_panel(ax, sec, aspect, vrange)
             if r == 0:
                 ax.set_title(TARGET_LABELS[key], fontsize=9)
     where = f"central z-slice (z={z})" if view == "xy" else f"XZ section (y={y})"

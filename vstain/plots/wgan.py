@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from ..data import TARGET_LABELS, TARGETS
+from .models import _section, channel_panel
 
 
 STEP_LABEL = "optimiser step (n_critic + 1 per iteration)"
@@ -82,10 +83,6 @@ def plot_gradients(losses: pd.DataFrame, title: str = "Generator and critic grad
     return fig
 
 
-def _section(vol: np.ndarray, view: str, z: int, y: int) -> np.ndarray:
-    return vol[z] if view == "xy" else vol[:, y, :]
-
-
 def plot_comparison(bf: np.ndarray, target: np.ndarray, preds: dict[str, np.ndarray], truth: np.ndarray | None = None,
                     view: str = "xy", z: int | None = None, y: int | None = None, title: str = "",
                     vrange=(-2.0, 3.0)):
@@ -117,11 +114,7 @@ def plot_comparison(bf: np.ndarray, target: np.ndarray, preds: dict[str, np.ndar
             ax = axes[r, c + 1]
             ax.set_xticks([]), ax.set_yticks([])
             sec = _section(vol[c], view, z, y)
-            if np.isnan(sec).all():
-                ax.imshow(np.zeros_like(sec), cmap="gray", vmin=0, vmax=1, aspect=aspect)
-                ax.text(0.5, 0.5, "no label", color="0.6", ha="center", va="center", transform=ax.transAxes)
-            else:
-                ax.imshow(sec, cmap="magma", vmin=vrange[0], vmax=vrange[1], aspect=aspect)
+            channel_panel(ax, sec, aspect, vrange)
             if r == 0:
                 ax.set_title(TARGET_LABELS[key], fontsize=9)
     where = f"z-slice {z}" if view == "xy" else f"XZ section at y={y}"
