@@ -46,11 +46,11 @@ test: $(STAMP) $(CHROMIUM) $(MATHJAX)
 # Run the notebooks of PROFILE (quick, book, full) with papermill, skipping the unchanged ones, and
 # build the HTML into book/_build/html.
 book: $(STAMP) $(MATHJAX)
-	$(PY) -m vstain.pipeline --profile $(PROFILE) --output book
+	$(PY) -m vstain.book.pipeline --profile $(PROFILE) --output book
 
 # Open every page of book/_build/html in headless Chromium; screenshots in book/_build/screenshots.
 check-book: $(STAMP) $(CHROMIUM)
-	$(PY) -m vstain.browser book/_build/html
+	$(PY) -m vstain.book.browser book/_build/html
 
 # Timing scripts (never part of make test); run them on a quiet machine.
 bench: $(STAMP)

@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vstain.infer import default_max_voxels, plan, predict_volume
 from vstain.losses import masked_l1
 from vstain.models import Generator, GeneratorConfig, num_params
-from vstain.train import make_optimizer
+from vstain.trainer import make_optimizer
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs (seconds)")

@@ -30,10 +30,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from vstain.data import TARGETS
+from vstain.channels import TARGETS
 from vstain.losses import masked_l1
-from vstain.train import make_optimizer
-from vstain.wgan import WGAN, WGANConfig
+from vstain.configs import WGANConfig
+from vstain.trainer import make_optimizer
+from vstain.wgan import WGAN
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--width", type=int, default=16, help="generator and critic base width (thesis 64)")

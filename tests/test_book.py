@@ -8,7 +8,7 @@ import nbformat
 import pytest
 
 from conftest import ROOT
-from vstain import browser, pipeline
+from vstain.book import browser, pipeline
 
 # Keys the notebooks share (CONTRACT): they must exist with exactly these names.
 SHARED_KEYS = {"vstain_thesis2023", "viana2023", "bray2012", "krull2019", "gulrajani2017", "arjovsky2017",

@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from vstain import classifier as C
-from vstain.data import TARGETS
-from vstain.dataset import write_processed, write_volume
+from vstain.channels import TARGETS
+from vstain.dataset import write_processed
+from vstain.evaluate import classifier as C
+from vstain.volumes import write_volume
 
 
 @pytest.mark.parametrize("bad,match", [({"arch": "resnet50"}, "arch"), ({"patch": (3, 16, 16)}, "patch"),

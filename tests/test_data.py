@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import tifffile
 
-from vstain import data
-from vstain.data import TARGETS
+from vstain import allen, channels, data, volumes
+from vstain.channels import TARGETS
 
 DEFAULT_CH = {"ChannelNumberBrightfield": 0, "ChannelNumberStruct": 1, "ChannelNumber405": 3, "ChannelNumber638": 2}
 # A 7-channel FOV as in the real dataset: blank channels 0, 2, 5 and non-default positions.
@@ -67,23 +67,23 @@ def build_folder(root, fovs=FOVS, drop_column=None, override=None):
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     root = tmp_path_factory.mktemp("allen")
-    return data.publish_local(build_folder(root / "src"), root / "registry")
+    return allen.publish_local(build_folder(root / "src"), root / "registry")
 
 
 def load(registry, n=1, structures=("TOMM20", "LMNB1", "MYH10", "FBL"), seed=0, **kw):
-    return list(data.load_fovs(registry, n_per_structure=n, structures=structures, seed=seed, cache_dir="unused", **kw))
+    return list(allen.load_fovs(registry, n_per_structure=n, structures=structures, seed=seed, cache_dir="unused", **kw))
 
 
 def test_publish_local_browses_offline(registry):
-    pkg = data.open_package(registry)
+    pkg = allen.open_package(registry)
     assert "metadata.csv" in pkg.keys() and registry.startswith("file://")
     assert pkg["fov_path"][f"13_TOMM20.ome.tiff"].physical_key.is_local()
 
 
 def test_fov_table_dedups_and_drops_outliers(registry):
-    meta = data.read_metadata(data.open_package(registry), "unused")
+    meta = allen.read_metadata(allen.open_package(registry), "unused")
     assert len(meta) == sum(f[4] for f in FOVS)
-    fovs = data.fov_table(meta)
+    fovs = allen.fov_table(meta)
     assert list(fovs["fov_id"]) == ["11", "12", "13", "21", "31", "41", "42"]  # 22 is an outlier
     assert dict(zip(fovs["fov_id"], fovs["cells"])) == {"11": 2, "12": 1, "13": 2, "21": 2, "31": 4, "41": 1, "42": 1}
     assert fovs.set_index("fov_id").loc["42", "structure"] == "nucleoli"  # NPM1, the alternative marker
@@ -93,7 +93,7 @@ def test_fov_table_dedups_and_drops_outliers(registry):
 @pytest.mark.parametrize("fid, nch, cols", [(11, 4, DEFAULT_CH), (13, 7, SEVEN_CH), (31, 7, SEVEN_CH)])
 def test_channels_come_from_the_metadata_columns(registry, fid, nch, cols):
     fov = {f.fov_id: f for f in load(registry, n=3)}[str(fid)]
-    structure = data.DEFAULT_GENE_MAP[fov.gene]
+    structure = channels.DEFAULT_GENE_MAP[fov.gene]
     z = np.arange(SHAPE[0])[:, None, None]
     assert fov.bf.shape == (1, *SHAPE) and fov.target.shape == (6, *SHAPE)
     assert fov.bf.dtype == fov.target.dtype == np.float32
@@ -115,7 +115,7 @@ def test_pixel_sizes_from_ome_metadata(registry, tmp_path):
     assert fovs["13"].pixel_size == pytest.approx((0.5, 0.2, 0.25))
     assert fovs["11"].pixel_size == pytest.approx((0.29, 0.108, 0.108))
     write_ome(tmp_path / "nm.tif", fov_stack(4), pixel_size=(290, 108, 108), unit="nm")
-    assert data.read_ome(tmp_path / "nm.tif")[1] == pytest.approx((0.29, 0.108, 0.108))
+    assert volumes.read_ome(tmp_path / "nm.tif")[1] == pytest.approx((0.29, 0.108, 0.108))
 
 
 def test_selection_is_seeded_and_per_structure(registry):
@@ -174,21 +174,21 @@ def test_plots_draw_a_stage(registry, tmp_path):
 # Bad input: every error names the file or parameter and the problem
 # ---------------------------------------------------------------------------------------------
 def test_missing_channel_column(tmp_path):
-    uri = data.publish_local(build_folder(tmp_path / "src", drop_column="ChannelNumber638"), tmp_path / "reg")
+    uri = allen.publish_local(build_folder(tmp_path / "src", drop_column="ChannelNumber638"), tmp_path / "reg")
     with pytest.raises(ValueError, match=r"metadata.csv: missing column.*ChannelNumber638"):
         load(uri)
 
 
 def test_channel_index_out_of_range(tmp_path):
     override = {21: {"ChannelNumberStruct": 4}}  # a 4-channel file: valid 0..3
-    uri = data.publish_local(build_folder(tmp_path / "src", override=override), tmp_path / "reg")
+    uri = allen.publish_local(build_folder(tmp_path / "src", override=override), tmp_path / "reg")
     with pytest.raises(ValueError, match=r"21_LMNB1.ome.tiff: 'ChannelNumberStruct' = 4 is out of range .* 4 channels"):
         load(uri, structures=("LMNB1",))
 
 
 def test_empty_channel_index(tmp_path):
     override = {41: {"ChannelNumber405": np.nan}}
-    uri = data.publish_local(build_folder(tmp_path / "src", override=override), tmp_path / "reg")
+    uri = allen.publish_local(build_folder(tmp_path / "src", override=override), tmp_path / "reg")
     with pytest.raises(ValueError, match=r"41_FBL.ome.tiff: FOV 41 has no valid 'ChannelNumber405'"):
         load(uri, structures=("FBL",))
 
@@ -202,12 +202,12 @@ def test_not_a_zyx_stack(tmp_path, shape, axes, match):
     f = tmp_path / "bad.ome.tif"
     write_ome(f, np.ones(shape, np.uint16), axes=axes)
     with pytest.raises(ValueError, match=rf"bad.ome.tif: a {len(shape)}D image .*{match}"):
-        data.read_ome(f)
+        volumes.read_ome(f)
 
 
 def test_single_channel_zyx_is_a_stack(tmp_path):
     write_ome(tmp_path / "z.ome.tif", np.ones((5, 7, 9), np.uint16), axes="ZYX")
-    assert data.read_ome(tmp_path / "z.ome.tif")[0].shape == (1, 5, 7, 9)
+    assert volumes.read_ome(tmp_path / "z.ome.tif")[0].shape == (1, 5, 7, 9)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.9, 100, 0])
@@ -218,12 +218,12 @@ def test_truncated_or_corrupt_tiff(tmp_path, keep):
     bad = tmp_path / "bad.ome.tif"
     bad.write_bytes(raw[: int(keep * len(raw)) if keep <= 1 else keep] if keep else b"not a tiff" * 20)
     with pytest.raises(ValueError, match=r"bad.ome.tif: .*(truncated or corrupt|not a readable TIFF)"):
-        data.read_ome(bad)
+        volumes.read_ome(bad)
 
 
 def test_corrupt_file_in_a_registry_names_it(tmp_path):
-    uri = data.publish_local(build_folder(tmp_path / "src"), tmp_path / "reg")
-    f = tmp_path / "reg" / data.ALLEN_PACKAGE / "fov_path" / "41_FBL.ome.tiff"
+    uri = allen.publish_local(build_folder(tmp_path / "src"), tmp_path / "reg")
+    f = tmp_path / "reg" / channels.ALLEN_PACKAGE / "fov_path" / "41_FBL.ome.tiff"
     f.write_bytes(f.read_bytes()[:300])
     with pytest.raises(ValueError, match="41_FBL.ome.tiff: .*truncated or corrupt"):
         load(uri, structures=("FBL",))
@@ -242,7 +242,7 @@ def test_unknown_structure_fails_before_any_network():
 
 
 def test_missing_local_registry(tmp_path):
-    with pytest.raises(data.RegistryUnreachableError, match="holds no package"):
+    with pytest.raises(allen.RegistryUnreachableError, match="holds no package"):
         load(tmp_path / "nowhere")
 
 
@@ -261,8 +261,8 @@ def no_network(monkeypatch):
 
 
 def test_s3_registry_unreachable(no_network):
-    with pytest.raises(data.RegistryUnreachableError, match="needs network access.*'synthetic'.*offline"):
-        load(data.ALLEN_REGISTRY, timeout=1.0)
+    with pytest.raises(allen.RegistryUnreachableError, match="needs network access.*'synthetic'.*offline"):
+        load(channels.ALLEN_REGISTRY, timeout=1.0)
 
 
 def test_bad_source_and_registry_for_synthetic():
@@ -280,7 +280,7 @@ def test_simulated_stage_offline(tmp_path, no_network):
     shape = (21, 38, 45)
     df = data.run_data_stage(tmp_path, source="synthetic", n_per_structure=1, shape=shape,
                              pixel_size=(0.6, 0.31, 0.29), seed=1)
-    assert sorted(df["gene"]) == sorted(data.DEFAULT_STRUCTURES)
+    assert sorted(df["gene"]) == sorted(channels.DEFAULT_STRUCTURES)
     assert (tmp_path / "registry").is_dir() and (tmp_path / data.FOVS_CSV).is_file()
     back = data.read_fovs(tmp_path)
     for _, row in back.iterrows():

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from vstain import denoise
-from vstain.data import TARGETS
+from vstain.channels import TARGETS
 from vstain.dataset import ProcessedCrops, load_fov, read_manifest, write_processed
 
 TINY = dict(patch_size=(8, 16, 16), batch_size=4, epochs=1, steps_per_epoch=3, base_width=8,

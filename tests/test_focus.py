@@ -105,8 +105,8 @@ def test_short_stack_error_names_fov_and_sizes():
 def write_stage01(folder, n_per_structure=3, shape=(24, 40, 44), seed=0):
     """A tiny 01_data stage from the simulator, in the contract's layout."""
     from vstain import simulate
-    from vstain.data import DEFAULT_GENE_MAP, TARGETS
-    from vstain.dataset import write_volume
+    from vstain.channels import DEFAULT_GENE_MAP, TARGETS
+    from vstain.volumes import write_volume
 
     genes = {s: g for g, s in reversed(list(DEFAULT_GENE_MAP.items()))}
     cfg = simulate.SimConfig(shape=shape)

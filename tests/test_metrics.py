@@ -3,9 +3,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vstain import metrics
-from vstain.data import TARGETS
-from vstain.dataset import write_processed, write_volume
+from vstain.channels import TARGETS
+from vstain.dataset import write_processed
+from vstain.evaluate import metrics
+from vstain.volumes import write_volume
 
 SHAPES = [(7, 9, 11), (16, 33, 35), (5, 40, 21), (3, 8, 10)]
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, read_json, write_notebook
-from vstain import pipeline
-from vstain.pipeline import NotebookFailed, ProfileError
+from vstain.book import pipeline
+from vstain.book.pipeline import NotebookFailed, ProfileError
 
 
 def _stages(book):

@@ -11,7 +11,7 @@ import tifffile
 from scipy import ndimage
 
 from vstain import optics
-from vstain.data import ALLEN_PACKAGE, TARGETS
+from vstain.channels import ALLEN_PACKAGE, TARGETS
 from vstain.simulate import CHANNEL_NAMES, STRUCTURES, SimConfig, simulate_fov, write_registry
 
 SMALL = SimConfig(shape=(29, 70, 83))
@@ -265,7 +265,7 @@ def test_ome_files_carry_names_and_pixel_sizes(registry):
 
 
 def test_registry_browses_offline(registry):
-    from vstain.data import _quilt3
+    from vstain.allen import _quilt3
 
     _, _, uri = registry
     assert uri.startswith("file://")

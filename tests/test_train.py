@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from vstain import dataset
-from vstain.data import TARGETS
+from vstain.channels import TARGETS
 from vstain.losses import masked_l1
-from vstain.train import (CropDataModule, UNetConfig, UNetModule, load_generator, make_trainer, read_metrics,
-                          run_unet_stage, set_threads)
+from vstain.configs import UNetConfig
+from vstain.modelfiles import load_generator, read_metrics
+from vstain.train import UNetModule, run_unet_stage
+from vstain.trainer import CropDataModule, make_trainer, set_threads
+from vstain.volumes import read_volume
 
 SHAPE = (12, 24, 28)  # odd, unequal Z, Y, X
 
@@ -102,7 +105,7 @@ def test_short_training_lowers_the_loss_and_writes_the_stage(stage, tmp_path):
     assert meta["config"]["base_width"] == 4 and meta["global_step"] == 16
     assert sorted(res.predictions["split"].unique()) == ["test", "val"]
     for p in res.predictions["path"]:
-        pred = dataset.read_volume(tmp_path / p)
+        pred = read_volume(tmp_path / p)
         assert pred.shape == (6, *SHAPE) and np.isfinite(pred).all()
     # the checkpoint restores the same generator, with its config
     gen = load_generator(tmp_path)

@@ -10,8 +10,12 @@ from lightning.pytorch.callbacks import Callback
 from scipy.ndimage import gaussian_filter
 
 from vstain import dataset, wgan
-from vstain.data import TARGETS
-from vstain.losses import gradient_penalty
+from vstain.channels import TARGETS
+from vstain.configs import WGANConfig
+from vstain.evaluate.sharpness import sharpness, sharpness_table
+from vstain.modelfiles import init_generator
+from vstain.volumes import write_volume
+from vstain.losses import gradient_penalty, mask_pair, masked_l1
 
 STRUCTURES = ("mito", "envelope", "actomyosin", "nucleoli")
 
@@ -37,7 +41,7 @@ def tiny_config(**kw):
                 iterations=4, val_every=2, ckpt_every=1, n_critic=2, optimizer="adam",
                 lr_generator=1e-3, lr_critic=1e-3, seed=3)
     base.update(kw)
-    return wgan.WGANConfig(**base)
+    return WGANConfig(**base)
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +66,11 @@ def stage_in(tmp_path_factory):
 # Configuration
 # --------------------------------------------------------------------------------------------
 def test_config_defaults_are_the_thesis_values():
-    c = wgan.WGANConfig()
+    c = WGANConfig()
     assert (c.lr_generator, c.lr_critic, c.lambda_adv, c.lambda_gp, c.n_critic, c.batch_size) == (5e-5, 5e-5, 0.05, 10.0, 5, 16)
     assert (c.optimizer, c.adv_weighting, c.base_width, c.critic_width) == ("rmsprop", "constant", 64, 64)
     assert c.steps_per_iteration == 6
-    assert wgan.WGANConfig.from_dict(c.to_dict()) == c
+    assert WGANConfig.from_dict(c.to_dict()) == c
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -79,12 +83,12 @@ def test_config_defaults_are_the_thesis_values():
 ])
 def test_config_rejects_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
-        wgan.WGANConfig(**bad)
+        WGANConfig(**bad)
 
 
 def test_config_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown WGANConfig keys"):
-        wgan.WGANConfig.from_dict({"lambda_adversarial": 1})
+        WGANConfig.from_dict({"lambda_adversarial": 1})
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,8 +172,8 @@ def test_generator_gradient_is_l1_plus_weighted_adversarial():
     ref = wgan.WGAN(tiny_config(lambda_adv=0.3))
     ref.load_state_dict(m.state_dict())
     pred = ref.generator(x)
-    fake, _ = wgan.mask_pair(pred, y)
-    loss = wgan.masked_l1(pred, y) - 0.3 * ref.critic(x, fake).mean()
+    fake, _ = mask_pair(pred, y)
+    loss = masked_l1(pred, y) - 0.3 * ref.critic(x, fake).mean()
     loss.backward()
     m._plain_optimizers = [torch.optim.SGD(m.critic.parameters(), lr=0.0), torch.optim.SGD(m.generator.parameters(), lr=0.0)]
     m.generator_step(x, y)
@@ -218,7 +222,7 @@ def test_gradient_penalty_of_a_linear_critic(n, zyx, scale, expected):
     torch.manual_seed(n)
     x, y = tiny_batch(n, zyx)
     fake = torch.randn_like(y)
-    fake, real = wgan.mask_pair(fake, y)
+    fake, real = mask_pair(fake, y)
     critic = LinearCritic((6, *zyx), scale)
     assert float(gradient_penalty(critic, x, real, fake).detach()) == pytest.approx(expected, abs=1e-6)
 
@@ -336,13 +340,13 @@ def test_init_from_the_unet_checkpoint(stage_in, tmp_path):
     torch.save({"state_dict": {f"generator.{k}": v for k, v in first.generator.state_dict().items()}},
                tmp_path / "unet.ckpt")
     m = wgan.WGAN(tiny_config())
-    wgan.init_generator(m.generator, tmp_path / "unet.ckpt")
+    init_generator(m.generator, tmp_path / "unet.ckpt")
     for a, b in zip(m.generator.state_dict().values(), first.generator.state_dict().values()):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="base_width 2 but the WGAN's generator has 4"):
-        wgan.init_generator(wgan.WGAN(tiny_config(base_width=4)).generator, tmp_path / "a")
+        init_generator(wgan.WGAN(tiny_config(base_width=4)).generator, tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="run notebooks/04_unet.ipynb first"):
-        wgan.init_generator(m.generator, tmp_path / "nothing")
+        init_generator(m.generator, tmp_path / "nothing")
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,20 +367,20 @@ def clean():
 ])
 def test_sharpness_is_not_fooled_by_noise(clean, make, transfer, power):
     pred = make(clean, np.random.default_rng(2))
-    s = wgan.sharpness(pred, clean)
+    s = sharpness(pred, clean)
     assert transfer[0] <= s["transfer"] <= transfer[1]
     assert power[0] <= s["power"] <= power[1]
     assert s["coarse"] > 0.2
 
 
 def test_sharpness_of_a_prediction_that_misses_the_structure_is_undefined(clean):
-    s = wgan.sharpness(clean.std() * np.random.default_rng(4).normal(size=clean.shape), clean)
+    s = sharpness(clean.std() * np.random.default_rng(4).normal(size=clean.shape), clean)
     assert abs(s["coarse"]) < 0.1 and math.isnan(s["transfer"]) and s["power"] > 1
 
 
 def test_sharpness_rejects_shape_mismatch():
     with pytest.raises(ValueError, match="must be equal"):
-        wgan.sharpness(np.zeros((4, 8, 8)), np.zeros((4, 8, 9)))
+        sharpness(np.zeros((4, 8, 8)), np.zeros((4, 8, 9)))
 
 
 @pytest.mark.parametrize("with_truth, reference", [(True, "truth"), (False, "target")])
@@ -395,9 +399,9 @@ def test_sharpness_table_reference(tmp_path, with_truth, reference):
     for _, r in man[man["split"] == "test"].iterrows():
         _, target, truth = dataset.load_fov(r)
         ref = truth if with_truth else np.nan_to_num(target)
-        dataset.write_volume(tmp_path / "sharp" / "predictions" / f"{r['fov_id']}.tif", ref)
-        dataset.write_volume(tmp_path / "blur" / "predictions" / f"{r['fov_id']}.tif", gaussian_filter(ref, (0, 0, 2, 2)))
-    table = wgan.sharpness_table(tmp_path / "stage", {"sharp": tmp_path / "sharp", "blur": tmp_path / "blur"})
+        write_volume(tmp_path / "sharp" / "predictions" / f"{r['fov_id']}.tif", ref)
+        write_volume(tmp_path / "blur" / "predictions" / f"{r['fov_id']}.tif", gaussian_filter(ref, (0, 0, 2, 2)))
+    table = sharpness_table(tmp_path / "stage", {"sharp": tmp_path / "sharp", "blur": tmp_path / "blur"})
     assert set(table["reference"]) == {reference}
     per_fov = table.groupby(["model", "fov_id"]).size()
     assert set(per_fov[["sharp", "blur"]]) == {6 if with_truth else 3}  # every channel the reference has
@@ -409,4 +413,4 @@ def test_sharpness_table_reference(tmp_path, with_truth, reference):
     else:
         assert "measured target" not in means
         with pytest.raises(ValueError, match="needs the simulator's clean truth"):
-            wgan.sharpness_table(tmp_path / "stage", {"sharp": tmp_path / "sharp"}, reference="truth")
+            sharpness_table(tmp_path / "stage", {"sharp": tmp_path / "sharp"}, reference="truth")

@@ -1,7 +1,7 @@
 """The processed training set: per-FOV volumes, a manifest with the split, and random 3D crops.
 
 A processed FOV is one float32 OME-TIFF of shape ``[7, Z, Y, X]``: channel 0 the focus-cropped
-brightfield (z-scored per FOV), channels 1-6 the targets in :data:`vstain.data.TARGETS` order
+brightfield (z-scored per FOV), channels 1-6 the targets in :data:`vstain.channels.TARGETS` order
 (denoised, z-scored per channel and FOV, NaN where the FOV carries no label). On simulated data a
 second file ``<fov_id>_truth.tif`` holds the clean six-channel truth ``[6, Z, Y, X]``, normalised
 the same way. ``manifest.csv`` lists ``fov_id, gene, structure, split, path, truth_path``.
@@ -16,7 +16,8 @@ import tifffile
 import torch
 from torch.utils.data import Dataset
 
-from .data import TARGETS
+from .channels import TARGETS
+from .volumes import read_volume, write_volume
 
 SPLITS = ("train", "val", "test")
 MANIFEST_CSV = "manifest.csv"
@@ -28,27 +29,6 @@ def zscore(a: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     if np.isnan(a).all():
         return a
     return (a - np.nanmean(a)) / (np.nanstd(a) + eps)
-
-
-def write_volume(path: str | Path, vol: np.ndarray, channel_names: list[str] | None = None) -> None:
-    """A float32 ``[C, Z, Y, X]`` volume as an OME-TIFF."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"axes": "CZYX"}
-    if channel_names:
-        meta["Channel"] = {"Name": list(channel_names)}
-    tifffile.imwrite(path, np.ascontiguousarray(vol, dtype=np.float32), ome=True, metadata=meta)
-
-
-def read_volume(path: str | Path) -> np.ndarray:
-    """A ``[C, Z, Y, X]`` float32 volume written by :func:`write_volume`."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"volume file {path} does not exist")
-    vol = tifffile.imread(path).astype(np.float32, copy=False)
-    if vol.ndim != 4:
-        raise ValueError(f"{path}: expected a [C, Z, Y, X] volume, got shape {vol.shape}")
-    return vol
 
 
 def split_fovs(df: pd.DataFrame, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> pd.Series:

@@ -97,7 +97,7 @@ class GeneratorConfig:
         base_width: filters of the first encoder block; the others are 2x, 4x and the bottleneck
             8x (thesis: 64, 128, 256, 512). Must be >= 1; CPU profiles use 8 or 16.
         in_channels: input channels (1: brightfield).
-        out_channels: predicted fluorescence channels (6: :data:`vstain.data.TARGETS`).
+        out_channels: predicted fluorescence channels (6: :data:`vstain.channels.TARGETS`).
         negative_slope: LeakyReLU slope, in [0, 1) (thesis 3.2.2: 0.05).
     """
 

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from . import denoise, focus
-from .data import TARGETS
-from .dataset import read_volume, write_processed, write_volume
+from .channels import TARGETS
+from .dataset import write_processed
+from .volumes import read_volume, write_volume
 
 CHANNELS: tuple[str, ...] = ("brightfield", *TARGETS)
 FOCUS_CSV = "focus.csv"

@@ -4,7 +4,7 @@ The real data (Viana et al. 2023; thesis 2.1) are z-stacks of tightly packed, ep
 hiPSC monolayers, each FOV one cell line: brightfield, one FP-tagged structure, a DNA dye and a
 membrane dye. :func:`simulate_fov` builds such a FOV from a 3D cell model and images it with
 :mod:`vstain.optics`; :func:`write_registry` writes FOVs as OME-TIFFs plus a per-cell
-``metadata.csv`` and publishes them as a local quilt3 registry that :mod:`vstain.data` reads
+``metadata.csv`` and publishes them as a local quilt3 registry that :mod:`vstain.allen` reads
 exactly as it reads the real one. Unlike the real data, every FOV also carries its clean
 six-channel ground truth and its true in-focus z-range.
 
@@ -22,6 +22,9 @@ Pixel size: the real FOVs are sampled at (0.29, 0.108, 0.108) µm (z, y, x). The
 coarser, (0.5, 0.3, 0.3) µm by default, so that a 64 x 64 crop (19 µm) holds a few whole cells and
 a 16-slice focus window (8 µm) holds the whole cell layer: the quick CPU profile then learns from
 whole cells in small crops. The pixel size is a parameter; structure sizes are in µm.
+
+The cell model is kept in one file because its steps share one random stream per FOV: the order
+of the draws, and so every simulated FOV, depends on reading it top to bottom as written.
 """
 from __future__ import annotations
 
@@ -34,12 +37,13 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import tifffile
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from . import optics
-from .data import ALLEN_PACKAGE, DEFAULT_GENE_MAP, TARGETS
+from .allen import publish_local
+from .channels import ALLEN_PACKAGE, CHANNEL_COLUMNS, DEFAULT_GENE_MAP, TARGETS
+from .volumes import write_ome
 
 STRUCTURES: tuple[str, ...] = ("mito", "envelope", "actomyosin", "nucleoli")
 Range = tuple[float, float]
@@ -471,17 +475,6 @@ CHANNEL_ORDERS: tuple[tuple[str, ...], ...] = (
     ("dna", "brightfield", "membrane", "struct"),
 )
 CHANNEL_NAMES = {"brightfield": "Bright", "struct": "EGFP", "membrane": "CMDRP", "dna": "H3342"}
-_COLUMN = {"brightfield": "ChannelNumberBrightfield", "struct": "ChannelNumberStruct",
-           "dna": "ChannelNumber405", "membrane": "ChannelNumber638"}
-
-
-def write_ome(path: Path, vol: np.ndarray, names: Sequence[str], pixel_size: Sequence[float]) -> None:
-    """``vol [C, Z, Y, X]`` as an OME-TIFF with channel names and physical pixel sizes (µm)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"axes": "CZYX", "PhysicalSizeZ": pixel_size[0], "PhysicalSizeY": pixel_size[1],
-            "PhysicalSizeX": pixel_size[2], "PhysicalSizeZUnit": "µm", "PhysicalSizeYUnit": "µm",
-            "PhysicalSizeXUnit": "µm", "Channel": {"Name": list(names)}}
-    tifffile.imwrite(path, vol, ome=True, metadata=meta)
 
 
 def _genes(gene_map: dict[str, str] | None) -> dict[str, str]:
@@ -505,7 +498,7 @@ def write_registry(out_dir: str | Path, n_per_structure: int, cfg: SimConfig | N
         cfg: the simulator configuration (default :class:`SimConfig`).
         seed: FOV ``i`` is simulated with seed ``(seed, i)``.
         structures: the tagged structures (TARGETS keys of :data:`STRUCTURES`).
-        gene_map: gene -> structure as :data:`vstain.data.DEFAULT_GENE_MAP`; the first gene listed
+        gene_map: gene -> structure as :data:`vstain.channels.DEFAULT_GENE_MAP`; the first gene listed
             for a structure names its cell line (``structure_name``).
 
     Returns:
@@ -515,8 +508,6 @@ def write_registry(out_dir: str | Path, n_per_structure: int, cfg: SimConfig | N
         outlier``, plus the simulator's ``truth_path, focus_z_lo, focus_z_hi, PixelScaleZ/Y/X,
         cell_y_um, cell_x_um``).
     """
-    from .data import publish_local
-
     cfg = cfg or SimConfig()
     genes = _genes(gene_map)
     bad = [s for s in structures if s not in STRUCTURES or s not in genes]
@@ -539,7 +530,7 @@ def write_registry(out_dir: str | Path, n_per_structure: int, cfg: SimConfig | N
             for j, c in enumerate(fov["cells"].itertuples()):
                 rows.append({
                     "CellId": cell_id, "FOVId": fov_id, "structure_name": genes[structure], "fov_path": key,
-                    **{_COLUMN[ch]: order.index(ch) for ch in order},
+                    **{CHANNEL_COLUMNS[ch]: order.index(ch) for ch in order},
                     "outlier": "Yes" if j > 0 and outlier_rng.random() < 0.05 else "No",
                     "truth_path": tkey, "focus_z_lo": fov["focus_z_lo"], "focus_z_hi": fov["focus_z_hi"],
                     "PixelScaleZ": cfg.pixel_size[0], "PixelScaleY": cfg.pixel_size[1],

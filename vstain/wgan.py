@@ -3,7 +3,7 @@
 Read top to bottom: :class:`WGANConfig` (the thesis' numbers as defaults), the Lightning module
 :class:`WGAN` whose :meth:`WGAN.critic_step` / :meth:`WGAN.generator_step` follow Algorithm 1 line
 by line (the shape of pix2pix's ``backward_D`` / ``backward_G``), then the stage entry
-:func:`run_wgan_stage` and a sharpness measure that noise cannot fool (:func:`sharpness`).
+:func:`run_wgan_stage`. Evaluation (sharpness included) lives in :mod:`vstain.evaluate`.
 
 How ``n_critic`` fresh batches reach each generator step under Lightning: every ``training_step``
 receives one batch of the (resumable) crop loader. Batches ``1 .. n_critic - 1`` of an iteration
@@ -23,7 +23,6 @@ Tensors are ``N C Z Y X``; targets hold NaN in the channels a FOV does not carry
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -32,132 +31,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from . import dataset
-from .data import TARGETS
+from .configs import WGANConfig
 from .losses import gradient_penalty, mask_pair, masked_l1, wasserstein_estimate
-from .models import Critic, CriticConfig, Generator, GeneratorConfig, num_params
-from .train import (CHECKPOINTS, LAST, LOSSES_CSV, OPTIMIZERS, CropDataModule, DictConfig,
-                    make_optimizer, make_trainer, prepare_out_dir, run_config, save_model_json,
-                    write_predictions)
+from .modelfiles import (CHECKPOINTS, LAST, LOSSES_CSV, init_checkpoint, init_generator, prepare_out_dir,
+                         run_config, save_model_json, write_predictions)
+from .models import Critic, Generator, num_params
+from .trainer import CropDataModule, make_optimizer, make_trainer
 
 log = logging.getLogger(__name__)
 
-ADV_WEIGHTINGS = ("constant", "inverse_epoch", "balanced")
 CHANNELS_LAST = torch.channels_last_3d
 # Columns of losses.csv, one row per optimiser step (critic or generator) or validation.
 LOSS_COLUMNS = ("step", "iteration", "epoch", "kind", "critic_loss", "wasserstein", "gp", "d_real", "d_fake",
                 "l1", "adv", "lambda_adv", "generator_loss", "grad_ratio", "grad_norm_critic",
                 "grad_norm_generator", "val_l1")
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------
-@dataclass
-class WGANConfig(DictConfig):
-    """Everything that defines a WGAN-GP run; saved in every checkpoint and in ``model.json``.
-
-    Args:
-        base_width: generator width (thesis 64; CPU profiles 8-16). With ``init_from`` it must
-            equal the U-Net's.
-        critic_width: critic width (thesis 64).
-        negative_slope: LeakyReLU slope of both networks (thesis 0.05).
-        optimizer: ``"rmsprop"`` (thesis 3.2.2) or ``"adam"`` (``betas``; learns far faster on a
-            CPU budget, see PILOT.md). Both networks use the same kind.
-        lr_generator, lr_critic: learning rates (thesis: 5e-5 both, constant).
-        betas: Adam's betas (Gulrajani et al. 2017: 0.5, 0.9); ignored by RMSprop.
-        lambda_adv: weight of the adversarial term in the generator loss (thesis 0.05). With
-            ``adv_weighting="balanced"`` it is instead the target ratio of the adversarial to the
-            L1 gradient at the generator's output.
-        lambda_gp: gradient-penalty coefficient (thesis 10).
-        n_critic: critic steps per generator step, each on a fresh batch (thesis 5).
-        adv_weighting: ``"constant"`` (thesis), ``"inverse_epoch"`` (``lambda_adv / epoch``, the
-            λ_e = 1/epoch of Cross-Zamirski et al. 2022, epochs counted from 1), or
-            ``"balanced"`` (``lambda_adv * |∇L1| / |∇adv|`` measured at the generator output every
-            step, so the adversarial gradient is ``lambda_adv`` times the L1 one whatever the crop size).
-        max_wasserstein: training stops (keeping the last good checkpoint) when ``|W|`` exceeds this.
-        batch_size: crops per step (thesis m = 16).
-        crop: crop size ``(Z, Y, X)``, each >= 8.
-        samples: training crops per epoch.
-        val_samples: fixed validation crops, masked L1 every ``val_every`` iterations.
-        iterations: generator iterations in total (``n_critic`` batches and ``n_critic + 1``
-            optimiser steps each); a resumed run continues up to this number.
-        val_every, ckpt_every: generator iterations between validations / checkpoints.
-        init_from: ``""`` (random generator), a finished ``04_unet`` stage folder, or a ``.ckpt``
-            file: start the generator from the U-Net baseline (thesis 4.2, after Cross-Zamirski).
-        seed: seeds weights, crops, flips and the gradient-penalty ``ε``.
-        channels_last, critic_channels_last: store the generator's / the critic's weights and
-            activations as ``channels_last_3d`` (a CPU speed option; oneDNN's weight gradient of the
-            critic's 7-channel stride-2 first convolution is far slower in the default layout).
-        device, precision, devices, strategy, num_threads, num_workers: as in
-            :class:`vstain.train.UNetConfig`.
-    """
-
-    base_width: int = 64  # thesis 3.1.1
-    critic_width: int = 64  # thesis 3.1.2
-    negative_slope: float = 0.05  # thesis 3.2.2
-    optimizer: str = "rmsprop"  # thesis 3.2.2: RMSprop for a stable WGAN
-    lr_generator: float = 5e-5  # thesis 3.2.2 / Algorithm 1
-    lr_critic: float = 5e-5  # thesis 3.2.2 / Algorithm 1
-    betas: tuple[float, float] = (0.5, 0.9)  # Adam only (Gulrajani et al. 2017)
-    lambda_adv: float = 0.05  # Algorithm 1
-    lambda_gp: float = 10.0  # Algorithm 1 (Gulrajani et al. 2017)
-    n_critic: int = 5  # Algorithm 1
-    adv_weighting: str = "constant"  # thesis; "inverse_epoch" = Cross-Zamirski et al. 2022
-    max_wasserstein: float = 1e4  # divergence guard
-    batch_size: int = 16  # Algorithm 1: m = 16
-    crop: tuple[int, int, int] = (32, 384, 384)  # thesis-scale crops (Z, Y, X)
-    samples: int = 1024
-    val_samples: int = 16
-    iterations: int = 5000
-    val_every: int = 100
-    ckpt_every: int = 100
-    init_from: str = ""
-    seed: int = 0
-    device: str = "cpu"
-    precision: str = "32-true"
-    devices: int = 1
-    strategy: str = "auto"
-    num_threads: int = 0
-    num_workers: int = 0
-    channels_last: bool = False
-    critic_channels_last: bool = False
-
-    def __post_init__(self):
-        self.crop = tuple(int(c) for c in self.crop)
-        self.betas = tuple(float(b) for b in self.betas)
-        self.init_from = str(self.init_from or "")
-        if len(self.crop) != 3 or min(self.crop) < 8:
-            raise ValueError(f"crop must be 3 sizes (Z, Y, X), each >= 8, got {self.crop}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.adv_weighting not in ADV_WEIGHTINGS:
-            raise ValueError(f"adv_weighting must be one of {ADV_WEIGHTINGS}, got {self.adv_weighting!r}")
-        for name in ("lr_generator", "lr_critic", "max_wasserstein"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("lambda_adv", "lambda_gp"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        self.check_run_fields(("base_width", "critic_width", "n_critic", "batch_size", "samples", "val_samples",
-                               "iterations", "val_every", "ckpt_every", "devices"))
-
-    @property
-    def steps_per_iteration(self) -> int:
-        """Optimiser steps (= batches) per generator iteration: ``n_critic`` critic + 1 generator."""
-        return self.n_critic + 1
-
-    def generator_config(self) -> GeneratorConfig:
-        return GeneratorConfig(base_width=self.base_width, negative_slope=self.negative_slope)
-
-    def critic_config(self) -> CriticConfig:
-        return CriticConfig(base_width=self.critic_width, negative_slope=self.negative_slope)
-
 
 
 # Keys that may change between an interrupted run and its resumption.
@@ -444,42 +335,6 @@ class WGAN(L.LightningModule):
 
 # --------------------------------------------------------------------------------------------
 # Initialisation from the U-Net baseline
-# --------------------------------------------------------------------------------------------
-def load_generator_state(source) -> tuple[dict, dict | None]:
-    """The generator weights (``generator.*`` entries) of a Lightning checkpoint, and the
-    generator config when known. ``source``: a ``04_unet``/``05_wgan`` stage folder (its
-    ``checkpoints/last.ckpt`` and ``model.json``) or a ``.ckpt`` file."""
-    p = Path(source)
-    cfg = None
-    if p.is_dir():
-        mj = p / "model.json"
-        if mj.exists():
-            cfg = json.loads(mj.read_text()).get("generator")
-        p = p / CHECKPOINTS / LAST
-    if not p.exists():
-        raise FileNotFoundError(f"no U-Net checkpoint at {p}: run notebooks/04_unet.ipynb first or give a .ckpt path")
-    ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    state = {k.removeprefix("generator."): v for k, v in ckpt["state_dict"].items() if k.startswith("generator.")}
-    if not state:
-        raise ValueError(f"{p} holds no 'generator.*' weights")
-    return state, cfg
-
-
-def _init_ckpt(source) -> str:
-    """The checkpoint file behind ``init_from`` (a ``04_unet`` stage folder or a ``.ckpt``), or ""."""
-    if not source:
-        return ""
-    p = Path(source)
-    return str(p / CHECKPOINTS / LAST) if p.is_dir() else str(p)
-
-
-def init_generator(generator: Generator, source) -> None:
-    """Load the U-Net baseline's weights into ``generator`` (widths must match)."""
-    state, cfg = load_generator_state(source)
-    if cfg is not None and int(cfg.get("base_width", generator.cfg.base_width)) != generator.cfg.base_width:
-        raise ValueError(f"init_from {source}: the U-Net has base_width {cfg['base_width']} but the WGAN's "
-                         f"generator has {generator.cfg.base_width}; set base_width to match")
-    generator.load_state_dict(state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,7 +375,7 @@ def fit_wgan(cfg: WGANConfig, stage_in, out_dir, progress: bool = True, callback
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = run_config(cfg.to_dict(), stage_in, _init_ckpt(cfg.init_from))
+    config = run_config(cfg.to_dict(), stage_in, init_checkpoint(cfg.init_from))
     prepare_out_dir(out_dir, config, RESUMABLE_KEYS)
     save_model_json(out_dir, config, model="wgan", generator=asdict(cfg.generator_config()),
                     critic=asdict(cfg.critic_config()))
@@ -571,7 +426,7 @@ def run_wgan_stage(stage_in, out_dir, cfg: WGANConfig, splits=("val", "test"), m
     preds = write_predictions(gen, stage_in, out_dir, splits=splits, max_voxels=max_voxels)
     gen = gen.to("cpu")
     step = int(getattr(module, "restored_step", trainer.global_step))
-    save_model_json(out_dir, run_config(cfg.to_dict(), stage_in, _init_ckpt(cfg.init_from)), model="wgan", generator=asdict(cfg.generator_config()),
+    save_model_json(out_dir, run_config(cfg.to_dict(), stage_in, init_checkpoint(cfg.init_from)), model="wgan", generator=asdict(cfg.generator_config()),
                     critic=asdict(cfg.critic_config()), num_params=num_params(gen),
                     critic_params=num_params(module.critic), global_step=step,
                     iterations=step // cfg.steps_per_iteration, train_seconds=round(train_s, 2),
@@ -579,104 +434,3 @@ def run_wgan_stage(stage_in, out_dir, cfg: WGANConfig, splits=("val", "test"), m
                     prediction_modes=sorted(set(preds["mode"])) if len(preds) else [])
     start = int(module.start_step)
     return WGANResult(losses, preds, gen, cfg, step, step // cfg.steps_per_iteration, start, train_s, stopped)
-
-
-# --------------------------------------------------------------------------------------------
-# Sharpness against the clean truth (PILOT: a high-frequency power ratio is fooled by noise)
-# --------------------------------------------------------------------------------------------
-def _spectra(a: np.ndarray) -> np.ndarray:
-    """Per-slice 2D FFT (Y, X) of a ``[Z, Y, X]`` volume, mean removed and Hann-windowed."""
-    a = a.astype(np.float64) - a.mean()
-    win = np.outer(np.hanning(a.shape[1]), np.hanning(a.shape[2]))
-    return np.fft.rfft2(a * win, axes=(1, 2))
-
-
-def _radial(shape_yx) -> np.ndarray:
-    fy = np.fft.fftfreq(shape_yx[0])[:, None]
-    fx = np.fft.rfftfreq(shape_yx[1])[None, :]
-    return np.sqrt(fy**2 + fx**2)  # cycles per voxel, 0 .. ~0.71
-
-
-def sharpness(pred: np.ndarray, truth: np.ndarray, cutoff: float = 0.125, min_coarse: float = 0.1) -> dict[str, float]:
-    """How much of the clean truth's fine in-plane detail a prediction reproduces.
-
-    Both ``[Z, Y, X]``; spectra per XY slice (Hann window), bands split at ``cutoff`` cycles per
-    voxel (0.125: structures finer than 8 voxels). With ``H(band) = Σ Re(P·T*) / Σ |T|²``:
-
-    * ``coarse = H(low)``: the coarse structure reproduced in phase with the truth (1 for a
-      perfect prediction at the truth's scale; lower for a weak or wrong one).
-    * ``transfer = H(high) / H(low)``: the fine detail reproduced *in phase with the truth*,
-      relative to the coarse detail (so an overall gain cancels). 1: as sharp as the truth;
-      below 1: blurred. Noise or invented texture, uncorrelated with the truth, adds nothing.
-      NaN when ``coarse < min_coarse``: a prediction that misses the structure has no sharpness.
-    * ``power = (P_high / P_low) / (T_high / T_low)``: the plain high-frequency power ratio; noise
-      and invented texture raise it, so it alone does not show sharpness.
-
-    Returns ``{"coarse", "transfer", "power"}`` (NaN where a band of the truth is empty).
-    """
-    if pred.shape != truth.shape or pred.ndim != 3:
-        raise ValueError(f"sharpness: pred {pred.shape} and truth {truth.shape} must be equal [Z, Y, X] shapes")
-    P, T = _spectra(pred), _spectra(truth)
-    f = _radial(pred.shape[1:])
-    hi, lo = f > cutoff, (f > 0) & (f <= cutoff)
-    cross = (P * np.conj(T)).real
-    tp, pp = np.abs(T) ** 2, np.abs(P) ** 2
-    nan = float("nan")
-
-    def ratio(a, b):
-        return a / b if b > 0 else nan
-
-    h_lo = ratio(cross[:, lo].sum(), tp[:, lo].sum())
-    h_hi = ratio(cross[:, hi].sum(), tp[:, hi].sum())
-    transfer = h_hi / h_lo if h_lo >= min_coarse else nan
-    t_ratio = ratio(tp[:, hi].sum(), tp[:, lo].sum())
-    p_ratio = ratio(pp[:, hi].sum(), pp[:, lo].sum())
-    return {"coarse": float(h_lo), "transfer": float(transfer), "power": float(ratio(p_ratio, t_ratio))}
-
-
-def sharpness_table(stage_in, pred_dirs: dict[str, str | Path], split: str = "test",
-                    cutoff: float = 0.125, include_target: bool = True, reference: str = "auto",
-                    min_coarse: float = 0.1) -> pd.DataFrame:
-    """:func:`sharpness` of every model's predictions per FOV and channel.
-
-    Args:
-        stage_in: the ``03_denoising`` stage (manifest, ``*_truth.tif``).
-        pred_dirs: model name -> stage folder holding ``predictions/<fov_id>.tif``.
-        split: which split's FOVs.
-        cutoff: the band split, cycles per voxel.
-        min_coarse: below this in-phase share of the coarse band, ``transfer`` is NaN.
-        include_target: with the clean truth as reference, add the measured (denoised) targets
-            as a pseudo-model ``"measured target"`` (labelled channels): a calibration, since
-            what remains of the noise in them raises the plain power ratio but not the transfer.
-        reference: ``"truth"`` (the simulator's clean truth, all six channels), ``"target"``
-            (the measured targets, labelled channels only: real data has no truth; noise in the
-            reference lowers every model's transfer alike, so the comparison stays fair) or
-            ``"auto"`` (the truth where every FOV has one, else the targets).
-
-    Returns a long table ``model, fov_id, channel, coarse, transfer, power, reference``.
-    """
-    if reference not in ("auto", "truth", "target"):
-        raise ValueError(f"reference must be 'auto', 'truth' or 'target', got {reference!r}")
-    df = dataset.read_manifest(stage_in)
-    df = df[df["split"] == split]
-    if df.empty:
-        raise ValueError(f"the processed set at {stage_in} has no FOV in split '{split}'")
-    has_truth = bool(df["truth_path"].astype(bool).all()) if "truth_path" in df else False
-    if reference == "auto":
-        reference = "truth" if has_truth else "target"
-    if reference == "truth" and not has_truth:
-        raise ValueError(f"reference='truth' needs the simulator's clean truth, which split '{split}' of {stage_in} lacks")
-    rows = []
-    for _, r in df.iterrows():
-        _, target, truth = dataset.load_fov(r)
-        ref = truth if reference == "truth" else target
-        vols = {m: dataset.read_volume(Path(d) / "predictions" / f"{r['fov_id']}.tif") for m, d in pred_dirs.items()}
-        if include_target and reference == "truth":
-            vols["measured target"] = target
-        for model, vol in vols.items():
-            for c, name in enumerate(TARGETS):
-                if np.isnan(vol[c]).all() or np.isnan(ref[c]).all():
-                    continue
-                rows.append({"model": model, "fov_id": r["fov_id"], "channel": name,
-                             **sharpness(vol[c], ref[c], cutoff, min_coarse), "reference": reference})
-    return pd.DataFrame(rows)

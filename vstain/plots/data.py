@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import ListedColormap
 
-from ..data import TARGET_LABELS, TARGETS
+from ..channels import TARGET_LABELS, TARGETS
 
 CHANNELS = ("brightfield", *TARGETS)
 LABELS = {"brightfield": "Brightfield", **TARGET_LABELS}

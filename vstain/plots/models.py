@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
-from ..data import ALLEN_PIXEL_SIZE_ZYX, TARGET_LABELS, TARGETS
+from ..channels import ALLEN_PIXEL_SIZE_ZYX, TARGET_LABELS, TARGETS
 
 Z_ASPECT = ALLEN_PIXEL_SIZE_ZYX[0] / ALLEN_PIXEL_SIZE_ZYX[2]
 

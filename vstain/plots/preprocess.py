@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.patches import Rectangle
 
 from .. import focus
-from ..data import TARGET_LABELS, TARGETS
+from ..channels import TARGET_LABELS, TARGETS
 
 LABELS = {"brightfield": "Brightfield", **TARGET_LABELS}
 METHOD_LABELS = {"plls": "PLLS", "nvar": "normalised variance", "brenner": "Brenner gradient",

@@ -9,7 +9,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.patches import Rectangle
 
-from ..data import TARGET_LABELS, TARGETS
+from ..channels import TARGET_LABELS, TARGETS
 
 PALETTE = {"Real": "0.6", "U-Net": "tab:blue", "WGAN": "tab:orange"}
 SHORT = {"dna": "DNA", "membrane": "Membrane", "mito": "Mito.", "envelope": "N. env.",

@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..data import TARGET_LABELS, TARGETS
+from ..channels import TARGET_LABELS, TARGETS
 from .models import _section, channel_panel
 
 
@@ -126,7 +126,7 @@ def plot_sharpness(table: pd.DataFrame, title: str | None = None):
     """Per channel, the median over FOVs (with the FOVs as dots) of each model's coherent
     high-frequency transfer (left; 1 = as sharp as the reference, noise adds nothing) and of the
     plain high-frequency power ratio (right; noise and invented texture raise it).
-    ``table``: :func:`vstain.wgan.sharpness_table`."""
+    ``table``: :func:`vstain.evaluate.sharpness.sharpness_table`."""
     ref = "clean truth" if table["reference"].iloc[0] == "truth" else "measured target"
     title = title or f"Sharpness against the {ref}"
     models = list(dict.fromkeys(table["model"]))

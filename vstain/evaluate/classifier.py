@@ -22,6 +22,9 @@ serving as the real patch of the distance.
 
 Each patch is standardised (zero mean, unit standard deviation) before the network when
 ``patch_norm`` is on, so the classifier judges shape and texture rather than a FOV's brightness.
+
+The patch rule, the network, its training and the two scores are kept in one file because both
+scores must use exactly the patches and the network that the training used.
 """
 from __future__ import annotations
 
@@ -38,8 +41,8 @@ from monai.networks.nets import resnet10, resnet18
 from skimage.filters import threshold_otsu
 from tqdm import tqdm
 
-from .data import TARGETS
-from .dataset import load_fov, read_manifest, read_volume
+from ..channels import TARGETS
+from ..dataset import load_fov, read_manifest, read_volume
 
 ARCHS = {"resnet10": resnet10, "resnet18": resnet18}
 FEATURE_LAYERS = ("stem", "layer1", "layer2", "layer3", "layer4")

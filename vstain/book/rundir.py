@@ -7,13 +7,14 @@ sizes and SHA-256, package versions, the device and the wall time.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
 import time
 from pathlib import Path
 from typing import Any, Iterable
+
+from ..volumes import sha256
 
 MANIFEST = "manifest.json"
 
@@ -54,14 +55,6 @@ def require(run_dir: str | os.PathLike, stage: str) -> Path:
             f"(or `make book PROFILE=...`)."
         )
     return d
-
-
-def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:

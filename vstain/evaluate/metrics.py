@@ -7,7 +7,7 @@ six-channel truth score every channel. Results are long-format tables (one row p
 model and metric) summarised as mean ± standard deviation over FOVs.
 
 This module knows nothing of models: it reads volumes and compares arrays. The classifier's
-columns (F1clf, the perceptual distance) come from :mod:`vstain.classifier` as tables that
+columns (F1clf, the perceptual distance) come from :mod:`vstain.evaluate.classifier` as tables that
 :func:`table41` merges in.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 from skimage.metrics import structural_similarity
 
-from .data import TARGET_LABELS, TARGETS
-from .dataset import load_fov, read_manifest, read_volume
+from ..channels import TARGET_LABELS, TARGETS
+from ..dataset import load_fov, read_manifest, read_volume
 
 METRICS = ("ssim", "mse", "mae", "pcc")
 # Which direction is better, for every column Table 4.1 can hold.
@@ -178,7 +178,7 @@ def summarise(long: pd.DataFrame, models: list[str] | None = None) -> pd.DataFra
 
 def table41(pixel: pd.DataFrame, extra: pd.DataFrame | None = None) -> pd.DataFrame:
     """Table 4.1 as numbers: :func:`summarise`'s output joined with per ``(channel, model)``
-    columns such as ``f1clf`` and ``perceptual`` from :mod:`vstain.classifier`."""
+    columns such as ``f1clf`` and ``perceptual`` from :mod:`vstain.evaluate.classifier`."""
     out = pixel.copy()
     if extra is not None:
         out = out.join(extra, how="left")

@@ -1,6 +1,6 @@
 """The built book in a real browser: every page opened in headless Chromium.
 
-``python -m vstain.browser book/_build/html`` (what ``make check-book`` runs) opens each HTML page
+``python -m vstain.book.browser book/_build/html`` (what ``make check-book`` runs) opens each HTML page
 of a jupyter-book build in headless Chromium and fails when
 
 - a page does not load, or throws a JavaScript error;
@@ -412,7 +412,7 @@ def check_book(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vstain.browser", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m vstain.book.browser", description=__doc__.split("\n\n")[0])
     ap.add_argument("html_dir", type=Path, nargs="?", default=Path("book/_build/html"))
     ap.add_argument("--screenshots", type=Path, help="default: <html_dir>/../screenshots")
     ap.add_argument("--results-page", default="notebooks/07_results.html",

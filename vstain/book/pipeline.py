@@ -1,6 +1,6 @@
 """The book's pipeline: a profile of parameters -> papermill -> jupyter-book.
 
-``python -m vstain.pipeline --profile book`` (what ``make book`` runs):
+``python -m vstain.book.pipeline --profile book`` (what ``make book`` runs):
 
 1. loads ``profiles/<profile>.yaml`` and checks every key against the parameters each notebook
    declares (``papermill.inspect_notebook``); a key that the target notebook does not declare is an
@@ -31,6 +31,9 @@ The staged book keeps each profile's build apart: ``runs/<profile>/book_src/`` h
 top-level ``_config.yml``, ``_toc.yml`` and ``book/`` plus the executed notebooks, and its HTML goes to
 ``runs/<profile>/book_src/_build/html`` unless ``--output`` names another folder (``make book`` uses
 ``--output book`` so the HTML lands in ``book/_build/html``).
+
+It is kept in one file because the six steps above are one command, sharing the run record of a
+profile; the profile checks, the execution and the build are its sections.
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ from typing import Any, Callable
 
 import yaml
 
-from vstain import rundir
+from . import rundir
 
 RESERVED = ("run_dir",)  # injected by the pipeline, never set by a profile
 # MathJax 3 for offline equations: `make book` unpacks the npm package into .venv/share/; without
@@ -405,7 +408,7 @@ def run(
 
     Args:
         profile: the profile's name; its file is ``profiles/<profile>.yaml`` unless ``profile_path``.
-        root: the project root (default: :func:`vstain.rundir.repo_root`); notebooks run from here.
+        root: the project root (default: :func:`vstain.book.rundir.repo_root`); notebooks run from here.
         toc: the table of contents (default ``<root>/_toc.yml``); its notebooks are the stages.
         run_dir: injected into every notebook (default ``runs/<profile>``, relative to ``root``).
         output: folder that receives ``_build/html`` (default: the staged book ``<run_dir>/book_src``).
@@ -519,7 +522,7 @@ def setup(app) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vstain.pipeline", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m vstain.book.pipeline", description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="book", help="profiles/<name>.yaml (quick, book, full)")
     ap.add_argument("--root", type=Path, help="project root (default: this checkout)")
     ap.add_argument("--run-dir", help="run directory injected into the notebooks (default: runs/<profile>)")

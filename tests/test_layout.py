@@ -1,0 +1,121 @@
+"""The package's shape: imports point one way (no circle anywhere, the shared vocabulary at the
+root, the book's machinery never imported by the science) and every module imports on its own."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "vstain"
+ROOT_MODULES = ("vstain.channels", "vstain.volumes")  # import nothing of the project
+MAX_LINES = 450  # "about 400"; longer files say why in their docstring
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def project_imports(path: Path, known: set[str]) -> set[str]:
+    """Every ``vstain`` module that ``path`` imports, at any depth (function-level imports too)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "vstain"}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if mod.split(".")[0] != "vstain":
+                continue
+            # `from . import rundir` names a module; `from .channels import TARGETS` a name in one
+            subs = {f"{mod}.{a.name}" for a in node.names} & known
+            found |= subs or {mod}
+    return {m for m in found if m in known and m != name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {m: project_imports(p, set(mods)) for m, p in mods.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules, or None (depth-first search with colours)."""
+    colour = {m: 0 for m in graph}  # 0 new, 1 on the stack, 2 done
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        colour[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if colour[n] == 1:
+                return stack[stack.index(n):] + [n]
+            if colour[n] == 0 and (c := visit(n)):
+                return c
+        stack.pop()
+        colour[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if colour[m] == 0 and (c := visit(m)):
+            return c
+    return None
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+@pytest.mark.parametrize("root", ROOT_MODULES)
+def test_shared_vocabulary_imports_nothing_of_the_project(root):
+    assert import_graph()[root] == set()
+
+
+def test_science_never_imports_the_book_machinery():
+    offenders = {m: sorted(d) for m, d in import_graph().items()
+                 if not m.startswith("vstain.book") and any(x.startswith("vstain.book") for x in d)}
+    assert offenders == {}
+
+
+def test_evaluation_knows_nothing_of_training():
+    training = {"vstain.train", "vstain.trainer", "vstain.wgan", "vstain.configs"}
+    offenders = {m: sorted(d & training) for m, d in import_graph().items()
+                 if m.startswith("vstain.evaluate") and d & training}
+    assert offenders == {}
+
+
+def test_every_module_imports_in_a_fresh_interpreter():
+    names = sorted(modules())
+    code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\n"
+    r = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True,
+                       cwd=PACKAGE.parent, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_modules_open_with_a_docstring_and_stay_short():
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text())
+        doc = ast.get_docstring(tree)
+        assert doc, f"{name} has no module docstring"
+        n = len(path.read_text().splitlines())
+        if n > MAX_LINES:
+            assert "one file" in doc, f"{name} has {n} lines and its docstring does not say why it is one file"
