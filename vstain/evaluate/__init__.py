@@ -1,0 +1,1 @@
+"""Evaluation: metrics, sharpness, the classifier metric, statistics, segmentation."""
