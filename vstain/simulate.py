@@ -415,6 +415,20 @@ def _fluorescence(cfg: SimConfig, d: dict[str, np.ndarray], rng: np.random.Gener
     return truth
 
 
+def _instance_labels(site: np.ndarray, cell: np.ndarray, nucleus: np.ndarray) -> dict[str, np.ndarray]:
+    """True instances as uint16 ``[Z, Y, X]`` label images: ``cells`` numbers the lattice sites that
+    have a cell voxel in the FOV 1..N in site order (0 = background); ``nuclei`` carries the id of
+    the cell it lies in, so the nucleus of cell k has id k. Uses no random numbers."""
+    sites = np.broadcast_to(site, cell.shape)
+    present = np.unique(sites[cell])
+    if len(present) > np.iinfo(np.uint16).max:
+        raise ValueError(f"{len(present)} cells in one FOV do not fit uint16 instance labels")
+    lut = np.zeros(int(site.max()) + 1, np.uint16)
+    lut[present] = np.arange(1, len(present) + 1)
+    cells = np.where(cell, lut[sites], 0).astype(np.uint16)
+    return {"cells": cells, "nuclei": np.where(nucleus, cells, 0).astype(np.uint16)}
+
+
 def simulate_fov(cfg: SimConfig, structure: str, seed: int) -> dict:
     """One simulated FOV of the cell line whose tagged structure is ``structure``.
 
@@ -431,7 +445,9 @@ def simulate_fov(cfg: SimConfig, structure: str, seed: int) -> dict:
         mean of each measured channel is ``truth + offset``); ``focus_z_lo``, ``focus_z_hi``: the
         slices ``[lo, hi)`` that hold the cell layer; ``cells``: a table of the cells in the FOV
         (centre inside, or a third of the cell visible; ``cell``, ``y_um``, ``x_um``); ``masks``: bool ``cell``, ``nucleus``
-        ``[Z, Y, X]`` and the int ``label`` ``[Y, X]`` (for tests and figures); ``pixel_size``.
+        ``[Z, Y, X]`` and the int ``label`` ``[Y, X]`` (for tests and figures); ``labels``: the true
+        instances, uint16 ``cells`` and ``nuclei`` ``[Z, Y, X]`` (0 = background, 1..N; the nucleus
+        of cell k has id k; every cell with a voxel in the FOV, cut or not); ``pixel_size``.
     """
     if structure not in STRUCTURES:
         raise ValueError(f"unknown structure {structure!r}: the tagged structure must be one of {STRUCTURES}")
@@ -461,6 +477,7 @@ def simulate_fov(cfg: SimConfig, structure: str, seed: int) -> dict:
                           "x_um": layer.seeds[inside, 1]})
     out.update(truth=truth, focus_z_lo=int(zs.min()), focus_z_hi=int(zs.max()) + 1, cells=cells,
                masks={"cell": cell, "nucleus": dens["nucleus"] > 0.5, "label": layer.label},
+               labels=_instance_labels(layer.label, cell, dens["nucleus"] > 0.5),
                pixel_size=tuple(cfg.pixel_size))
     return out
 
@@ -493,7 +510,9 @@ def write_registry(out_dir: str | Path, n_per_structure: int, cfg: SimConfig | N
         out_dir: the registry's root; the package's files go to ``out_dir/<ALLEN_PACKAGE>/``
             (replaced if present): ``metadata.csv``, ``fov_path/<FOVId>.ome.tiff`` (uint16
             ``[4, Z, Y, X]``, channel order cycling through :data:`CHANNEL_ORDERS`) and
-            ``truth_path/<FOVId>_truth.ome.tiff`` (float32 ``[6, Z, Y, X]``, TARGETS order).
+            ``truth_path/<FOVId>_truth.ome.tiff`` (float32 ``[6, Z, Y, X]``, TARGETS order) and
+            ``truth_labels_path/<FOVId>_labels.ome.tiff`` (uint16 ``[2, Z, Y, X]``: the true
+            ``cells`` and ``nuclei`` instances of :func:`simulate_fov`).
         n_per_structure: FOVs per tagged structure.
         cfg: the simulator configuration (default :class:`SimConfig`).
         seed: FOV ``i`` is simulated with seed ``(seed, i)``.
@@ -505,8 +524,8 @@ def write_registry(out_dir: str | Path, n_per_structure: int, cfg: SimConfig | N
         The registry URI: ``quilt3.Package.browse(ALLEN_PACKAGE, registry=uri)`` reads it offline.
         ``metadata.csv`` has one row per cell (``CellId, FOVId, structure_name, fov_path,
         ChannelNumberBrightfield, ChannelNumberStruct, ChannelNumber405, ChannelNumber638,
-        outlier``, plus the simulator's ``truth_path, focus_z_lo, focus_z_hi, PixelScaleZ/Y/X,
-        cell_y_um, cell_x_um``).
+        outlier``, plus the simulator's ``truth_path, truth_labels_path, focus_z_lo, focus_z_hi,
+        PixelScaleZ/Y/X, cell_y_um, cell_x_um``).
     """
     cfg = cfg or SimConfig()
     genes = _genes(gene_map)
@@ -523,16 +542,20 @@ def write_registry(out_dir: str | Path, n_per_structure: int, cfg: SimConfig | N
             fov = simulate_fov(cfg, structure, np.random.SeedSequence([seed, fov_id]).generate_state(1)[0])
             order = CHANNEL_ORDERS[fov_id % len(CHANNEL_ORDERS)]
             key, tkey = f"fov_path/{fov_id}.ome.tiff", f"truth_path/{fov_id}_truth.ome.tiff"
+            lkey = f"truth_labels_path/{fov_id}_labels.ome.tiff"
             write_ome(folder / key, np.stack([fov[c] for c in order]),
                       [CHANNEL_NAMES[c] for c in order], cfg.pixel_size)
             write_ome(folder / tkey, fov["truth"], list(TARGETS), cfg.pixel_size)
+            write_ome(folder / lkey, np.stack([fov["labels"]["cells"], fov["labels"]["nuclei"]]),
+                      ["cells", "nuclei"], cfg.pixel_size)
             outlier_rng = np.random.default_rng([seed, fov_id, 1])
             for j, c in enumerate(fov["cells"].itertuples()):
                 rows.append({
                     "CellId": cell_id, "FOVId": fov_id, "structure_name": genes[structure], "fov_path": key,
                     **{CHANNEL_COLUMNS[ch]: order.index(ch) for ch in order},
                     "outlier": "Yes" if j > 0 and outlier_rng.random() < 0.05 else "No",
-                    "truth_path": tkey, "focus_z_lo": fov["focus_z_lo"], "focus_z_hi": fov["focus_z_hi"],
+                    "truth_path": tkey, "truth_labels_path": lkey,
+                    "focus_z_lo": fov["focus_z_lo"], "focus_z_hi": fov["focus_z_hi"],
                     "PixelScaleZ": cfg.pixel_size[0], "PixelScaleY": cfg.pixel_size[1],
                     "PixelScaleX": cfg.pixel_size[2], "cell_y_um": round(c.y_um, 3),
                     "cell_x_um": round(c.x_um, 3)})
