@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PROFILE ?= book
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test book check-book clean-runs bench
+.PHONY: setup test book check-book clean-runs bench lab
 
 setup: $(STAMP)
 
@@ -56,3 +56,11 @@ check-book: $(STAMP) $(CHROMIUM)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_unet.py --infer-width 16
 	$(PY) benchmarks/bench_wgan.py --optimizer adam --critic-channels-last
+
+# JupyterLab from the project's environment, opened on the notebooks (their defaults are the quick
+# profile: run them in order, 01 -> 07). LAB_ARGS passes options, e.g. LAB_ARGS="--no-browser --port 8899".
+# As root (a container), Jupyter needs --allow-root.
+LAB_ARGS ?=
+LAB_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
+lab: $(STAMP)
+	$(PY) -m jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks $(LAB_ROOT) $(LAB_ARGS)

@@ -67,3 +67,21 @@ def test_opens_with_title_and_the_thesis(nb):
     assert re.search(r"\{cite(:\w+)?\}`[^`]*vstain_thesis2023", opening), (
         f"{path.name}: the opening paragraph should cite the thesis section it reproduces "
         "({cite}`vstain_thesis2023`)")
+
+
+def test_a_notebook_opened_too_early_names_the_one_to_run_first(nb, tmp_path):
+    """In JupyterLab the notebooks run in order; one opened before its upstream stage ran must stop
+    at its first cell after the parameters with an error naming the notebook to run first."""
+    from vstain.book import rundir
+
+    path, book = nb
+    code = [c for c in book.cells if c.cell_type == "code"]
+    i = next(k for k, c in enumerate(code) if "parameters" in c.get("metadata", {}).get("tags", []))
+    first = code[i + 1].source
+    upstream = re.findall(r'rundir\.require\(run_dir, "(\w+)"\)', first)
+    if path.stem == "01_data":
+        assert not upstream
+        return
+    assert upstream, f"{path.name}: the first cell after the parameters does not check its upstream stages"
+    with pytest.raises(FileNotFoundError, match=rf"run notebooks/{upstream[0]}\.ipynb first"):
+        rundir.require(tmp_path, upstream[0])

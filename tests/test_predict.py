@@ -1,0 +1,142 @@
+"""`python -m vstain predict`: channel choice by name or index, a batch with bad files, the
+voxel-size warning and resampling, test-time augmentation, and the error for small stacks."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+
+from vstain.__main__ import main
+from vstain.channels import TARGETS
+from vstain.dataset import zscore
+from vstain.infer import predict_volume
+from vstain.models import Generator, GeneratorConfig
+from vstain.predict import InputError, load_model, parse_bytes, predict_file, predict_files, voxel_mismatch
+from vstain.volumes import read_ome, write_ome
+
+VOXEL = (0.5, 0.3, 0.3)
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory) -> Path:
+    """A finished 04_unet stage (width 4, seeded) in a run directory whose 01_data says the voxel size."""
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    gen = Generator(GeneratorConfig(base_width=4))
+    d = run / "04_unet"
+    (d / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {f"generator.{k}": v for k, v in gen.state_dict().items()}}, d / "checkpoints" / "last.ckpt")
+    (d / "model.json").write_text(json.dumps({"config": {}, "model": "unet", "generator": asdict(gen.cfg)}))
+    (run / "01_data").mkdir()
+    pd.DataFrame([{"fov_id": "a", "pixel_size_z": VOXEL[0], "pixel_size_y": VOXEL[1], "pixel_size_x": VOXEL[2]}]
+                 ).to_csv(run / "01_data" / "fovs.csv", index=False)
+    return d
+
+
+def stack(shape=(11, 37, 42), seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (1000 + 200 * rng.standard_normal(shape)).clip(0, 65535).astype(np.uint16)
+
+
+def write_fov(path: Path, order=("dna", "brightfield", "struct"), voxel=VOXEL, shape=(11, 37, 42)) -> np.ndarray:
+    names = {"dna": "H3342", "brightfield": "Bright", "struct": "EGFP"}
+    vols = {c: stack(shape, i) for i, c in enumerate(order)}
+    write_ome(path, np.stack([vols[c] for c in order]), [names[c] for c in order], voxel)
+    return vols["brightfield"]
+
+
+def expected(stage, bf):
+    return predict_volume(load_model(stage).generator, zscore(bf[None].astype(np.float32)))
+
+
+@pytest.mark.parametrize("channel", ["Bright", "bright", "1"])
+def test_predict_picks_the_brightfield_of_another_channel_order(stage, tmp_path, channel):
+    bf = write_fov(tmp_path / "fov.ome.tif")
+    out = predict_file(load_model(stage), tmp_path / "fov.ome.tif", tmp_path / "out", channel=channel)
+    pred, voxel, names = read_ome(out)
+    assert names == list(TARGETS) and pred.dtype == np.float32 and pred.shape == (6, 11, 37, 42)
+    assert voxel == pytest.approx(VOXEL)
+    np.testing.assert_allclose(pred, expected(stage, bf), atol=1e-5)
+
+
+def test_default_channel_is_the_one_named_bright(stage, tmp_path):
+    bf = write_fov(tmp_path / "f.tif", order=("struct", "dna", "brightfield"))
+    pred = read_ome(predict_file(load_model(stage), tmp_path / "f.tif", tmp_path / "o"))[0]
+    np.testing.assert_allclose(pred, expected(stage, bf), atol=1e-5)
+
+
+def test_unknown_channel_names_the_file_and_its_channels(stage, tmp_path):
+    write_fov(tmp_path / "f.tif")
+    with pytest.raises(InputError, match=r"f\.tif: no channel named 'phase'.*Bright"):
+        predict_file(load_model(stage), tmp_path / "f.tif", tmp_path / "o", channel="phase")
+    with pytest.raises(InputError, match=r"no channel 7: the file has 3"):
+        predict_file(load_model(stage), tmp_path / "f.tif", tmp_path / "o", channel=7)
+
+
+def test_a_folder_with_bad_files_predicts_the_rest_and_exits_non_zero(stage, tmp_path, capsys):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    write_fov(inp / "good1.ome.tif")
+    write_fov(inp / "good2.tif", order=("brightfield", "dna", "struct"))
+    (inp / "notes.txt").write_text("not an image")
+    (inp / "broken.tif").write_bytes(b"II*\x00garbage")
+    tifffile.imwrite(inp / "flat.tif", stack((37, 42)))
+    write_fov(inp / "tiny.tif", shape=(5, 37, 42))
+    rc = main(["predict", str(stage), str(inp), "-o", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tif")) == ["good1_vstain.ome.tif", "good2_vstain.ome.tif"]
+    assert "4 of 6 input(s) could not be predicted" in err
+    for bad, why in [("notes.txt", "not a TIFF"), ("broken.tif", "truncated or corrupt"), ("flat.tif", "no Z axis"),
+                     ("tiny.tif", "smaller than the network allows")]:
+        assert any(bad in line and why in line for line in err.splitlines()), (bad, err)
+
+
+def test_voxel_size_warning_and_resampling(stage, tmp_path):
+    write_fov(tmp_path / "f.tif", voxel=(1.0, 0.3, 0.31))
+    assert voxel_mismatch((1.0, 0.3, 0.31), VOXEL) == ["z"]
+    model = load_model(stage)
+    with pytest.warns(UserWarning, match=r"differs from the training voxel size.*axis z.*--resample"):
+        plain = read_ome(predict_file(model, tmp_path / "f.tif", tmp_path / "a"))[0]
+    with pytest.warns(UserWarning, match="resampling to the training grid"):
+        res = read_ome(predict_file(model, tmp_path / "f.tif", tmp_path / "b", do_resample=True))[0]
+    assert plain.shape == res.shape == (6, 11, 37, 42)  # back on the input's grid
+    assert not np.allclose(plain, res)
+
+
+def test_tta_writes_mean_and_uncertainty_channels(stage, tmp_path):
+    write_fov(tmp_path / "f.tif")
+    out = predict_file(load_model(stage), tmp_path / "f.tif", tmp_path / "o", tta=True)
+    pred, _, names = read_ome(out)
+    assert pred.shape == (12, 11, 37, 42)
+    assert names == [*TARGETS, *(f"{c}_std" for c in TARGETS)]
+    assert (pred[6:] >= 0).all() and pred[6:].max() > 0
+
+
+def test_focus_window_keeps_n_slices(stage, tmp_path):
+    write_fov(tmp_path / "f.tif", shape=(20, 37, 42))
+    out = predict_file(load_model(stage), tmp_path / "f.tif", tmp_path / "o", focus_window=8)
+    assert read_ome(out)[0].shape == (6, 8, 37, 42)
+    assert "focus_z_lo" in json.loads(out.with_name("f_vstain.json").read_text())
+
+
+def test_tiled_prediction_within_a_small_memory_budget(stage, tmp_path):
+    write_fov(tmp_path / "f.tif", shape=(16, 48, 48))
+    with pytest.warns(UserWarning, match="tiling"):
+        written, failed = predict_files(load_model(stage), [tmp_path / "f.tif"], tmp_path / "o",
+                                        max_memory="1MiB", progress=False)
+    assert len(written) == 1 and not failed
+
+
+def test_bad_model_and_memory_arguments(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a model stage folder"):
+        load_model(tmp_path)
+    assert parse_bytes("4GiB") == 4 * 2**30 and parse_bytes("512 MB") == 512 * 2**20 and parse_bytes(10) == 10
+    with pytest.raises(ValueError, match="--max-memory"):
+        parse_bytes("lots")
