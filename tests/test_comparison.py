@@ -1,0 +1,118 @@
+"""Table 4.1 with intervals: per-FOV values, model summaries, paired comparisons, bold cells and
+the verdict, on synthetic per-FOV tables whose answer is known."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vstain.channels import TARGETS
+from vstain.evaluate import comparison as C
+from vstain.evaluate.classifier import REAL
+
+MODELS = ["U-Net", "WGAN-GP"]
+
+
+def pixel_table(n_fovs=8, shift=None, seed=0) -> pd.DataFrame:
+    """Per-FOV SSIM/MSE/MAE/PCC of two models on DNA and membrane; ``shift`` adds to the WGAN's
+    SSIM and PCC and subtracts from its MSE and MAE (so positive = WGAN better everywhere)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for f in range(n_fovs):
+        for ch in ("dna", "membrane"):
+            base = {"ssim": 0.7, "mse": 0.3, "mae": 0.4, "pcc": 0.9}
+            for metric, v in base.items():
+                noise = 0.02 * rng.standard_normal()
+                for model in MODELS:
+                    s = 0.0 if model == "U-Net" or shift is None else shift * (1 if metric in ("ssim", "pcc") else -1)
+                    rows.append({"fov_id": str(f), "structure": "mito", "model": model, "channel": ch,
+                                 "metric": metric, "value": v + noise + s})
+    return pd.DataFrame(rows)
+
+
+def patch_scores(n_fovs=8, wgan_right=1.0, seed=0) -> pd.DataFrame:
+    """Classifier patches: the U-Net's DNA patches are read as membrane half the time, the WGAN's
+    DNA patches correctly with probability ``wgan_right``."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for f in range(n_fovs):
+        for model in (REAL, *MODELS):
+            for ch in ("dna", "membrane"):
+                c = TARGETS.index(ch)
+                for k in range(6):
+                    right = {"U-Net": 0.5, "WGAN-GP": wgan_right, REAL: 1.0}[model] if ch == "dna" else 1.0
+                    pred = c if rng.random() < right else TARGETS.index("membrane" if ch == "dna" else "dna")
+                    rows.append({"model": model, "fov_id": str(f), "channel": ch, "class": c,
+                                 "predicted": pred, "perceptual": 0.5 + 0.1 * rng.random()})
+    return pd.DataFrame(rows)
+
+
+def test_fov_values_average_the_perceptual_distance_per_fov():
+    v = C.fov_values(pixel_table(3), patch_scores(3))
+    per = v[v["metric"] == "perceptual"]
+    assert len(per) == 3 * 2 * 2  # fovs x models x channels, the Real row left out
+    assert set(per["model"]) == set(MODELS)
+
+
+def test_identical_models_show_no_bold_and_no_detectable_difference():
+    values = C.fov_values(pixel_table(8))
+    comp = C.pairwise(values, None, MODELS, n_resamples=999)
+    assert (comp["better"] == "none").all()
+    assert C.best(comp, MODELS) == set()
+    _, css = C.display_table(C.model_summary(values, None, MODELS, n_resamples=999), comp, MODELS)
+    assert (css == "").all().all()
+    text = C.verdict(comp, "U-Net", "WGAN-GP")
+    assert "no detectable difference with n = 8 FOVs on SSIM, MSE, MAE, PCC" in text
+
+
+def test_a_clearly_better_model_is_bold_and_the_claim_is_decided():
+    values = C.fov_values(pixel_table(8, shift=0.1))
+    comp = C.pairwise(values, None, MODELS, n_resamples=999)
+    assert (comp["better"] == "WGAN-GP").all()
+    bold = C.best(comp, MODELS)
+    assert ("dna", "WGAN-GP", "mse") in bold and not any(m == "U-Net" for _, m, _ in bold)
+    text = C.verdict(comp, "U-Net", "WGAN-GP")
+    assert "**DNA**: WGAN-GP better on SSIM, MSE, MAE, PCC." in text
+    assert "better on most pixel-metric cells (SSIM, MSE, MAE, PCC of every channel) **does not hold**" in text
+
+
+def test_few_fovs_cannot_decide():
+    comp = C.pairwise(C.fov_values(pixel_table(4, shift=0.1)), None, MODELS, n_resamples=999)
+    assert (comp["better"] == "none").all()
+    assert "cannot be decided with n = 4 FOVs" in C.verdict(comp, "U-Net", "WGAN-GP")
+
+
+def test_f1clf_interval_resamples_fovs_and_decides_a_clear_gap():
+    scores = patch_scores(8, wgan_right=1.0)
+    values = C.fov_values(pixel_table(8), scores)
+    summary = C.model_summary(values, scores, MODELS, n_resamples=999)
+    f1 = summary[(summary["metric"] == "f1clf") & (summary["channel"] == "dna")].set_index("model")
+    assert f1.loc["WGAN-GP", "estimate"] == pytest.approx(1.0)
+    assert f1.loc["U-Net", "estimate"] < 0.8 and f1.loc["U-Net", "n"] == 8
+    assert f1.loc["U-Net", "ci_low"] <= f1.loc["U-Net", "estimate"] <= f1.loc["U-Net", "ci_high"]
+    comp = C.pairwise(values, scores, MODELS, n_resamples=999)
+    row = comp[(comp["metric"] == "f1clf") & (comp["channel"] == "dna")].iloc[0]
+    assert row["better"] == "WGAN-GP"
+    assert "F1clf, most channels) **" in C.verdict(comp, "U-Net", "WGAN-GP")
+
+
+def test_display_shows_intervals_and_n_and_never_a_zero_spread():
+    values = C.fov_values(pixel_table(1))
+    summary = C.model_summary(values, None, MODELS, n_resamples=999)
+    shown, _ = C.display_table(summary, C.pairwise(values, None, MODELS, n_resamples=999), MODELS)
+    cell = shown.loc[("DNA", "U-Net"), "SSIM"]
+    assert cell.endswith("(n = 1)") and "[" not in cell and "±" not in cell
+    values = C.fov_values(pixel_table(8))
+    summary = C.model_summary(values, None, MODELS, n_resamples=999)
+    shown, _ = C.display_table(summary, C.pairwise(values, None, MODELS, n_resamples=999), MODELS)
+    assert shown.loc[("DNA", "U-Net"), "PCC"].endswith("(n = 8)") and "[" in shown.loc[("DNA", "U-Net"), "PCC"]
+
+
+def test_three_models_bold_only_the_model_better_than_both_others():
+    a = pixel_table(8)
+    b = a[a["model"] == "WGAN-GP"].assign(model="WGAN from U-Net")
+    b = b.assign(value=b["value"] + np.where(b["metric"].isin(["ssim", "pcc"]), 0.1, -0.1))
+    values = C.fov_values(pd.concat([a, b], ignore_index=True))
+    models = ["U-Net", "WGAN-GP", "WGAN from U-Net"]
+    bold = C.best(C.pairwise(values, None, models, n_resamples=999), models)
+    assert bold and all(m == "WGAN from U-Net" for _, m, _ in bold)

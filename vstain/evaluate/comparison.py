@@ -1,0 +1,178 @@
+"""Table 4.1 with its uncertainty, and the verdict it supports (thesis 4.2).
+
+Data flow: the per-FOV pixel metrics (:func:`vstain.evaluate.metrics.evaluate_predictions`) and the
+classifier's per-patch scores (:func:`vstain.evaluate.classifier.score_models`) -> one long table of
+per-FOV values (:func:`fov_values`; the perceptual distance averaged over each FOV's patches) ->
+each model's mean with a bootstrap interval over FOVs (:func:`model_summary`; F1clf, a statistic of
+pooled patches, resamples whole FOVs) -> paired differences for every pair of models
+(:func:`pairwise`) -> the displayed table, where a cell is bold only when that model is better than
+every other model by an interval that excludes 0 (:func:`styled_table`), and the sentences of the
+verdict (:func:`verdict`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+
+from ..channels import TARGET_LABELS, TARGETS
+from .classifier import REAL, confusion, f1_scores
+from .metrics import COLUMN_LABELS, HIGHER_IS_BETTER, METRICS
+from .stats import (channel_verdict, claim_verdict, cluster_bootstrap, compare, decided, format_ci, n_fovs,
+                    paired_cluster_bootstrap, paired_difference)
+
+COLUMNS = (*METRICS, "f1clf", "perceptual")  # Table 4.1's columns, in order
+PIXEL = METRICS  # the columns of the thesis' claim for the pixel-loss model
+
+
+def fov_values(pixel_long: pd.DataFrame, scores: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per FOV, model, channel and metric (``fov_id, model, channel, metric, value``): the
+    pixel metrics, plus the perceptual distance averaged over the FOV's patches of that channel."""
+    cols = ["fov_id", "model", "channel", "metric", "value"]
+    frames = [pixel_long[cols]]
+    if scores is not None and len(scores):
+        s = scores[scores["model"] != REAL]
+        per = s.groupby(["fov_id", "model", "channel"], sort=False)["perceptual"].mean().reset_index()
+        frames.append(per.rename(columns={"perceptual": "value"}).assign(metric="perceptual")[cols])
+    return pd.concat(frames, ignore_index=True)
+
+
+def _f1(channel: str):
+    """The statistic "F1 of ``channel``'s class over a table of patches" (false positives come
+    from the other channels' patches, so it needs the whole table of one model)."""
+    c = TARGETS.index(channel)
+    return lambda frame: float(f1_scores(confusion(frame["class"], frame["predicted"]))[c])
+
+
+def model_summary(values: pd.DataFrame, scores: pd.DataFrame | None, models: list[str], n_resamples: int = 9999,
+                  confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Each model's value per channel and column with its bootstrap interval over FOVs.
+
+    Returns one row per ``(channel, model, metric)``: ``estimate, ci_low, ci_high, n`` (n = FOVs).
+    The per-FOV metrics give their mean over FOVs; F1clf is computed from all of a model's patches
+    and its interval resamples whole FOVs, since patches of one FOV are not independent."""
+    rows = []
+    for (channel, model, metric), g in values.groupby(["channel", "model", "metric"], sort=False):
+        v = g["value"].to_numpy(float)
+        d = paired_difference(np.zeros_like(v), v, n_resamples, confidence, seed)  # b - 0: the mean of v
+        rows.append({"channel": channel, "model": model, "metric": metric, "estimate": d.diff,
+                     "ci_low": d.ci_low, "ci_high": d.ci_high, "n": d.n})
+    if scores is not None and len(scores):
+        for model in models:
+            s = scores[scores["model"] == model]
+            for channel in s["channel"].unique():
+                iv = cluster_bootstrap(s, _f1(channel), n_resamples=max(999, n_resamples // 5),
+                                       confidence=confidence, seed=seed)
+                rows.append({"channel": channel, "model": model, "metric": "f1clf", "estimate": iv.estimate,
+                             "ci_low": iv.ci_low, "ci_high": iv.ci_high, "n": iv.n})
+    out = pd.DataFrame(rows)
+    out = out[out["model"].isin(models)]
+    key = {(c, m, k): i for i, (c, m, k) in enumerate((c, m, k) for c in TARGETS for m in models for k in COLUMNS)}
+    return out.assign(_o=[key.get(t, len(key)) for t in zip(out["channel"], out["model"], out["metric"])]) \
+        .sort_values("_o").drop(columns="_o").reset_index(drop=True)
+
+
+def pairwise(values: pd.DataFrame, scores: pd.DataFrame | None, models: list[str], n_resamples: int = 9999,
+             confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Paired differences ``b - a`` for every pair of ``models`` (in their order), every channel and
+    column: :func:`vstain.evaluate.stats.compare` on the per-FOV values, and for F1clf a paired
+    bootstrap that resamples FOVs and scores both models on the same patches."""
+    frames = []
+    for a, b in combinations(models, 2):
+        frames.append(compare(values, a, b, higher_is_better=HIGHER_IS_BETTER, n_resamples=n_resamples,
+                              confidence=confidence, seed=seed))
+        if scores is None or not len(scores):
+            continue
+        rows = []
+        for channel in TARGETS:
+            s = scores[scores["channel"] == channel]
+            if not {a, b} <= set(s["model"]):
+                continue
+            pair = scores[scores["model"].isin([a, b])]
+            d = paired_cluster_bootstrap(pair, _f1(channel), a, b, n_resamples=max(999, n_resamples // 5),
+                                         confidence=confidence, seed=seed)
+            row = {"channel": channel, "metric": "f1clf", "model_a": a, "model_b": b, **asdict(d),
+                   "higher_is_better": True}
+            row["better"] = (b if d.diff > 0 else a) if decided(d, confidence) else "none"
+            rows.append(row)
+        frames.append(pd.DataFrame(rows))
+    return pd.concat(frames, ignore_index=True)
+
+
+def best(comparisons: pd.DataFrame, models: list[str]) -> set[tuple[str, str, str]]:
+    """``(channel, model, metric)`` cells where the model is better than every other model (each
+    paired interval excludes 0 with enough FOVs): the only cells Table 4.1 sets in bold."""
+    wins: dict[tuple[str, str, str], int] = {}
+    for _, r in comparisons.iterrows():
+        if r["better"] in models:
+            k = (r["channel"], r["better"], r["metric"])
+            wins[k] = wins.get(k, 0) + 1
+    return {k for k, w in wins.items() if w == len(models) - 1}
+
+
+def display_table(summary: pd.DataFrame, comparisons: pd.DataFrame, models: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Table 4.1 as strings ``"0.93 [0.91, 0.95] (n = 24)"`` (``"0.93 (n = 1)"`` for one FOV), with a
+    same-shaped frame of CSS that bolds :func:`best` cells. Rows ``(Channel, Model)``."""
+    bold_cells = best(comparisons, models)
+    index = [(c, m) for c in TARGETS for m in models if ((summary["channel"] == c) & (summary["model"] == m)).any()]
+    shown = pd.DataFrame(index=pd.MultiIndex.from_tuples(index), columns=[COLUMN_LABELS[k] for k in COLUMNS], dtype=object)
+    css = pd.DataFrame("", index=shown.index, columns=shown.columns)
+    for _, r in summary.iterrows():
+        col = COLUMN_LABELS[r["metric"]]
+        shown.loc[(r["channel"], r["model"]), col] = format_ci(r["estimate"], r["ci_low"], r["ci_high"], int(r["n"]))
+        if (r["channel"], r["model"], r["metric"]) in bold_cells:
+            css.loc[(r["channel"], r["model"]), col] = "font-weight: bold"
+    shown = shown.fillna("–")
+    names = pd.MultiIndex.from_tuples([(TARGET_LABELS[c], m) for c, m in shown.index], names=["Channel", "Model"])
+    shown.index, css.index = names, names
+    return shown, css
+
+
+def styled_table(summary: pd.DataFrame, comparisons: pd.DataFrame, models: list[str], caption: str = ""):
+    """A pandas Styler of :func:`display_table` (bold: better than every other model)."""
+    shown, css = display_table(summary, comparisons, models)
+    sty = shown.style.apply(lambda _: css, axis=None)
+    return sty.set_caption(caption) if caption else sty
+
+
+def channel_sentences(comparisons: pd.DataFrame, a: str, b: str) -> list[str]:
+    """Per channel, which of ``a`` and ``b`` is better on which columns, from the paired intervals."""
+    cells = comparisons[(comparisons["model_a"] == a) & (comparisons["model_b"] == b)]
+    out = []
+    for channel in TARGETS:
+        rows = cells[cells["channel"] == channel]
+        rows = rows.iloc[np.argsort([COLUMNS.index(m) for m in rows["metric"]], kind="stable")]
+        if rows.empty:
+            continue
+        groups: dict[str, list[str]] = {}
+        for _, r in rows.iterrows():
+            groups.setdefault(channel_verdict(r), []).append(COLUMN_LABELS[r["metric"]])
+        parts = [f"{v} on {', '.join(cols)}" for v, cols in sorted(groups.items(), key=lambda kv: kv[0])]
+        out.append(f"**{TARGET_LABELS[channel]}**: {'; '.join(parts)}.")
+    return out
+
+
+def verdict(comparisons: pd.DataFrame, pixel_model: str, adversarial_model: str) -> str:
+    """The thesis' headline checked against the paired intervals: the pixel-loss model is better on
+    most pixel-metric cells (SSIM, MSE, MAE, PCC), and the adversarial model on most F1clf cells.
+    Each half "holds", "does not hold" or "cannot be decided with n = ..."."""
+    a, b = pixel_model, adversarial_model
+    pair = comparisons[((comparisons["model_a"] == a) & (comparisons["model_b"] == b))
+                       | ((comparisons["model_a"] == b) & (comparisons["model_b"] == a))]
+    if pair.empty:
+        raise ValueError(f"no comparison of {a!r} and {b!r} in the table")
+    pixel, f1 = pair[pair["metric"].isin(PIXEL)], pair[pair["metric"] == "f1clf"]
+    lines = [f"Paired differences over the test FOVs, {b} against {a} ({n_fovs(pair['n'])}):", ""]
+    lines += [f"- {s}" for s in channel_sentences(pair, pair["model_a"].iloc[0], pair["model_b"].iloc[0])]
+    pix = claim_verdict(pixel, a, "most")
+    lines += ["", f"The thesis' claim that the {a} is better on most pixel-metric cells (SSIM, MSE, MAE, PCC "
+                  f"of every channel) **{pix}** in this run"]
+    if len(f1):
+        lines[-1] += (f"; its claim that the {b}'s channels are recognised better by the classifier (F1clf, "
+                      f"most channels) **{claim_verdict(f1, b, 'most')}**.")
+    else:
+        lines[-1] += "; F1clf was not scored."
+    return "\n".join(lines)
+
