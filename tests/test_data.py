@@ -4,6 +4,7 @@ Each registry follows the real package: ``metadata.csv`` with one row per cell (
 ``outlier`` flags, per-row 0-based channel columns, and OME-TIFFs under ``fov_path/``. Channel
 ``c`` of a test FOV holds ``1000 * (c + 1) + z`` so every assembled channel can be traced back.
 """
+import contextlib
 import socket
 
 import numpy as np
@@ -293,3 +294,50 @@ def test_simulated_stage_offline(tmp_path, no_network):
         assert not np.isnan(truth).any()
         assert 0 <= row["focus_z_lo"] < row["focus_z_hi"] <= shape[0]
         assert (row["pixel_size_z"], row["pixel_size_y"], row["pixel_size_x"]) == pytest.approx((0.6, 0.31, 0.29))
+
+
+# ---------------------------------------------------------------------------------------------
+# Silent bad inputs: blank channels and images that are not uint16
+# ---------------------------------------------------------------------------------------------
+def fov_row(fov_id="41", structure="nucleoli", cols=DEFAULT_CH):
+    return pd.Series({"fov_id": fov_id, "structure": structure, **cols})
+
+
+def test_blank_target_channel_warns_and_is_not_carried(tmp_path):
+    override = {13: {"ChannelNumberStruct": 5}}  # FOV 13's channel 5 is blank (all zeros)
+    uri = allen.publish_local(build_folder(tmp_path / "src", override=override), tmp_path / "reg")
+    with pytest.warns(UserWarning, match=r"13_TOMM20.ome.tiff: target channel 'mito' \(ChannelNumberStruct = 5\) "
+                                         r"of FOV 13 is blank \(every voxel 0\); treated as not carried"):
+        fovs = {f.fov_id: f for f in load(uri, n=3, structures=("TOMM20",))}
+    carried = {fid: [n for n, ch in zip(TARGETS, f.target) if not np.isnan(ch).all()] for fid, f in fovs.items()}
+    assert carried == {"11": ["dna", "membrane", "mito"], "12": ["dna", "membrane", "mito"], "13": ["dna", "membrane"]}
+    assert (fovs["13"].target[TARGETS.index("dna")] == 1000 * 5 + np.arange(SHAPE[0])[:, None, None]).all()
+
+
+@pytest.mark.parametrize("blank, match", [
+    ([0], r"the brightfield channel \(ChannelNumberBrightfield = 0\) of FOV 41 is blank"),
+    ([1, 2, 3], r"FOV 41 has no target channel with signal"),
+])
+def test_blank_brightfield_or_no_target_is_an_error(blank, match):
+    vol = fov_stack(4, blank=blank)
+    with pytest.warns(UserWarning) if len(blank) > 1 else contextlib.nullcontext():
+        with pytest.raises(ValueError, match=rf"fov_path/41_FBL.ome.tiff: {match}"):
+            allen.assemble(vol, fov_row(), "fov_path/41_FBL.ome.tiff")
+
+
+@pytest.mark.parametrize("dtype, convert", [
+    (np.float64, lambda v: v / 5000),  # normalised to [0, 1]
+    (np.uint8, lambda v: v % 256),  # 8-bit
+    (np.float32, lambda v: v),  # counts as float
+])
+def test_image_that_is_not_uint16_is_an_error_unless_allowed(tmp_path, dtype, convert):
+    f = tmp_path / "fov_path" / "41_FBL.ome.tiff"
+    write_ome(f, convert(fov_stack(4)).astype(dtype))
+    vol = volumes.read_ome(f)[0]
+    name = np.dtype(dtype).name
+    with pytest.raises(ValueError, match=rf"41_FBL.ome.tiff: image dtype {name}, expected one of \('uint16',\)"):
+        allen.assemble(vol, fov_row(), f)
+    bf, target = allen.assemble(vol, fov_row(), f, dtypes=(name, "uint16"))
+    assert bf.shape == (1, *SHAPE) and np.allclose(bf[0], vol[0], rtol=1e-6)
+    assert np.allclose(target[TARGETS.index("nucleoli")], vol[1], rtol=1e-6)
+    assert allen.assemble(vol, fov_row(), f, dtypes=None)[0].dtype == np.float32

@@ -5,6 +5,12 @@ thesis 2.1): a registry (``s3://allencell``, or a local ``file://`` registry in 
 One FOV becomes a brightfield stack ``[1, Z, Y, X]`` and a six-channel target ``[6, Z, Y, X]`` that
 holds NaN in the channels the FOV does not carry (each FOV is one cell line: one FP-tagged
 structure plus the DNA and membrane dyes). This module is the project's only importer of quilt3.
+
+Images must be 16-bit (the Allen FOVs are uint16 camera counts; a float image in [0, 1] or an 8-bit
+one is another normalisation that would pass silently into the z-scores): another dtype is an error
+unless ``dtypes`` allows it. A blank target channel (one value everywhere, e.g. all zeros) is
+treated as not carried, with a warning naming the file and channel; a blank brightfield, or a FOV
+whose three target channels are all blank, is an error.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from .channels import (ALLEN_PACKAGE, ALLEN_PIXEL_SIZE_ZYX, ALLEN_REGISTRY, CHAN
                        DEFAULT_STRUCTURES, TARGETS)
 from .volumes import read_ome
 
+ALLEN_DTYPES = ("uint16",)  # the Allen FOVs (and the simulator's) are 16-bit camera counts
 OFFLINE_HINT = (
     "the real Allen dataset needs network access to {registry}, which this machine does not have; "
     "the default source 'synthetic' (the embedded simulator) runs offline"
@@ -254,16 +261,49 @@ def _channel(row, key: str, n_channels: int, path) -> int:
     return i
 
 
-def assemble(vol: np.ndarray, row, path="") -> tuple[np.ndarray, np.ndarray]:
+def _blank(channel: np.ndarray) -> bool:
+    return channel.size == 0 or channel.min() == channel.max()
+
+
+def assemble(vol: np.ndarray, row, path="",
+             dtypes: Sequence[str] | None = ALLEN_DTYPES) -> tuple[np.ndarray, np.ndarray]:
     """Brightfield ``[1, Z, Y, X]`` and six-channel target ``[6, Z, Y, X]`` (float32, NaN in the
-    three channels the FOV does not carry) from a ``[C, Z, Y, X]`` stack and its metadata row."""
+    channels the FOV does not carry) from a ``[C, Z, Y, X]`` stack and its metadata row.
+
+    Args:
+        vol: the FOV's stack ``[C, Z, Y, X]`` as read from ``path``.
+        row: its :func:`fov_table` row (channel columns, ``fov_id``, ``structure``).
+        path: the file, for messages.
+        dtypes: allowed image dtypes (default ``("uint16",)``, the Allen data); None allows any.
+
+    Raises:
+        ValueError: naming ``path``: a dtype outside ``dtypes``, a bad channel index, a blank
+            brightfield, or no target channel with signal. A single blank target channel only
+            warns and stays NaN (not carried).
+    """
+    if dtypes is not None and vol.dtype.name not in tuple(dtypes):
+        raise ValueError(f"{path}: image dtype {vol.dtype.name}, expected one of {tuple(dtypes)} (the Allen FOVs are "
+                         f"uint16 camera counts); pass dtypes=None or include '{vol.dtype.name}' to load it anyway")
     c = vol.shape[0]
     idx = {k: _channel(row, k, c, path) for k in CHANNEL_COLUMNS}
+    if _blank(vol[idx["brightfield"]]):
+        raise ValueError(f"{path}: the brightfield channel ({CHANNEL_COLUMNS['brightfield']} = {idx['brightfield']}) "
+                         f"of FOV {row['fov_id']} is blank (one value everywhere)")
     bf = vol[idx["brightfield"]][None].astype(np.float32)
     target = np.full((len(TARGETS), *vol.shape[1:]), np.nan, np.float32)
-    target[TARGETS.index("dna")] = vol[idx["dna"]]
-    target[TARGETS.index("membrane")] = vol[idx["membrane"]]
-    target[TARGETS.index(row["structure"])] = vol[idx["struct"]]
+    carried = 0
+    for key, name in (("dna", "dna"), ("membrane", "membrane"), ("struct", row["structure"])):
+        channel = vol[idx[key]]
+        if _blank(channel):
+            warnings.warn(f"{path}: target channel '{name}' ({CHANNEL_COLUMNS[key]} = {idx[key]}) of FOV "
+                          f"{row['fov_id']} is blank (every voxel {channel.flat[0] if channel.size else 'missing'}); "
+                          "treated as not carried (NaN)")
+            continue
+        target[TARGETS.index(name)] = channel
+        carried += 1
+    if not carried:
+        raise ValueError(f"{path}: FOV {row['fov_id']} has no target channel with signal (dna, membrane and "
+                         f"{row['structure']} are all blank)")
     return bf, target
 
 
@@ -292,12 +332,13 @@ def _has(row, col: str) -> bool:
     return col in row.index and not pd.isna(row[col]) and str(row[col]) != ""
 
 
-def load_fov(pkg, row, cache_dir: str | os.PathLike) -> FOV:
+def load_fov(pkg, row, cache_dir: str | os.PathLike, dtypes: Sequence[str] | None = ALLEN_DTYPES) -> FOV:
     """Fetch and assemble the FOV of one :func:`fov_table` row (with the simulator's extras
-    ``truth_path``, ``focus_z_lo``, ``focus_z_hi`` where the row has them)."""
+    ``truth_path``, ``focus_z_lo``, ``focus_z_hi`` where the row has them); ``dtypes`` as in
+    :func:`assemble`."""
     path = fetch(pkg, row["fov_path"], cache_dir)
     vol, pixel_size, _ = read_ome(path)
-    bf, target = assemble(vol, row, path)
+    bf, target = assemble(vol, row, path, dtypes)
     if pixel_size is None:
         warnings.warn(f"{path}: no physical pixel sizes in the OME metadata; assuming the Allen "
                       f"{ALLEN_PIXEL_SIZE_ZYX} µm (z, y, x)")
@@ -316,7 +357,8 @@ def load_fov(pkg, row, cache_dir: str | os.PathLike) -> FOV:
 
 def load_fovs(registry: str | os.PathLike = ALLEN_REGISTRY, package: str = ALLEN_PACKAGE, n_per_structure: int = 3,
               structures: Sequence[str] = DEFAULT_STRUCTURES, gene_map: dict[str, str] = DEFAULT_GENE_MAP,
-              seed: int = 0, cache_dir: str | os.PathLike = "cache", timeout: float = 5.0) -> Iterator[FOV]:
+              seed: int = 0, cache_dir: str | os.PathLike = "cache", timeout: float = 5.0,
+              dtypes: Sequence[str] | None = ALLEN_DTYPES) -> Iterator[FOV]:
     """The Allen-layout loader (thesis 2.1): the FOVs of a quilt3 package, one at a time.
 
     Args:
@@ -328,9 +370,10 @@ def load_fovs(registry: str | os.PathLike = ALLEN_REGISTRY, package: str = ALLEN
         seed: seed of the FOV draw.
         cache_dir: where remote files are downloaded (a local registry is read in place).
         timeout: seconds to wait for an S3 endpoint.
+        dtypes: allowed image dtypes (default uint16, the Allen data; None: any), see :func:`assemble`.
     """
     check_structures(structures, gene_map, n_per_structure)
     pkg = open_package(registry, package, timeout)
     fovs = fov_table(read_metadata(pkg, cache_dir), gene_map, source=f"{registry_uri(registry)} {package}/metadata.csv")
     for _, row in select_fovs(fovs, n_per_structure, structures, gene_map, seed).iterrows():
-        yield load_fov(pkg, row, cache_dir)
+        yield load_fov(pkg, row, cache_dir, dtypes)

@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import pandas as pd
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 from .configs import UNetConfig
 from .losses import masked_l1
@@ -33,7 +34,8 @@ class UNetModule(L.LightningModule):
     Args:
         config: a :class:`UNetConfig` or its dict (as stored in checkpoints).
 
-    Logs ``train_l1`` every step and ``val_l1`` (mean over the validation crops) at each validation.
+    Logs ``train_l1`` every step and ``val_l1`` (mean over the validation crops) at each validation;
+    with several processes both are means over the processes (``sync_dist``).
     """
 
     def __init__(self, config: UNetConfig | dict | None = None):
@@ -56,13 +58,14 @@ class UNetModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = masked_l1(self.generator(self._prep(x)), y)
-        self.log("train_l1", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x.shape[0])
+        self.log("train_l1", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x.shape[0],
+                 sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
         loss = masked_l1(self.generator(self._prep(x)), y)
-        self.log("val_l1", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        self.log("val_l1", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
 
     def configure_optimizers(self):
         return make_optimizer(self.generator.parameters(), self.cfg.optimizer, self.cfg.lr, self.cfg.betas)
@@ -71,16 +74,25 @@ class UNetModule(L.LightningModule):
 # --------------------------------------------------------------------------------------------
 # One call per stage
 # --------------------------------------------------------------------------------------------
-def fit_unet(cfg: UNetConfig, stage_in, out_dir, progress: bool = True) -> tuple[UNetModule, ResumingTrainer]:
+def fit_unet(cfg: UNetConfig, stage_in, out_dir, progress: bool = True,
+             callbacks=None) -> tuple[UNetModule, ResumingTrainer]:
     """Train (or resume) the U-Net baseline on the processed set in ``stage_in``, writing
-    checkpoints and logs into ``out_dir``. Returns the module and its trainer."""
+    checkpoints and logs into ``out_dir``. Returns the module and its trainer (``callbacks``: extra
+    Lightning callbacks).
+
+    With ``cfg.devices > 1`` and a DDP ``cfg.strategy`` each process trains on its own crops
+    (``batch_size`` per process); the files are written by process 0 only (``strategy="ddp"``
+    runs this function in every process)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    prepare_out_dir(out_dir, run_config(cfg.to_dict(), stage_in), RESUMABLE_KEYS)
-    save_model_json(out_dir, run_config(cfg.to_dict(), stage_in), model="unet", generator=asdict(cfg.generator_config()))
+    if rank_zero_only.rank == 0:
+        prepare_out_dir(out_dir, run_config(cfg.to_dict(), stage_in), RESUMABLE_KEYS)
+        save_model_json(out_dir, run_config(cfg.to_dict(), stage_in), model="unet",
+                        generator=asdict(cfg.generator_config()))
     set_threads(cfg)
     trainer = make_trainer(out_dir, cfg.max_steps, cfg.device, cfg.precision, cfg.devices, cfg.strategy,
-                           ckpt_every=cfg.ckpt_every, val_every=cfg.val_every, seed=cfg.seed, progress=progress)
+                           ckpt_every=cfg.ckpt_every, val_every=cfg.val_every, seed=cfg.seed, progress=progress,
+                           callbacks=callbacks)
     module = UNetModule(cfg)  # built after seeding: the initial weights depend on cfg.seed only
     dm = CropDataModule(stage_in, cfg.crop, cfg.batch_size, cfg.samples, cfg.seed, cfg.val_samples, cfg.num_workers)
     trainer.fit(module, datamodule=dm)
@@ -103,11 +115,14 @@ class StageResult:
 def run_unet_stage(stage_in, out_dir, cfg: UNetConfig, splits=("val", "test"), max_voxels=None,
                    progress: bool = True) -> StageResult:
     """The ``04_unet`` stage in one call: train (resuming if interrupted), write ``losses.csv``,
-    the whole-volume predictions of ``splits`` and ``model.json``."""
+    the whole-volume predictions of ``splits`` and ``model.json``. Under ``strategy="ddp"`` the
+    other processes return after training with no predictions (process 0 writes the files)."""
     t = time.perf_counter()
     module, trainer = fit_unet(cfg, stage_in, out_dir, progress=progress)
     train_s = time.perf_counter() - t
-    start = int(getattr(trainer, "start_step", 0))
+    start, end = trainer.start_step, trainer.end_step
+    if not trainer.is_global_zero:
+        return StageResult(pd.DataFrame(), pd.DataFrame(), module.generator.eval(), cfg, end, start, train_s)
     losses = write_losses(out_dir, columns=["train_l1", "val_l1"])
     # predict on the training accelerator when it is a GPU (whole FOVs are slow on a CPU at width 64)
     on_gpu = cfg.device in ("gpu", "cuda", "auto") and torch.cuda.is_available()
@@ -115,7 +130,7 @@ def run_unet_stage(stage_in, out_dir, cfg: UNetConfig, splits=("val", "test"), m
     preds = write_predictions(gen, stage_in, out_dir, splits=splits, max_voxels=max_voxels)
     gen = gen.to("cpu")
     save_model_json(out_dir, run_config(cfg.to_dict(), stage_in), model="unet",
-                    generator=asdict(cfg.generator_config()), num_params=num_params(gen), global_step=int(trainer.global_step),
+                    generator=asdict(cfg.generator_config()), num_params=num_params(gen), global_step=end,
                     train_seconds=round(train_s, 2), threads=torch.get_num_threads(),
                     prediction_modes=sorted(set(preds["mode"])) if len(preds) else [])
-    return StageResult(losses, preds, gen, cfg, int(trainer.global_step), start, train_s)
+    return StageResult(losses, preds, gen, cfg, end, start, train_s)

@@ -1,11 +1,19 @@
 """The Lightning machinery both training stages share: random crops of the processed set that a
 resumed run draws again in the same order (:class:`CropDataModule`), a seeded trainer that writes
 ``last.ckpt`` every N steps and resumes from it (:func:`make_trainer`), and the optimisers.
+
+Several devices (Lightning DDP, ``strategy="ddp"`` on GPUs, ``"ddp_spawn"``/``"ddp_fork"`` from a
+notebook or on CPUs with the gloo backend): every process trains on its own crops (the crop sampler
+splits each epoch's crop indices between the processes), Lightning averages the gradients, and
+process 0 alone writes ``last.ckpt`` and the logs. With spawned or forked processes the calling
+process gets the trained weights and the final checkpoint's state back (:class:`ResumingTrainer`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -14,6 +22,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+from torch.multiprocessing import ProcessRaisedException
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from . import dataset
@@ -33,7 +44,9 @@ class CropDataModule(L.LightningDataModule):
         batch_size: crops per batch.
         samples: training crops per epoch; crop ``i`` of epoch ``e`` comes from ``(seed, e, i)``,
             so a resumed run draws the same crops (the trainer's :class:`EpochCrops` callback sets
-            the epoch).
+            the epoch). With ``W`` processes, process ``r`` takes crops ``r, r + W, ...`` (see
+            :class:`SkipSampler`): a step of ``W`` processes uses the crops of one step of a single
+            process with ``W * batch_size``.
         seed: base seed.
         val_samples: validation crops (fixed: epoch 0, no flips, seed ``seed + 1``).
         num_workers: DataLoader workers.
@@ -56,22 +69,39 @@ class CropDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         # No shuffling: each index is already a seeded random crop; the sampler and loader record
-        # the position in the epoch, so a run resumed mid-epoch continues with the next crop.
-        return ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=SkipSampler(self.train_set),
+        # the position in the epoch, so a run resumed mid-epoch continues with the next crop. The
+        # trainer does not wrap the sampler in a DistributedSampler (use_distributed_sampler=False):
+        # SkipSampler splits the crops between the processes itself.
+        rank, replicas = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        return ResumableLoader(self.train_set, batch_size=self.batch_size,
+                               sampler=SkipSampler(self.train_set, rank, replicas),
                                num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self):
+        # Every process validates on all the fixed crops (same weights: the same number everywhere).
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                           pin_memory=torch.cuda.is_available())
 
 
 class SkipSampler(Sampler):
-    """Indices ``0 .. len(dataset)-1`` in order; after a resume the next pass starts at ``start``
-    (once). Lightning calls ``set_epoch`` at every epoch start, also on a mid-epoch resume, and
-    the sampler passes it to the dataset so crops depend on ``(seed, epoch, i)``."""
+    """This process's share of the indices ``0 .. len(dataset)-1``, in order; after a resume the
+    next pass starts at position ``start`` (once). Lightning calls ``set_epoch`` at every epoch
+    start, also on a mid-epoch resume, and the sampler passes it to the dataset so crops depend on
+    ``(seed, epoch, i)``.
 
-    def __init__(self, dataset):
-        self.dataset, self.n, self.start = dataset, len(dataset), 0
+    Args:
+        dataset: the crops (with ``set_epoch``).
+        rank, replicas: this process and the number of processes. Process ``rank`` takes indices
+            ``rank, rank + replicas, ...``, ``ceil(len / replicas)`` of them (wrapping round to the
+            first indices, as torch's ``DistributedSampler`` pads), so every process has the same
+            number of batches per epoch and the processes see different crops.
+    """
+
+    def __init__(self, dataset, rank: int = 0, replicas: int = 1):
+        if not 0 <= int(rank) < int(replicas):
+            raise ValueError(f"rank must be in 0..replicas-1, got rank {rank} of {replicas}")
+        self.dataset, self.rank, self.replicas, self.start = dataset, int(rank), int(replicas), 0
+        self.n = -(-len(dataset) // self.replicas)
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.dataset, "set_epoch"):
@@ -82,7 +112,8 @@ class SkipSampler(Sampler):
 
     def __iter__(self):
         start, self.start = self.start, 0
-        return iter(range(start, self.n))
+        total = len(self.dataset)
+        return iter((self.rank + k * self.replicas) % total for k in range(start, self.n))
 
 
 class ResumableLoader(DataLoader):
@@ -109,11 +140,7 @@ class ResumableLoader(DataLoader):
 
 
 class EpochCrops(Callback):
-    """Tells the datamodule which epoch starts, so crops depend on ``(seed, epoch, i)``, and
-    records the step training (re)started from as ``trainer.start_step``."""
-
-    def on_train_start(self, trainer, pl_module):
-        trainer.start_step = int(trainer.global_step)
+    """Tells the datamodule which epoch starts, so crops depend on ``(seed, epoch, i)``."""
 
     def on_train_epoch_start(self, trainer, pl_module):
         dm = trainer.datamodule
@@ -126,10 +153,17 @@ class EpochCrops(Callback):
 # --------------------------------------------------------------------------------------------
 class ResumingTrainer(L.Trainer):
     """A Lightning ``Trainer`` whose ``fit`` resumes from ``<out_dir>/checkpoints/last.ckpt`` when
-    it exists (unless ``ckpt_path`` is given) and always leaves ``last.ckpt`` at the final step.
-    After ``fit``, ``start_step`` is the step training started from (0, or the resumed one)."""
+    it exists (unless ``ckpt_path`` is given); :class:`LastCheckpoint` leaves ``last.ckpt`` at the
+    final step. After ``fit``, ``start_step`` is the step training started from (0, or the resumed
+    one) and ``end_step`` the step it reached.
 
-    start_step = 0
+    When the processes were spawned or forked (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``), the
+    training ran in child processes: Lightning copies process 0's weights back into the module, and
+    ``fit`` restores the rest of its state from the final ``last.ckpt`` (``on_load_checkpoint``:
+    the WGAN's loss history).
+    """
+
+    start_step = end_step = 0
 
     def __init__(self, out_dir, **kwargs):
         super().__init__(**kwargs)
@@ -142,9 +176,19 @@ class ResumingTrainer(L.Trainer):
     def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path=None, **kw):
         if ckpt_path is None and self.last_ckpt.exists():
             ckpt_path = str(self.last_ckpt)
+        self.start_step = checkpoint_step(ckpt_path) if ckpt_path else 0
         super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path=ckpt_path, **kw)
-        if not self.interrupted:
-            save_last(self, self.last_ckpt)
+        self.end_step = int(self.global_step)
+        if isinstance(self.strategy.launcher, _MultiProcessingLauncher) and self.last_ckpt.exists():
+            ckpt = torch.load(self.last_ckpt, map_location="cpu", weights_only=False)
+            model.load_state_dict(ckpt["state_dict"])
+            model.on_load_checkpoint(ckpt)
+            self.end_step = int(ckpt["global_step"])
+
+
+def checkpoint_step(path) -> int:
+    """The ``global_step`` stored in a Lightning checkpoint (memory-mapped: the weights are not read)."""
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
 
 
 def save_last(trainer: L.Trainer, path: Path) -> None:
@@ -159,21 +203,37 @@ def save_last(trainer: L.Trainer, path: Path) -> None:
 
 
 class LastCheckpoint(Callback):
-    """Saves ``last.ckpt`` each time ``global_step`` passes a multiple of ``every`` steps. Unlike
-    ``ModelCheckpoint(every_n_train_steps=...)`` this also works under manual optimisation, where
-    one batch advances ``global_step`` by several optimiser steps (a WGAN iteration)."""
+    """Saves ``last.ckpt`` each time ``global_step`` passes a multiple of ``every`` steps and at
+    the batch that reaches ``max_steps`` (not after an exception: the last good state stays).
+    Unlike ``ModelCheckpoint(every_n_train_steps=...)`` this also works under manual optimisation,
+    where one batch advances ``global_step`` by several optimiser steps (a WGAN iteration).
+
+    The final checkpoint is written at the end of the last batch, as the periodic ones are: a
+    checkpoint written after ``fit`` returns holds Lightning's loop state after the epoch was
+    closed, and a run extended from it (a larger ``max_steps``) would start the next epoch's crops
+    and log its steps one too high. It is written here, in the training processes, so it also
+    exists when they were spawned; ``on_train_end`` covers a run that stopped before ``max_steps``.
+    """
 
     def __init__(self, path, every: int):
-        self.path, self.every, self._saved = Path(path), int(every), 0
+        self.path, self.every, self._saved, self._saved_step = Path(path), int(every), 0, -1
 
     def on_train_start(self, trainer, pl_module):
         self._saved = trainer.global_step // self.every
 
     def on_train_batch_end(self, trainer, *args):
         k = trainer.global_step // self.every
-        if k > self._saved:
+        if k > self._saved or trainer.global_step >= trainer.max_steps:
             self._saved = k
-            save_last(trainer, self.path)
+            self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        if self._saved_step != trainer.global_step:
+            self._save(trainer)
+
+    def _save(self, trainer) -> None:
+        save_last(trainer, self.path)
+        self._saved_step = trainer.global_step
 
 
 class TrainingBar(TQDMProgressBar):
@@ -207,7 +267,9 @@ def make_trainer(
             optimiser step, so a WGAN with ``n_critic`` critic steps counts ``n_critic + 1`` per
             generator iteration).
         device, precision, devices, strategy: passed to Lightning as ``accelerator``,
-            ``precision``, ``devices``, ``strategy``.
+            ``precision``, ``devices``, ``strategy`` (several processes: ``"ddp"`` from a script,
+            ``"ddp_spawn"`` or ``"ddp_fork"``/``"ddp_notebook"`` from a notebook or pytest; on
+            CPUs they use the gloo backend).
         ckpt_every: steps between checkpoints (``global_step`` passing a multiple of it).
         val_every: training batches between validation runs (None: no validation); under
             automatic optimisation a batch is a step.
@@ -245,9 +307,49 @@ def make_trainer(
         enable_progress_bar=progress,
         enable_model_summary=False,
         enable_checkpointing=False,  # LastCheckpoint writes last.ckpt
+        use_distributed_sampler=False,  # SkipSampler splits the crops between processes
         deterministic=False,
         **val_kw,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes under manual optimisation
+# --------------------------------------------------------------------------------------------
+def backward_and_average(module: L.LightningModule, loss: torch.Tensor, network: torch.nn.Module) -> None:
+    """``module.manual_backward(loss)``, then the gradients of ``network`` averaged over the
+    processes in one all-reduce. DDP's own reduction is switched off (``no_sync``): it expects
+    every parameter of the module to get a gradient, but a WGAN critic step reaches only the critic
+    and a generator step only the generator (``find_unused_parameters`` would also work, at the cost
+    of a graph search and an all-reduce of the other network's zero gradients every step)."""
+    ddp = module.trainer.model
+    with ddp.no_sync() if isinstance(ddp, DistributedDataParallel) else contextlib.nullcontext():
+        module.manual_backward(loss)
+    if module.trainer.world_size > 1:
+        grads = [p.grad for p in network.parameters() if p.grad is not None]
+        flat = module.trainer.strategy.reduce(torch.cat([g.reshape(-1) for g in grads]), reduce_op="mean")
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
+def mean_over_processes(module: L.LightningModule, values: dict) -> dict:
+    """``values`` (floats) averaged over the processes of ``module``'s trainer; unchanged in a
+    single process or without a trainer."""
+    if module._trainer is None or module.trainer.world_size == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=module.device)
+    return dict(zip(values, module.trainer.strategy.reduce(t, reduce_op="mean").tolist()))
+
+
+def error_message(error: BaseException, kind: type[BaseException]) -> str | None:
+    """The message of ``error`` if it is a ``kind``, raised here or in a spawned or forked training
+    process (which reaches the caller as torch's ``ProcessRaisedException`` holding its
+    traceback); None for any other error."""
+    if isinstance(error, kind):
+        return str(error)
+    found = (re.search(rf"\b{kind.__name__}: (.+)", str(error)) if isinstance(error, ProcessRaisedException)
+             else None)
+    return found.group(1).strip() if found else None
 
 
 def quiet_lightning() -> None:

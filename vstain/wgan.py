@@ -18,6 +18,11 @@ gradient-penalty ``ε`` is drawn from a generator seeded by ``(seed, step)``. So
 any checkpoint repeats exactly the losses of an uninterrupted run (on CPU; GPU kernels may differ
 in the last bits).
 
+Several processes (Lightning DDP): each process takes its own batch; a step averages the gradients
+of the one network it updates (:func:`vstain.trainer.backward_and_average`) and the logged numbers
+(:func:`vstain.trainer.mean_over_processes`), so every process takes the same divergence decision;
+the penalty's ``ε`` is seeded by ``(seed, step, rank)``.
+
 Tensors are ``N C Z Y X``; targets hold NaN in the channels a FOV does not carry.
 """
 from __future__ import annotations
@@ -33,14 +38,17 @@ from pathlib import Path
 import lightning as L
 import pandas as pd
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
+from torch.multiprocessing import ProcessRaisedException
 
 from .configs import WGANConfig
 from .losses import gradient_penalty, mask_pair, masked_l1, wasserstein_estimate
 from .modelfiles import (CHECKPOINTS, LAST, LOSSES_CSV, init_checkpoint, init_generator, prepare_out_dir,
                          run_config, save_model_json, write_predictions)
 from .models import Critic, Generator, num_params
-from .trainer import CropDataModule, make_optimizer, make_trainer
+from .trainer import (CropDataModule, backward_and_average, error_message, make_optimizer, make_trainer,
+                      mean_over_processes)
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +108,8 @@ def _f(t: Tensor) -> float:
     return float(t.detach())
 
 
-def _step_seed(seed: int, step: int) -> int:
-    return (int(seed) * 1_000_003 + int(step) * 7_919 + 12_345) % (2**63 - 1)
+def _step_seed(seed: int, step: int, rank: int = 0) -> int:
+    return (int(seed) * 1_000_003 + int(step) * 7_919 + 12_345 + int(rank) * 104_729) % (2**63 - 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +142,6 @@ class WGAN(L.LightningModule):
         if cfg.critic_channels_last:
             self.critic.to(memory_format=CHANNELS_LAST)
         self.history: list[dict] = []
-        self.start_step = 0  # the optimiser step training (re)started from
         self._plain_optimizers = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -164,11 +171,12 @@ class WGAN(L.LightningModule):
         """Critic inputs in the critic's memory layout."""
         return [t.contiguous(memory_format=CHANNELS_LAST) for t in ts] if self.cfg.critic_channels_last else list(ts)
 
-    def _backward(self, loss: Tensor) -> None:
-        if self._trainer is not None:
-            self.manual_backward(loss)
-        else:
+    def _backward(self, loss: Tensor, network: nn.Module) -> None:
+        """Backward of ``loss``, then (several processes) ``network``'s gradients averaged."""
+        if self._trainer is None:
             loss.backward()
+        else:
+            backward_and_average(self, loss, network)
 
     # ---- schedule -----------------------------------------------------------------------
     def epoch_number(self) -> int:
@@ -224,16 +232,17 @@ class WGAN(L.LightningModule):
         scores = self.critic(torch.cat([x, x]), torch.cat([real, fake]))
         d_real, d_fake = scores[: x.shape[0]].mean(), scores[x.shape[0]:].mean()
         # l.7-9: ε ~ U[0,1] per sample, ŷ = ε·y + (1-ε)·ỹ (Gulrajani et al.; the thesis' ε·x is a
-        # typo), penalty (||∇_ŷ D_w(x, ŷ)||₂ - 1)². ε is seeded by (seed, step) for exact resume.
-        with seeded_rng(_step_seed(self.cfg.seed, step), real.device):
+        # typo), penalty (||∇_ŷ D_w(x, ŷ)||₂ - 1)². ε is seeded by (seed, step, rank) for exact resume.
+        with seeded_rng(_step_seed(self.cfg.seed, step, self.global_rank), real.device):
             gp = gradient_penalty(self.critic, x, real, fake)
         loss = d_fake - d_real + self.cfg.lambda_gp * gp
         w = wasserstein_estimate(d_real, d_fake)
-        out = {"critic_loss": _f(loss), "wasserstein": _f(w), "gp": _f(gp), "d_real": _f(d_real), "d_fake": _f(d_fake)}
+        out = mean_over_processes(self, {"critic_loss": _f(loss), "wasserstein": _f(w), "gp": _f(gp),
+                                         "d_real": _f(d_real), "d_fake": _f(d_fake)})
         self._check(out, step)
         # l.11: w <- RMSProp(∇_w (1/m) Σ L^i, w, lr)
         opt_c.zero_grad(set_to_none=True)
-        self._backward(loss)
+        self._backward(loss, self.critic)
         out["grad_norm_critic"] = grad_norm(self.critic)
         opt_c.step()
         return out
@@ -264,16 +273,17 @@ class WGAN(L.LightningModule):
             adv = -self.critic(*self._c(x, fake)).mean()  # -mean D_w(x, ỹ)
         g_l1, = torch.autograd.grad(l1, pred, retain_graph=True)
         g_adv, = torch.autograd.grad(adv, pred)
-        n_l1, n_adv = float(g_l1.norm()), float(g_adv.norm())
+        n_l1, n_adv = mean_over_processes(self, {"l1": float(g_l1.norm()), "adv": float(g_adv.norm())}).values()
         lam = self.adv_weight(n_l1, n_adv)
         loss = l1 + lam * adv
-        out = {"l1": _f(l1), "adv": _f(adv), "lambda_adv": lam, "generator_loss": _f(loss),
+        m = mean_over_processes(self, {"l1": _f(l1), "adv": _f(adv), "generator_loss": _f(loss)})
+        out = {"l1": m["l1"], "adv": m["adv"], "lambda_adv": lam, "generator_loss": m["generator_loss"],
                "grad_ratio": lam * n_adv / n_l1 if n_l1 > 0 else float("nan")}
         self._check(out, step)
         # l.13: θ <- RMSProp(∇_θ (1/m) Σ (||y - ỹ||_1 - λ_adv D_w(x, ỹ)), θ, lr): the chain rule
         # from the output gradient (a scalar surrogate so Lightning's precision plugin applies).
         opt_g.zero_grad(set_to_none=True)
-        self._backward((pred * (g_l1 + lam * g_adv).detach()).sum())
+        self._backward((pred * (g_l1 + lam * g_adv).detach()).sum(), self.generator)
         out["grad_norm_generator"] = grad_norm(self.generator)
         opt_g.step()
         return out
@@ -330,11 +340,6 @@ class WGAN(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.history = list(checkpoint.get("wgan_history", []))
-        self.start_step = int(checkpoint.get("global_step", 0))
-
-
-# --------------------------------------------------------------------------------------------
-# Initialisation from the U-Net baseline
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,7 +369,8 @@ def fit_wgan(cfg: WGANConfig, stage_in, out_dir, progress: bool = True, callback
     """Train (or resume from ``out_dir/checkpoints/last.ckpt``) on the processed set in
     ``stage_in``. Returns ``(module, trainer, stopped)``; ``stopped`` is ``""`` or the message of a
     :class:`TrainingDiverged`, in which case the module holds the last good checkpoint's weights
-    (those of optimiser step ``module.restored_step``).
+    (those of optimiser step ``module.restored_step``). Under DDP process 0 writes the files; after
+    a divergence in spawned processes the history ends at the last checkpoint.
 
     Args:
         cfg: the run's configuration (``init_from`` is used only when no checkpoint exists yet).
@@ -376,9 +382,10 @@ def fit_wgan(cfg: WGANConfig, stage_in, out_dir, progress: bool = True, callback
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = run_config(cfg.to_dict(), stage_in, init_checkpoint(cfg.init_from))
-    prepare_out_dir(out_dir, config, RESUMABLE_KEYS)
-    save_model_json(out_dir, config, model="wgan", generator=asdict(cfg.generator_config()),
-                    critic=asdict(cfg.critic_config()))
+    if rank_zero_only.rank == 0:
+        prepare_out_dir(out_dir, config, RESUMABLE_KEYS)
+        save_model_json(out_dir, config, model="wgan", generator=asdict(cfg.generator_config()),
+                        critic=asdict(cfg.critic_config()))
     if cfg.device == "cpu" and cfg.num_threads > 0:
         torch.set_num_threads(int(cfg.num_threads))
     spi = cfg.steps_per_iteration
@@ -397,8 +404,10 @@ def fit_wgan(cfg: WGANConfig, stage_in, out_dir, progress: bool = True, callback
     stopped = ""
     try:
         trainer.fit(module, datamodule=dm)
-    except TrainingDiverged as e:
-        stopped = str(e)
+    except (TrainingDiverged, ProcessRaisedException) as e:
+        stopped = error_message(e, TrainingDiverged)
+        if stopped is None:
+            raise
         log.warning(stopped)
         history = module.history
         module.restored_step = int(trainer.global_step)  # the failing step was not applied
@@ -406,6 +415,7 @@ def fit_wgan(cfg: WGANConfig, stage_in, out_dir, progress: bool = True, callback
             ckpt = torch.load(last, map_location="cpu", weights_only=False)
             module.load_state_dict(ckpt["state_dict"])
             module.restored_step = int(ckpt["global_step"])
+            history = history or list(ckpt.get("wgan_history", []))
         module.history = history  # keep the rows up to the failure, for the record
     return module, trainer, stopped
 
@@ -414,23 +424,27 @@ def run_wgan_stage(stage_in, out_dir, cfg: WGANConfig, splits=("val", "test"), m
                    progress: bool = True) -> WGANResult:
     """The ``05_wgan`` stage in one call: train (resuming if interrupted, optionally from the U-Net
     baseline), write ``losses.csv`` (:data:`LOSS_COLUMNS`), the whole-volume predictions of
-    ``splits`` and ``model.json``."""
+    ``splits`` and ``model.json``. Under ``strategy="ddp"`` the other processes return after
+    training with no predictions (process 0 writes the files)."""
     t = time.perf_counter()
     module, trainer, stopped = fit_wgan(cfg, stage_in, out_dir, progress=progress)
     train_s = time.perf_counter() - t
     losses = history_frame(module.history)
+    step, start = int(getattr(module, "restored_step", trainer.end_step)), trainer.start_step
+    spi = cfg.steps_per_iteration
+    if not trainer.is_global_zero:
+        return WGANResult(losses, pd.DataFrame(), module.generator.eval(), cfg, step, step // spi, start, train_s,
+                          stopped)
     losses.to_csv(Path(out_dir) / LOSSES_CSV, index=False)
     # predict on the training accelerator when it is a GPU (whole FOVs are slow on a CPU at width 64)
     on_gpu = cfg.device in ("gpu", "cuda", "auto") and torch.cuda.is_available()
     gen = module.generator.to("cuda" if on_gpu else "cpu").to(memory_format=torch.contiguous_format).eval()
     preds = write_predictions(gen, stage_in, out_dir, splits=splits, max_voxels=max_voxels)
     gen = gen.to("cpu")
-    step = int(getattr(module, "restored_step", trainer.global_step))
     save_model_json(out_dir, run_config(cfg.to_dict(), stage_in, init_checkpoint(cfg.init_from)), model="wgan", generator=asdict(cfg.generator_config()),
                     critic=asdict(cfg.critic_config()), num_params=num_params(gen),
                     critic_params=num_params(module.critic), global_step=step,
-                    iterations=step // cfg.steps_per_iteration, train_seconds=round(train_s, 2),
+                    iterations=step // spi, train_seconds=round(train_s, 2),
                     threads=torch.get_num_threads(), stopped=stopped,
                     prediction_modes=sorted(set(preds["mode"])) if len(preds) else [])
-    start = int(module.start_step)
-    return WGANResult(losses, preds, gen, cfg, step, step // cfg.steps_per_iteration, start, train_s, stopped)
+    return WGANResult(losses, preds, gen, cfg, step, step // spi, start, train_s, stopped)
