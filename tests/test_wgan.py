@@ -414,3 +414,25 @@ def test_sharpness_table_reference(tmp_path, with_truth, reference):
         assert "measured target" not in means
         with pytest.raises(ValueError, match="needs the simulator's clean truth"):
             sharpness_table(tmp_path / "stage", {"sharp": tmp_path / "sharp"}, reference="truth")
+
+
+def _transfer_table(n_fovs, gain):
+    rng = np.random.default_rng(0)
+    rows = []
+    for f in range(n_fovs):
+        for ch in ("dna", "nucleoli"):
+            t = 0.5 + 0.05 * rng.standard_normal()
+            rows += [{"model": "U-Net", "fov_id": str(f), "channel": ch, "transfer": t},
+                     {"model": "WGAN", "fov_id": str(f), "channel": ch, "transfer": t + gain}]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("n, gain, claim", [(8, 0.2, "holds"), (8, -0.2, "does not hold"), (8, 0.0, "cannot be decided"),
+                                            (3, 0.2, "cannot be decided with n = 3 FOVs")])
+def test_sharper_verdict_answers_from_paired_intervals(n, gain, claim):
+    from vstain.evaluate.sharpness import sharper_verdict
+
+    text = sharper_verdict(_transfer_table(n, gain), n_resamples=999)
+    assert f"on most channels **{claim}" in text
+    if gain and n >= 6:
+        assert ("WGAN better" if gain > 0 else "U-Net better") in text

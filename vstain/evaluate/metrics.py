@@ -4,11 +4,11 @@ Per test FOV and target channel: SSIM (3D, scikit-image, ``data_range`` from the
 MAE and the Pearson correlation (PCC). Against the processed targets only the channels a FOV
 carries are scored (a NaN channel is no label); on simulated data the same metrics against the clean
 six-channel truth score every channel. Results are long-format tables (one row per FOV, channel,
-model and metric) summarised as mean ± standard deviation over FOVs.
+model and metric).
 
 This module knows nothing of models: it reads volumes and compares arrays. The classifier's
-columns (F1clf, the perceptual distance) come from :mod:`vstain.evaluate.classifier` as tables that
-:func:`table41` merges in.
+columns (F1clf, the perceptual distance) come from :mod:`vstain.evaluate.classifier`;
+:mod:`vstain.evaluate.comparison` turns both into Table 4.1 with intervals.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ THESIS_TABLE41_ROWS = [
 
 
 def thesis_table41() -> pd.DataFrame:
-    """The thesis' reported Table 4.1 in the layout of :func:`summarise` (plus ``f1clf``):
+    """The thesis' reported Table 4.1 (mean and standard deviation over its test set, and F1clf):
     index ``(channel, model)``, columns ``<metric>_mean``, ``<metric>_std``, ``f1clf``."""
     cols = ["channel", "model", "ssim_mean", "ssim_std", "mse_mean", "mse_std", "mae_mean", "mae_std",
             "pcc_mean", "pcc_std", "f1clf"]
@@ -158,156 +158,6 @@ def evaluate_predictions(stage_in: str | Path, pred_dirs: dict[str, str | Path],
             m.insert(0, "fov_id", row["fov_id"])
             frames.append(m)
     return pd.concat(frames, ignore_index=True)
-
-
-def summarise(long: pd.DataFrame, models: list[str] | None = None) -> pd.DataFrame:
-    """Mean ± population standard deviation (ddof=0, so one FOV gives 0, not NaN) over FOVs.
-
-    Returns one row per ``(channel, model)`` in TARGETS order, columns ``<metric>_mean``,
-    ``<metric>_std`` and ``n`` (FOVs scored)."""
-    g = long.groupby(["channel", "model", "metric"])["value"]
-    stats = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=0), "n": g.size()}).reset_index()
-    wide = stats.pivot_table(index=["channel", "model"], columns="metric", values=["mean", "std"])
-    wide.columns = [f"{m}_{s}" for s, m in wide.columns]
-    n = stats.groupby(["channel", "model"])["n"].max()
-    out = wide[[f"{m}_{s}" for m in METRICS for s in ("mean", "std")]].assign(n=n)
-    models = models or list(dict.fromkeys(long["model"]))
-    order = [(c, m) for c in TARGETS for m in models if (c, m) in out.index]
-    return out.loc[order]
-
-
-def table41(pixel: pd.DataFrame, extra: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Table 4.1 as numbers: :func:`summarise`'s output joined with per ``(channel, model)``
-    columns such as ``f1clf`` and ``perceptual`` from :mod:`vstain.evaluate.classifier`."""
-    out = pixel.copy()
-    if extra is not None:
-        out = out.join(extra, how="left")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Presentation
-# ---------------------------------------------------------------------------------------------
-def format_pm(mean: float, std: float) -> str:
-    """``mean ± std`` rounded at the standard deviation's first significant digit (as the thesis
-    prints them: ``0.75 ± 0.08``, ``0.4 ± 0.1``), with two to four decimals."""
-    if not np.isfinite(std) or std <= 0:
-        return f"{mean:.3f} ± 0"
-    d = int(np.clip(-np.floor(np.log10(std)), 2, 4))
-    return f"{mean:.{d}f} ± {std:.{d}f}"
-
-
-def best_models(table: pd.DataFrame) -> pd.DataFrame:
-    """Boolean frame: True where a model is the best for its channel and column (ties count for all)."""
-    cols = [c for c in HIGHER_IS_BETTER if f"{c}_mean" in table or c in table]
-    best = pd.DataFrame(False, index=table.index, columns=cols)
-    for col in cols:
-        v = table[f"{col}_mean"] if f"{col}_mean" in table else table[col]
-        for ch in table.index.get_level_values(0).unique():
-            vals = v.loc[ch]
-            if vals.isna().all():
-                continue
-            tgt = vals.max() if HIGHER_IS_BETTER[col] else vals.min()
-            for model in vals.index[np.isclose(vals, tgt)]:
-                best.loc[(ch, model), col] = True
-    return best
-
-
-def display_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Table 4.1 as strings: ``mean ± std`` cells (``mean (1 FOV)`` where a single FOV was scored,
-    whose spread is unknown), F1 to four decimals, display names."""
-    best = best_models(table)
-    out = pd.DataFrame(index=table.index)
-    single = table["n"].to_numpy() == 1 if "n" in table else np.zeros(len(table), bool)
-    for col in best.columns:
-        if f"{col}_mean" in table:
-            one = single if col in METRICS else np.zeros(len(table), bool)
-            out[COLUMN_LABELS[col]] = [f"{m:.3f} (1 FOV)" if o else format_pm(m, s)
-                                       for m, s, o in zip(table[f"{col}_mean"], table[f"{col}_std"], one)]
-        else:
-            out[COLUMN_LABELS[col]] = [f"{v:.4f}" for v in table[col]]
-    out.index = pd.MultiIndex.from_tuples([(TARGET_LABELS[c], m) for c, m in table.index], names=["Channel", "Model"])
-    return out
-
-
-def styled_table(table: pd.DataFrame, caption: str = ""):
-    """A pandas Styler of :func:`display_table` with the best model per channel and column in bold."""
-    shown = display_table(table)
-    best = best_models(table)
-    bold = pd.DataFrame("", index=shown.index, columns=shown.columns)
-    for col in best.columns:
-        bold[COLUMN_LABELS[col]] = np.where(best[col].to_numpy(), "font-weight: bold", "")
-    sty = shown.style.apply(lambda _: bold, axis=None)
-    if caption:
-        sty = sty.set_caption(caption)
-    return sty
-
-
-def wins(table: pd.DataFrame, models: tuple[str, str] = ("U-Net", "WGAN")) -> pd.DataFrame:
-    """For each column, how many channels each model is strictly best on (ties go to neither)."""
-    a, b = models
-    rows = []
-    for col in HIGHER_IS_BETTER:
-        key = f"{col}_mean" if f"{col}_mean" in table else col
-        if key not in table:
-            continue
-        v = table[key].unstack("model")
-        if a not in v or b not in v:
-            continue
-        diff = (v[a] - v[b]) * (1 if HIGHER_IS_BETTER[col] else -1)
-        rows.append({"metric": col, a: int((diff > 0).sum()), b: int((diff < 0).sum()),
-                     "channels": int(diff.notna().sum())})
-    return pd.DataFrame(rows).set_index("metric")
-
-
-def headline(table: pd.DataFrame, models: tuple[str, str] = ("U-Net", "WGAN")) -> str:
-    """A paragraph, generated from the numbers, on whether the thesis' finding holds: the U-Net
-    wins the pixel metrics (SSIM, MSE, MAE, PCC) and the WGAN wins F1clf."""
-    a, b = models
-    w = wins(table, models)
-    pix = w.loc[[m for m in METRICS if m in w.index]]
-    n_pix, a_pix = int(pix["channels"].sum()), int(pix[a].sum())
-    parts = [f"Across {len(pix)} pixel metrics and {int(pix['channels'].max())} channels, the {a} is best in "
-             f"{a_pix} of {n_pix} channel-metric cells and the {b} in {int(pix[b].sum())}."]
-    pixel_holds = a_pix > n_pix / 2
-    f1_holds = None
-    if "f1clf" in w.index:
-        f = w.loc["f1clf"]
-        f1_holds = f[b] > f["channels"] / 2
-        parts.append(f"On F1clf the {b} is best on {f[b]} of {f['channels']} channels and the {a} on {f[a]}.")
-    if "perceptual" in w.index:
-        p = w.loc["perceptual"]
-        parts.append(f"The perceptual distance is lower for the {b} on {p[b]} of {p['channels']} channels "
-                     f"and for the {a} on {p[a]}.")
-    claim = f"the thesis' finding ({a} wins the pixel metrics, {b} wins F1clf)"
-    if f1_holds is None:
-        half = "holds" if pixel_holds else "does not hold"
-        verdict = f"Without F1clf only half of {claim} can be checked: the pixel half {half}."
-    elif pixel_holds and f1_holds:
-        verdict = f"So {claim} holds in this run."
-    elif pixel_holds or f1_holds:
-        held = "pixel-metric" if pixel_holds else "F1clf"
-        verdict = f"So {claim} holds only in part in this run: its {held} half holds, the other does not."
-    else:
-        verdict = f"So {claim} does not hold in this run."
-    return " ".join(parts + [verdict])
-
-
-def compare_with_thesis(table: pd.DataFrame, thesis: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Means of this run beside the thesis' reported Table 4.1, per channel and model: columns
-    ``(metric, "thesis" | "this run")`` for SSIM, MSE, MAE, PCC and F1clf."""
-    thesis = thesis_table41() if thesis is None else thesis
-    cols = {}
-    for m in (*METRICS, "f1clf"):
-        key = f"{m}_mean" if m in METRICS else m
-        if key not in table:
-            continue
-        cols[(COLUMN_LABELS[m], "thesis")] = thesis[key].reindex(table.index)
-        cols[(COLUMN_LABELS[m], "this run")] = table[key]
-    out = pd.DataFrame(cols)
-    out.columns = pd.MultiIndex.from_tuples(out.columns)
-    out.index = pd.MultiIndex.from_tuples([(TARGET_LABELS[c], m) for c, m in table.index], names=["Channel", "Model"])
-    return out
 
 
 def coverage(long: pd.DataFrame, split: str = "test") -> str:

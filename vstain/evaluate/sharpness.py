@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 
 from .. import dataset
-from ..channels import TARGETS
+from ..channels import TARGET_LABELS, TARGETS
 from ..volumes import read_volume
+from .stats import channel_verdict, claim_verdict, compare, n_fovs
 
 
 def _spectra(a: np.ndarray) -> np.ndarray:
@@ -111,3 +112,25 @@ def sharpness_table(stage_in, pred_dirs: dict[str, str | Path], split: str = "te
                 rows.append({"model": model, "fov_id": r["fov_id"], "channel": name,
                              **sharpness(vol[c], ref[c], cutoff, min_coarse), "reference": reference})
     return pd.DataFrame(rows)
+
+
+def sharper_verdict(table: pd.DataFrame, model_a: str = "U-Net", model_b: str = "WGAN", n_resamples: int = 9999,
+                    confidence: float = 0.95, seed: int = 0) -> str:
+    """Whether ``model_b`` is sharper than ``model_a``: the coherent transfer of each channel
+    compared per FOV (paired intervals, :func:`vstain.evaluate.stats.compare`), then the claim
+    "sharper on most channels" as "holds", "does not hold" or "cannot be decided with n = ...".
+
+    Args:
+        table: :func:`sharpness_table`'s long table (``model, fov_id, channel, transfer``).
+    """
+    long = table[table["model"].isin([model_a, model_b])].rename(columns={"transfer": "value"})
+    long = long.assign(metric="transfer")[["model", "fov_id", "channel", "metric", "value"]].dropna()
+    if long.empty or long["model"].nunique() < 2:
+        return f"The coherent transfer of {model_a} and {model_b} could not be compared: no channel where both are defined."
+    comp = compare(long, model_a, model_b, higher_is_better=True, n_resamples=n_resamples,
+                   confidence=confidence, seed=seed)
+    parts = [f"{TARGET_LABELS[r['channel']]}: {channel_verdict(r)}" for _, r in comp.iterrows()]
+    claim = claim_verdict(comp, model_b, "most")
+    return (f"Coherent transfer per FOV, {model_b} against {model_a}, paired over test FOVs ({n_fovs(comp['n'])}): "
+            + "; ".join(parts) + f". The claim that the {model_b} is sharper than the {model_a} on most channels "
+            f"**{claim}**.")
