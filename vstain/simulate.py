@@ -565,6 +565,20 @@ def write_registry(out_dir: str | Path, n_per_structure: int, cfg: SimConfig | N
     return publish_local(folder, out_dir, ALLEN_PACKAGE)
 
 
+def write_plain_fov(path: str | Path, cfg: SimConfig | None = None, structure: str = "nucleoli", seed: int = 0,
+                    order: Sequence[str] = ("dna", "brightfield", "struct", "membrane")) -> dict:
+    """One simulated FOV as a plain single-file OME-TIFF, the way a microscope would save it:
+    uint16 channels in ``order`` (named as :data:`CHANNEL_NAMES`: brightfield is ``"Bright"``) with
+    the physical pixel sizes, and no metadata table. Returns :func:`simulate_fov`'s dict (the clean
+    truth and the true in-focus range among it), so a prediction of the file can be scored."""
+    cfg = cfg or SimConfig()
+    if sorted(order) != sorted(CHANNEL_NAMES):
+        raise ValueError(f"order must name each of {sorted(CHANNEL_NAMES)} once, got {list(order)}")
+    fov = simulate_fov(cfg, structure, seed)
+    write_ome(path, np.stack([fov[c] for c in order]), [CHANNEL_NAMES[c] for c in order], cfg.pixel_size)
+    return fov
+
+
 def time_fov(cfg: SimConfig, structure: str = "mito", seed: int = 0) -> float:
     """Seconds to simulate one FOV (for the report; no test asserts it)."""
     t0 = time.perf_counter()
