@@ -146,6 +146,10 @@ def test_export_rejects_bad_input(stage, tmp_path):
         export.export_bioimageio(Generator(GeneratorConfig(base_width=4)), tmp_path / "b.zip")
     with pytest.raises(FileNotFoundError, match="model.json"):
         export.export_bioimageio(tmp_path, tmp_path / "c.zip", VOXEL)
+    with pytest.raises(ValueError, match="trained_on"):
+        export.export_bioimageio(stage, tmp_path / "d.zip", trained_on="real")
+    with pytest.raises(FileNotFoundError, match="no such bioimage.io package"):
+        export.load_package(tmp_path / "missing.zip")
 
 
 def test_default_test_input_is_a_central_crop_of_a_test_fov(tmp_path):

@@ -8,10 +8,13 @@ folder (or a :class:`~vstain.models.Generator`) into one zip that bioimage.io co
 input/output pair computed by the model, a cover image and a README. :func:`load_package` turns a
 package back into a generator and its metadata; :func:`check_package` runs bioimageio.core's model
 test. Nothing here touches the network: the one URL in the package (the thesis' repository) is
-declared known to bioimageio's validation, which otherwise requests every URL it meets.
+declared known to bioimageio's validation, which otherwise requests every URL it meets. A small
+compatibility fix lets bioimageio.spec 0.5.12 serialise under pydantic >= 2.14 (see
+:func:`_fix_bioimageio_serializers`).
 """
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import types
@@ -52,10 +55,10 @@ def _fix_bioimageio_serializers() -> bool:
     """Let bioimageio.spec's wrap serializers run under pydantic >= 2.14.
 
     bioimageio.spec 0.5.12 calls pydantic's wrap handler as ``handler(value, info)`` in the
-    serializers of file entries and of weights (and of v0.4-only strings, not used here); the second argument is an index key,
-    which pydantic >= 2.14 checks (pydantic PR 13506: ``TypeError: 'index_key' is expected to be
-    an integer or a string``) where older versions ignored it, so no package could be written or
-    tested. Each serializer's code is replaced in place (the function objects sit in compiled
+    serializers of file entries and weights (and of v0.4-only strings, unused here); the second
+    argument is an index key, which pydantic >= 2.14 checks (pydantic PR 13506: ``TypeError:
+    'index_key' is expected to be an integer or a string``) where older versions ignored it, so
+    no package could be written or tested. Each serializer's code is replaced in place (the function objects sit in compiled
     schemas) by a call of the original with a handler that drops that argument. Applied only when
     this pydantic rejects the call; returns whether it was applied.
     """
@@ -83,7 +86,7 @@ BIOIMAGEIO_PATCHED = _fix_bioimageio_serializers()
 
 INPUT_ID, OUTPUT_ID = "brightfield", "fluorescence"
 SPATIAL = ("z", "y", "x")
-EPS = 1e-6  # as vstain.dataset.zscore: (x - mean) / (std + eps)
+EPS = 1e-6  # (x - mean) / (std + eps): vstain.dataset.zscore in training, the package's preprocessing
 THESIS = ("L. Venieri. Generative Adversarial Networks for Three-Dimensional Multi-Channel Virtual "
           "Fluorescent Staining. Master thesis, University of Bologna, 2023.")
 THESIS_URL = "https://amslaurea.unibo.it/"  # the University of Bologna's thesis repository
@@ -98,6 +101,7 @@ CITE = (
 )
 KNOWN_URLS = {THESIS_URL: None}  # bioimageio validation skips the request for these
 MODEL_KINDS = {"unet": "U-Net", "wgan": "WGAN-GP"}
+TRAINING_SOURCES = ("synthetic", "allen", "unknown")
 
 
 def generator_from_config(**kwargs) -> Generator:
@@ -195,7 +199,7 @@ def to_torchscript(generator: Generator) -> torch.jit.ScriptModule:
     """A TorchScript module that predicts as ``generator`` does on any ``N, 1, Z, Y, X`` input
     with Z, Y, X >= 8. The network is traced on 16^3 voxels (its size handling is Python that
     tracing would freeze) and wrapped in the scripted :class:`PadCrop`."""
-    gen = generator.cpu().eval()
+    gen = copy.deepcopy(generator).cpu().eval()  # the caller's module keeps its device and mode
     with torch.no_grad(), warnings.catch_warnings():
         # the size checks and padding that tracing freezes are exactly what PadCrop takes over;
         # torch.jit is deprecated in favour of torch.export, which bioimage.io does not read
@@ -208,12 +212,6 @@ def to_torchscript(generator: Generator) -> torch.jit.ScriptModule:
 # --------------------------------------------------------------------------------------------
 # Package contents
 # --------------------------------------------------------------------------------------------
-def zscore_sample(x: np.ndarray) -> np.ndarray:
-    """Per-sample z-scoring over Z, Y, X of ``[1, Z, Y, X]``: the package's preprocessing."""
-    x = x.astype(np.float32)
-    return (x - x.mean()) / (x.std() + EPS)
-
-
 def write_cover(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
     """A 2:1 PNG: the brightfield's middle slice and the six predicted channels' (``x [1,Z,Y,X]``,
     ``y [6,Z,Y,X]``)."""
@@ -260,16 +258,15 @@ trained as the {kind} of the executable reproduction `vstain` of {THESIS}
 
 ## Training data
 
-{trained}{step}; loss: masked L1{' and the WGAN-GP critic' if info['model'] == 'wgan' else ''}
-(thesis 3.2).
+{trained}{step}; loss: masked L1{' and the WGAN-GP critic' if info['model'] == 'wgan' else ''} (thesis 3.2).
 
 ## Limits
 
 - {'Trained on simulated data only: do not use it on real microscope images.' if info['trained_on'] == 'synthetic'
    else 'Trained on one cell type (hiPSC), one microscope and one voxel size; other samples are out of distribution.'}
-- The outputs are predictions, not measurements: fine structures (mitochondria, actomyosin bundles)
-  are the least reliable channels in the thesis; the model gives no uncertainty (`vstain.tta` gives
-  a flip test-time spread as a rough one).
+- The outputs are predictions, not measurements: in the thesis (Table 4.1) the cell membrane and
+  actomyosin channels agree least with their targets (Pearson r 0.65 and 0.7 for the U-Net). The
+  model gives no uncertainty; `vstain.tta` gives a flip test-time spread as a rough one.
 - Each training FOV labels only its own tagged structure (plus DNA and membrane); channels are
   learnt from fewer FOVs than the two common ones.
 - The weights in `pytorch_state_dict` need the `vstain` package (`vstain.export.generator_from_config`);
@@ -314,7 +311,7 @@ def export_bioimageio(source, out_zip, voxel_size_zyx=None, test_input=None, *, 
         test_input: brightfield ``[1, Z, Y, X]``, each axis 8 + 8n, not yet z-scored; default: a
             central crop of the processed set's first test FOV (noise without a processed set).
         name: the package's name (letters, digits, spaces, ``_+-()``); default from the stage.
-        trained_on: ``"synthetic"`` or ``"allen"``; default from the run directory.
+        trained_on: one of :data:`TRAINING_SOURCES`; default from the run directory.
         authors: names of the package's authors.
         license: SPDX identifier (the project's: MIT).
         seed: seed of the noise test input.
@@ -323,9 +320,12 @@ def export_bioimageio(source, out_zip, voxel_size_zyx=None, test_input=None, *, 
         The written zip's path.
     """
     out_zip = Path(out_zip)
+    if trained_on not in (None, *TRAINING_SOURCES):
+        raise ValueError(f"trained_on must be one of {TRAINING_SOURCES}, got {trained_on!r}")
     if isinstance(source, Generator):
-        gen, info = source.cpu().eval(), {"model": "unknown", "global_step": None, "trained_on": "unknown",
-                                          "voxel_size_zyx": None, "processed": None}
+        gen, info = copy.deepcopy(source).cpu().eval(), {"model": "unknown", "global_step": None,
+                                                         "trained_on": "unknown", "voxel_size_zyx": None,
+                                                         "processed": None}
     else:
         if not (Path(source) / "model.json").exists():
             raise FileNotFoundError(f"{source}: not a model stage folder (no model.json); train 04_unet or 05_wgan first")
@@ -341,7 +341,7 @@ def export_bioimageio(source, out_zip, voxel_size_zyx=None, test_input=None, *, 
         raise ValueError(f"test_input must be [1, Z, Y, X] with Z, Y, X = 8 + 8n, got shape {x.shape}")
     name = name or f"vstain {MODEL_KINDS.get(info['model'], 'U-Net')} virtual staining width {gen.cfg.base_width}"
     with torch.no_grad():
-        y = gen(torch.from_numpy(zscore_sample(x))[None]).numpy()  # [1, 6, Z, Y, X]
+        y = gen(torch.from_numpy(dataset.zscore(x, EPS))[None]).numpy()  # [1, 6, Z, Y, X]
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
@@ -402,6 +402,8 @@ def export_bioimageio(source, out_zip, voxel_size_zyx=None, test_input=None, *, 
 def load_package(path) -> tuple[Generator, PackageInfo]:
     """The generator (state-dict weights, eval mode, CPU) and metadata of a package written by
     :func:`export_bioimageio`, without network access or hashing."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such bioimage.io package (a .zip from vstain.export)")
     descr = load_model_description(path, perform_io_checks=False)
     if not isinstance(descr, bio.ModelDescr):
         raise ValueError(f"{path}: not a bioimage.io model description of format 0.5 ({type(descr).__name__})")
