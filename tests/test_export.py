@@ -97,7 +97,8 @@ def test_package_contents(package, brightfield):
         readme = z.read("README.md").decode()
         np.testing.assert_array_equal(np.load(z.open("test_input.npy")), brightfield[None])
     assert {"rdf.yaml", "weights.pt", "weights_torchscript.pt", "cover.png", "test_output.npy"} <= names
-    assert "Venieri" in readme and "simulated" in readme and "0.29, 0.108, 0.108 µm" in readme
+    assert "Venieri" in readme and "0.29, 0.108, 0.108 µm" in readme
+    assert "Simulated hiPSC fields of view" in readme and "for 2 optimiser steps" in readme
     assert "## Validation" in readme and "## Limits" in readme
 
 

@@ -232,12 +232,12 @@ def write_cover(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
 
 def write_readme(path: Path, name: str, generator: Generator, voxel, info: dict) -> Path:
     """The package's documentation: what the model is, its data, voxel size, limits, validation."""
-    source = {"synthetic": "simulated hiPSC fields of view (vstain.simulate) in the Allen Cell layout",
-              "allen": "real fields of view of the Allen Cell hiPSC single-cell image dataset (Viana et al. 2023)"}
-    trained = source.get(info["trained_on"], "data not recorded with the weights")
+    source = {"synthetic": "Simulated hiPSC fields of view (vstain.simulate) in the Allen Cell layout",
+              "allen": "Real fields of view of the Allen Cell hiPSC single-cell image dataset (Viana et al. 2023)"}
+    trained = source.get(info["trained_on"], "Data not recorded with the weights")
     kind = MODEL_KINDS.get(info["model"], "generator")
     step = f" for {info['global_step']} optimiser steps" if info.get("global_step") else ""
-    channels = "\n".join(f"{i}. `{t}`: {TARGET_LABELS[t]}" for i, t in enumerate(TARGETS, 1))
+    channels = "\n".join(f"  {i}. `{t}`: {TARGET_LABELS[t]}" for i, t in enumerate(TARGETS, 1))
     text = f"""# {name}
 
 A 3D U-Net generator (depth 3, base width {generator.cfg.base_width}, {num_params(generator):,} parameters;
@@ -275,7 +275,7 @@ trained as the {kind} of the executable reproduction `vstain` of {THESIS}
 ## Validation
 
 Predict held-out fields of view and compare each channel with its fluorescence target where the
-FOV carries that label: Pearson r, SSIM and PSNR per channel (notebook `07_results` of `vstain`
+FOV carries that label: SSIM, MSE, MAE and Pearson r per channel (notebook `07_results` of `vstain`
 reproduces the thesis' Table 4.1 this way). The package's test input/output pair checks only that
 the weights reproduce themselves.
 
