@@ -19,12 +19,13 @@ from bioimageio.core import create_prediction_pipeline, predict
 from bioimageio.spec import load_model_description
 
 from vstain import export
-from vstain.data import TARGETS
-from vstain.dataset import read_volume, write_processed, zscore
+from vstain.channels import TARGETS
+from vstain.dataset import write_processed, zscore
 from vstain.infer import predict_volume
 from vstain.models import Generator, GeneratorConfig
-from vstain.train import load_generator
+from vstain.modelfiles import load_generator
 from vstain.tta import predict_tta
+from vstain.volumes import read_volume
 
 VOXEL = (0.29, 0.108, 0.108)
 SHAPE = (1, 16, 40, 48)  # test input [1, Z, Y, X]: unequal axes on the package's 8 + 8n grid

@@ -39,9 +39,9 @@ from pydantic_core import PydanticSerializationError
 from torch import Tensor, nn
 
 from . import dataset
-from .data import TARGET_LABELS, TARGETS
+from .channels import TARGET_LABELS, TARGETS
 from .models import MIN_SIZE, SIZE_MULTIPLE, Generator, GeneratorConfig, num_params
-from .train import load_generator
+from .modelfiles import load_generator
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ class PackageInfo:
     Args:
         name: the package's name.
         voxel_size_zyx: training voxel size ``(z, y, x)`` in µm (the input axes' scale).
-        channel_names: output channels in order (:data:`vstain.data.TARGETS`).
+        channel_names: output channels in order (:data:`vstain.channels.TARGETS`).
         generator: the :class:`GeneratorConfig` fields.
         trained_on: ``"synthetic"``, ``"allen"`` or ``"unknown"``.
     """
