@@ -116,3 +116,23 @@ def test_three_models_bold_only_the_model_better_than_both_others():
     models = ["U-Net", "WGAN-GP", "WGAN from U-Net"]
     bold = C.best(C.pairwise(values, None, models, n_resamples=999), models)
     assert bold and all(m == "WGAN from U-Net" for _, m, _ in bold)
+
+
+def test_confusions_are_named_in_words():
+    conf = np.eye(6, dtype=int) * 10
+    conf[2] = 0
+    conf[2, 1] = 8  # mitochondria read as membrane
+    conf[2, 0] = 2
+    text = C.confusion_sentences({"U-Net": conf, "WGAN-GP": np.eye(6, dtype=int) * 5})
+    assert "**U-Net**: F1clf is 0 for Mitochondria. Channels read mostly as another: mitochondria as cell membrane (80% of 10 patches)." in text
+    assert "**WGAN-GP**: every channel is recognised in at least 50% of its patches." in text
+
+
+def test_digits_keep_the_order_of_two_close_models():
+    values = C.fov_values(pixel_table(8))
+    summary = C.model_summary(values, None, MODELS, n_resamples=999)
+    sel = (summary["channel"] == "dna") & (summary["metric"] == "pcc")
+    summary.loc[sel & (summary["model"] == "WGAN-GP"), "estimate"] = summary.loc[sel & (summary["model"] == "U-Net"), "estimate"].iloc[0] + 0.002
+    shown, _ = C.display_table(summary, C.pairwise(values, None, MODELS, n_resamples=999), MODELS)
+    a, b = (float(shown.loc[("DNA", m), "PCC"].split()[0]) for m in MODELS)
+    assert b > a

@@ -114,6 +114,8 @@ def test_thesis_reference_table():
     assert list(t.index) == [(c, m) for c in TARGETS for m in ("U-Net", "WGAN")]
     assert t.loc[("dna", "U-Net"), "ssim_mean"] == 0.75
     assert t.loc[("envelope", "WGAN"), "f1clf"] == 0.9410
+    named = metrics.thesis_table41(thesis_names=True)
+    assert named.loc[("Myofib.", "U-Net"), "pcc_mean"] == t.loc[("actomyosin", "U-Net"), "pcc_mean"]
     # the thesis' headline in its own numbers: F1clf is the WGAN's on every channel
     f1 = t["f1clf"].unstack("model")
     assert (f1["WGAN"] > f1["U-Net"]).all()

@@ -65,8 +65,9 @@ class UNetConfig(DictConfig):
         seed: seeds weights, crops and flips.
         device: Lightning accelerator: ``"cpu"``, ``"gpu"`` (or ``"cuda"``), ``"auto"``.
         precision: Lightning precision: ``"32-true"`` on CPU, ``"bf16-mixed"`` on a GPU.
-        devices: number of devices (several GPUs: e.g. 4 with ``strategy="ddp"``).
-        strategy: Lightning strategy (``"auto"``, ``"ddp"``, ...).
+        devices: number of devices (several GPUs: e.g. 4 with ``strategy="ddp_spawn"``, or
+            ``"ddp_notebook"`` in a notebook; plain ``"ddp"`` re-runs the calling script).
+        strategy: Lightning strategy (``"auto"``, ``"ddp_spawn"``, ``"ddp_notebook"``, ...).
         num_threads: CPU threads for torch (0: leave torch's default, the physical cores).
         channels_last: store activations as ``channels_last_3d`` (may speed up CPU convolutions).
         torch_compile: ``torch.compile`` the generator (fuses instance norm and LeakyReLU; costs a

@@ -21,7 +21,7 @@ from ..channels import TARGET_LABELS, TARGETS
 from .classifier import REAL, confusion, f1_scores
 from .metrics import COLUMN_LABELS, HIGHER_IS_BETTER, METRICS
 from .stats import (channel_verdict, claim_verdict, cluster_bootstrap, compare, decided, format_ci, n_fovs,
-                    paired_cluster_bootstrap, paired_difference)
+                    order_digits, paired_cluster_bootstrap, paired_difference)
 
 COLUMNS = (*METRICS, "f1clf", "perceptual")  # Table 4.1's columns, in order
 PIXEL = METRICS  # the columns of the thesis' claim for the pixel-loss model
@@ -119,9 +119,13 @@ def display_table(summary: pd.DataFrame, comparisons: pd.DataFrame, models: list
     index = [(c, m) for c in TARGETS for m in models if ((summary["channel"] == c) & (summary["model"] == m)).any()]
     shown = pd.DataFrame(index=pd.MultiIndex.from_tuples(index), columns=[COLUMN_LABELS[k] for k in COLUMNS], dtype=object)
     css = pd.DataFrame("", index=shown.index, columns=shown.columns)
+    # one number of decimals per channel and column, enough that no two models' numbers merge or swap
+    digits = {k: order_digits(pd.concat([g["estimate"], g["ci_low"], g["ci_high"]]).tolist() + [0.0])
+              for k, g in summary.groupby(["channel", "metric"])}
     for _, r in summary.iterrows():
         col = COLUMN_LABELS[r["metric"]]
-        shown.loc[(r["channel"], r["model"]), col] = format_ci(r["estimate"], r["ci_low"], r["ci_high"], int(r["n"]))
+        shown.loc[(r["channel"], r["model"]), col] = format_ci(r["estimate"], r["ci_low"], r["ci_high"], int(r["n"]),
+                                                               digits[(r["channel"], r["metric"])])
         if (r["channel"], r["model"], r["metric"]) in bold_cells:
             css.loc[(r["channel"], r["model"]), col] = "font-weight: bold"
     shown = shown.fillna("–")
@@ -176,3 +180,29 @@ def verdict(comparisons: pd.DataFrame, pixel_model: str, adversarial_model: str)
         lines[-1] += "; F1clf was not scored."
     return "\n".join(lines)
 
+
+def confusion_sentences(confs: dict[str, np.ndarray], min_share: float = 0.5) -> str:
+    """What the classifier made of each model's channels, in words: the channels none of whose
+    patches it recognised (F1clf = 0) and, for every channel recognised in fewer than ``min_share``
+    of its patches, the class it was mostly read as.
+
+    Args:
+        confs: model -> confusion counts ``[6, 6]`` (row: the channel a patch was generated for).
+    """
+    out = []
+    for model, conf in confs.items():
+        f1 = f1_scores(conf)
+        zero = [TARGET_LABELS[TARGETS[c]] for c in range(len(TARGETS)) if conf[c].sum() and f1[c] == 0]
+        mixed = []
+        for c, row in enumerate(conf):
+            n = int(row.sum())
+            if not n or row[c] / n >= min_share:
+                continue
+            other = int(np.argmax(np.where(np.arange(len(row)) == c, -1, row)))
+            mixed.append(f"{TARGET_LABELS[TARGETS[c]].lower()} as {TARGET_LABELS[TARGETS[other]].lower()} "
+                         f"({row[other] / n:.0%} of {n} patches)")
+        text = f"**{model}**: " + (f"F1clf is 0 for {', '.join(zero)}. " if zero else "")
+        text += ("Channels read mostly as another: " + "; ".join(mixed) + "." if mixed
+                 else f"every channel is recognised in at least {min_share:.0%} of its patches.")
+        out.append(text)
+    return "\n\n".join(out)
