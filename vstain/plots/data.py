@@ -13,17 +13,10 @@ import pandas as pd
 from matplotlib.colors import ListedColormap
 
 from ..channels import TARGET_LABELS, TARGETS
+from .views import robust_range
 
 CHANNELS = ("brightfield", *TARGETS)
 LABELS = {"brightfield": "Brightfield", **TARGET_LABELS}
-
-
-def _limits(a: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> tuple[float, float]:
-    v = a[np.isfinite(a)]
-    if v.size == 0:
-        return 0.0, 1.0
-    p = np.percentile(v, [lo, hi])
-    return float(p[0]), float(max(p[1], p[0] + 1e-6))
 
 
 def _blank(ax, text: str = "not carried\n(NaN)", extent=None) -> None:
@@ -88,7 +81,7 @@ def fov_gallery(bf: np.ndarray, target: np.ndarray, pixel_size: Sequence[float],
             _blank(bottom, "", extent=extent_xz)
             bottom.set_xlabel("x (µm)", fontsize=8)
             continue
-        vmin, vmax = _limits(ch)
+        vmin, vmax = robust_range(ch)
         cmap = "gray" if name == "brightfield" else "magma"
         top.imshow(ch[z], cmap=cmap, vmin=vmin, vmax=vmax, extent=extent_xy, interpolation="nearest")
         top.axhline(y * py, color="c", lw=0.6, ls=":")
@@ -128,7 +121,7 @@ def intensity_histograms(samples: dict[str, dict[str, np.ndarray]], bins: int = 
             _blank(ax, "no FOV\ncarries it")
             continue
         allv = np.concatenate(list(per.values()))
-        lo, hi = _limits(allv, 0.0, 99.9)
+        lo, hi = robust_range(allv, (0.0, 99.9))
         width = (hi - lo) / bins
         if np.all(allv == np.round(allv)):  # counts: whole-number bins, no empty combs
             width = max(1.0, np.ceil(width))

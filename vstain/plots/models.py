@@ -3,14 +3,16 @@ architecture diagrams of the generator (thesis Figure 3.1) and the critic (Figur
 :func:`vstain.models.summarize` rows so they always show the model that was built."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
-from ..channels import ALLEN_PIXEL_SIZE_ZYX, TARGET_LABELS, TARGETS
-
-Z_ASPECT = ALLEN_PIXEL_SIZE_ZYX[0] / ALLEN_PIXEL_SIZE_ZYX[2]
+from ..channels import TARGET_LABELS, TARGETS
+from .views import channel_ranges, section_grid
+from .views import voxel_size  # noqa: F401  (re-exported for the notebooks)
 
 
 def plot_losses(losses: pd.DataFrame, ax=None, title: str = "U-Net baseline: masked L1"):
@@ -33,61 +35,23 @@ def plot_losses(losses: pd.DataFrame, ax=None, title: str = "U-Net baseline: mas
     return ax
 
 
-def channel_panel(ax, sec: np.ndarray, aspect, vrange) -> None:
-    """One channel's section, or a grey "no label" panel where the channel is all NaN."""
-    if np.isnan(sec).all():
-        ax.imshow(np.zeros_like(sec), cmap="gray", vmin=0, vmax=1, aspect=aspect)
-        ax.text(0.5, 0.5, "no label", color="0.6", ha="center", va="center", transform=ax.transAxes)
-    else:
-        ax.imshow(sec, cmap="magma", vmin=vrange[0], vmax=vrange[1], aspect=aspect)
-
-
-def _section(vol: np.ndarray, view: str, z: int, y: int) -> np.ndarray:
-    """``vol`` ``[Z, Y, X]`` -> the XY plane at ``z`` or the XZ plane at ``y``."""
-    return vol[z] if view == "xy" else vol[:, y, :]
-
-
 def plot_prediction(bf: np.ndarray, target: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None,
-                    view: str = "xy", title: str = "", vrange=(-2.0, 3.0), z_aspect: float = Z_ASPECT):
+                    view: str = "xy", title: str = "", *, voxel_size_zyx: Sequence[float]):
     """Brightfield and the six channels: measured target, prediction and (where the simulator gave
     it) the clean truth, as rows; a channel the FOV carries no label for is marked ``no label``.
+    All panels of a channel share one display range (:func:`vstain.plots.views.display_range`:
+    the clean truth's, else the labelled target's, else the prediction's), shown by a colour bar
+    in z-score units under the channel; the XZ section is drawn at the voxel aspect ``z / x``.
 
     Args:
         bf: brightfield ``[1, Z, Y, X]``; target: ``[6, Z, Y, X]`` with NaN for missing labels;
         pred: ``[6, Z, Y, X]``; truth: ``[6, Z, Y, X]`` or None.
         view: ``"xy"`` (central z-slice) or ``"xz"`` (section through the central row).
-        vrange: display range of the z-scored intensities.
-        z_aspect: height of a z-slice relative to a pixel's width in the XZ view (voxel size
-            Z / XY; default that of the Allen FOVs, 0.29 / 0.108 µm).
+        voxel_size_zyx: voxel size ``(z, y, x)`` in µm of the run (:func:`vstain.plots.views.voxel_size`).
     """
-    if view not in ("xy", "xz"):
-        raise ValueError(f"view must be 'xy' or 'xz', got {view!r}")
-    z, y = bf.shape[1] // 2, bf.shape[2] // 2
     rows = [("measured target", target), ("prediction", pred)] + ([("clean truth", truth)] if truth is not None else [])
-    img = _section(bf[0], view, z, y)
-    aspect = 1.0 if view == "xy" else float(z_aspect)
-    panel_h = max(1.0, 2.0 * img.shape[0] * aspect / img.shape[1])
-    fig, axes = plt.subplots(len(rows), 1 + len(TARGETS), figsize=(2.0 * (1 + len(TARGETS)), panel_h * len(rows) + 0.8),
-                             squeeze=False, constrained_layout=True)
-    for r, (name, vol) in enumerate(rows):
-        ax = axes[r, 0]
-        if r == 0:
-            ax.imshow(img, cmap="gray", aspect=aspect)
-            ax.set_title("brightfield", fontsize=9)
-        ax.set_ylabel(name.replace(" ", "\n"), fontsize=8)
-        ax.set_xticks([]), ax.set_yticks([])
-        if r > 0:
-            ax.set_frame_on(False)
-        for c, key in enumerate(TARGETS):
-            ax = axes[r, c + 1]
-            sec = _section(vol[c], view, z, y)
-            ax.set_xticks([]), ax.set_yticks([])
-            channel_panel(ax, sec, aspect, vrange)
-            if r == 0:
-                ax.set_title(TARGET_LABELS[key], fontsize=9)
-    where = f"central z-slice (z={z})" if view == "xy" else f"XZ section (y={y})"
-    fig.suptitle(f"{title} {where}".strip())
-    return fig
+    return section_grid(bf, rows, channel_ranges(truth, target, [pred]), view, bf.shape[1] // 2, bf.shape[2] // 2,
+                        voxel_size_zyx, title, [TARGET_LABELS[k] for k in TARGETS])
 
 
 # --------------------------------------------------------------------------------------------

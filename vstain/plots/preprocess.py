@@ -12,19 +12,12 @@ from matplotlib.patches import Rectangle
 
 from .. import focus
 from ..channels import TARGET_LABELS, TARGETS
+from .views import robust_range
 
 LABELS = {"brightfield": "Brightfield", **TARGET_LABELS}
 METHOD_LABELS = {"plls": "PLLS", "nvar": "normalised variance", "brenner": "Brenner gradient",
                  "noisy": "noisy input", "n2v": "Noise2Void", "bm3d": "BM3D", "nlm": "non-local means",
                  "truth": "clean truth"}
-
-
-def _range(img: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> tuple[float, float]:
-    v = img[np.isfinite(img)]
-    if v.size == 0:
-        return 0.0, 1.0
-    a, b = np.percentile(v, [lo, hi])
-    return float(a), float(b if b > a else a + 1e-6)
 
 
 def power_spectra(slices: dict[str, np.ndarray], band: tuple[float, float], title: str) -> plt.Figure:
@@ -86,7 +79,7 @@ def xz_window(stack: np.ndarray, row: pd.Series, pixel_size_zx: tuple[float, flo
     dz, dx = pixel_size_zx
     nz, nx = sec.shape
     fig, ax = plt.subplots(figsize=(7, 7 * nz * dz / (nx * dx) + 1.2))
-    vmin, vmax = _range(sec)
+    vmin, vmax = robust_range(sec)
     ax.imshow(sec, cmap="gray", vmin=vmin, vmax=vmax, extent=(0, nx * dx, nz * dz, 0), aspect="equal",
               interpolation="nearest")
     for z, style, lab in ((row["z_lo"], "-", "selected window"), (row["z_hi"], "-", None)):
@@ -121,7 +114,7 @@ def blind_spot(patch: np.ndarray, masked: np.ndarray, mask: np.ndarray, rf: np.n
     there (``rf``, a centred ``|d out / d in|`` map) and the pixel itself left out, its value replaced
     by a neighbour's from the dashed ``roi_size`` box."""
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.6))
-    vmin, vmax = _range(patch)
+    vmin, vmax = robust_range(patch)
     axes[0].imshow(patch, cmap="gray", vmin=vmin, vmax=vmax)
     yy, xx = np.nonzero(mask)
     axes[0].plot(xx, yy, "s", ms=3, mfc="none", mec="tab:red", mew=0.8)
@@ -167,12 +160,12 @@ def denoise_gallery(gallery: np.ndarray, rows: pd.DataFrame, methods=("noisy", "
     for i, ch in enumerate(chans):
         g = gallery[TARGETS.index(ch)]
         ref = g[list(methods).index("noisy")]
-        vmin, vmax = _range(ref, 1, 99.7)
+        vmin, vmax = robust_range(ref, (1, 99.7))
         for j, m in enumerate(methods):
             ax = axes[i, j]
             img = g[j]
             if m == "truth" and np.isfinite(img).any():
-                tv = _range(img, 1, 99.7)
+                tv = robust_range(img, (1, 99.7))
                 ax.imshow(img, cmap="magma", vmin=tv[0], vmax=tv[1])
             elif np.isfinite(img).any():
                 ax.imshow(img, cmap="magma", vmin=vmin, vmax=vmax)
@@ -204,7 +197,7 @@ def denoise_scores(summary: pd.DataFrame, title: str = "Denoising against the cl
             d = summary[summary["method"] == m].set_index("channel").reindex(chans)
             ax.bar(np.arange(len(chans)) + (k - (len(methods) - 1) / 2) * w, d[metric], w, label=labels.get(m, m))
         ax.set_xticks(np.arange(len(chans)), [LABELS[c] for c in chans], rotation=25, ha="right", fontsize=8)
-        ax.set(ylabel="PSNR (dB)" if metric == "psnr" else "SSIM", title=metric.upper())
+        ax.set(xlabel="target channel", ylabel="PSNR (dB)" if metric == "psnr" else "SSIM (-1 to 1)", title=metric.upper())
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
     fig.suptitle(title)
     fig.tight_layout()

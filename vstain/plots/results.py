@@ -3,6 +3,9 @@
 (Figures 4.3 and 4.4). Every function returns a matplotlib Figure and never saves or shows it."""
 from __future__ import annotations
 
+import textwrap
+from typing import Sequence
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -10,15 +13,13 @@ import seaborn as sns
 from matplotlib.patches import Rectangle
 
 from ..channels import TARGET_LABELS, TARGETS
+from .views import (RANGE_RULE, brightfield_panel, channel_panel, channel_ranges, colorbar, robust_range, scale_bar,
+                    show_section)
+from .views import voxel_size  # noqa: F401  (re-exported for the notebooks)
 
 PALETTE = {"Real": "0.6", "U-Net": "tab:blue", "WGAN": "tab:orange"}
 SHORT = {"dna": "DNA", "membrane": "Membrane", "mito": "Mito.", "envelope": "N. env.",
          "actomyosin": "Actomyosin", "nucleoli": "Nucleoli"}
-
-
-def _range(img: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> tuple[float, float]:
-    a, b = np.percentile(img[np.isfinite(img)], [lo, hi]) if np.isfinite(img).any() else (0.0, 1.0)
-    return float(a), float(b if b > a else a + 1)
 
 
 def training_curves(history: pd.DataFrame, title: str = "Classifier training") -> plt.Figure:
@@ -26,11 +27,11 @@ def training_curves(history: pd.DataFrame, title: str = "Classifier training") -
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
     a.plot(history["epoch"], history["train_loss"], "o-", label="train")
     a.plot(history["epoch"], history["val_loss"], "s-", label="val (held out)")
-    a.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+    a.set(xlabel="epoch", ylabel="cross-entropy (nats per patch)", title="Loss")
     b.plot(history["epoch"], history["train_acc"], "o-", label="train")
     b.plot(history["epoch"], history["val_acc"], "s-", label="val (held out)")
     b.axhline(1 / len(TARGETS), color="grey", ls=":", label="chance")
-    b.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1.02))
+    b.set(xlabel="epoch", ylabel="accuracy (fraction of patches)", title="Accuracy", ylim=(0, 1.02))
     for ax in (a, b):
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
     fig.suptitle(title)
@@ -65,59 +66,88 @@ def confusion_pair(confs: dict[str, np.ndarray], title: str) -> plt.Figure:
     return fig
 
 
-def input_and_prediction(bf: np.ndarray, pred: np.ndarray, title: str, z: int | None = None) -> plt.Figure:
+def input_and_prediction(bf: np.ndarray, pred: np.ndarray, title: str, z: int | None = None, *,
+                         voxel_size_zyx: Sequence[float], target: np.ndarray | None = None,
+                         truth: np.ndarray | None = None) -> plt.Figure:
     """Figure 4.2: (A) the brightfield input and (B) the six predicted channels, one z-plane
-    (default: the central one) of ``bf [1,Z,Y,X]`` and ``pred [6,Z,Y,X]``."""
+    (default: the central one) of ``bf [1,Z,Y,X]`` and ``pred [6,Z,Y,X]``. Each channel is drawn
+    in the range the galleries (Figures 4.3/4.4) give the same FOV and channel
+    (:func:`vstain.plots.views.display_range` of ``truth``, else of the labelled ``target``, else
+    of the prediction), with its colour bar in z-score units; (A) carries a µm scale bar.
+
+    Args:
+        voxel_size_zyx: voxel size ``(z, y, x)`` in µm (:func:`vstain.plots.views.voxel_size`).
+        target, truth: the FOV's ``[6,Z,Y,X]`` measured target (NaN = no label) and clean truth,
+            the references of the display ranges; pass the same as to :func:`gallery`.
+    """
     z = pred.shape[1] // 2 if z is None else z
-    fig = plt.figure(figsize=(11, 4.2))
-    gs = fig.add_gridspec(2, 5, width_ratios=[2, 1, 1, 1, 0.05])
+    ranges = channel_ranges(truth, target, [pred])
+    fig = plt.figure(figsize=(12, 4.6), constrained_layout=True)
+    gs = fig.add_gridspec(2, 4, width_ratios=[2, 1, 1, 1])
     ax = fig.add_subplot(gs[:, 0])
-    ax.imshow(bf[0, z], cmap="gray", vmin=_range(bf[0, z])[0], vmax=_range(bf[0, z])[1])
+    brightfield_panel(ax, bf[0, z], voxel_size_zyx, "xy")
+    scale_bar(ax, voxel_size_zyx[2], bf.shape[3])
     ax.set_title(f"(A) brightfield input, z={z}")
-    ax.axis("off")
     for c, name in enumerate(TARGETS):
         a = fig.add_subplot(gs[c // 3, 1 + c % 3])
-        lo, hi = _range(pred[c, z])
-        a.imshow(pred[c, z], cmap="magma", vmin=lo, vmax=hi)
+        im = channel_panel(a, pred[c, z], voxel_size_zyx, "xy", ranges[c])
+        if im is not None:
+            colorbar(fig, im, a, shrink=0.9)
         a.set_title(("(B) " if c == 0 else "") + TARGET_LABELS[name], fontsize=9)
-        a.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
+    fig.suptitle(f"{title}\n{RANGE_RULE}", fontsize=9)
     return fig
 
 
+def _no_label(ax, like: np.ndarray, voxel_size_zyx: Sequence[float]) -> None:
+    """A hatched grey panel marked "no label", the size of ``like``."""
+    show_section(ax, np.zeros_like(like), voxel_size_zyx, "xy", cmap="gray", vmin=-1, vmax=1)
+    ax.add_patch(Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, hatch="//", color="0.4"))
+    ax.text(0.5, 0.5, "no label", transform=ax.transAxes, ha="center", va="center",
+            fontsize=8, color="w", bbox={"facecolor": "0.25", "edgecolor": "none"})
+
+
 def gallery(fov_ids: list[str], targets: list[np.ndarray], preds: list[np.ndarray], title: str,
-            z: int | None = None) -> plt.Figure:
+            z: int | None = None, *, voxel_size_zyx: Sequence[float],
+            truths: list[np.ndarray | None] | None = None) -> plt.Figure:
     """Figures 4.3/4.4: FOVs in columns; for each of the six channels a ground-truth row and a
     prediction row (central z-plane). A channel the FOV carries no label for is drawn as a hatched
     grey panel marked "no label"; its prediction is shown all the same. Each GT/prediction pair
-    shares the ground truth's display range (the prediction's own where there is no label)."""
+    shares one display range, with its colour bar in z-score units: that of the FOV's clean truth
+    where given, else of the labelled ground truth, else of the prediction
+    (:func:`vstain.plots.views.display_range`); so an unlabelled channel is drawn on the same scale
+    as in every other figure of the FOV whenever a clean truth exists. The first prediction panel
+    carries a µm scale bar.
+
+    Args:
+        targets, preds: per FOV ``[6,Z,Y,X]`` (targets NaN where unlabelled).
+        voxel_size_zyx: voxel size ``(z, y, x)`` in µm (:func:`vstain.plots.views.voxel_size`).
+        truths: per FOV the clean truth ``[6,Z,Y,X]`` or None (real data).
+    """
     n = len(fov_ids)
-    fig, axes = plt.subplots(2 * len(TARGETS), n, figsize=(1.9 * n + 1.2, 1.75 * 2 * len(TARGETS)), squeeze=False)
-    for j, (fid, tgt, prd) in enumerate(zip(fov_ids, targets, preds)):
+    truths = [None] * n if truths is None else list(truths)
+    if not len(targets) == len(preds) == len(truths) == n:
+        raise ValueError(f"gallery: {n} fov_ids but {len(targets)} targets, {len(preds)} preds, {len(truths)} truths")
+    fig, axes = plt.subplots(2 * len(TARGETS), n, figsize=(2.5 * n + 1.2, 1.75 * 2 * len(TARGETS)), squeeze=False,
+                             constrained_layout=True)
+    for j, (fid, tgt, prd, tru) in enumerate(zip(fov_ids, targets, preds, truths)):
         zz = tgt.shape[1] // 2 if z is None else z
+        ranges = channel_ranges(tru, tgt, [prd])
         for c, name in enumerate(TARGETS):
             g, p = tgt[c, zz], prd[c, zz]
-            has = bool(np.isfinite(g).all())
-            lo, hi = _range(g if has else p)
             ag, ap = axes[2 * c, j], axes[2 * c + 1, j]
-            if has:
-                ag.imshow(g, cmap="magma", vmin=lo, vmax=hi)
+            if np.isfinite(g).all():
+                channel_panel(ag, g, voxel_size_zyx, "xy", ranges[c])
             else:
-                ag.imshow(np.zeros_like(p), cmap="gray", vmin=-1, vmax=1)
-                ag.add_patch(Rectangle((0, 0), 1, 1, transform=ag.transAxes, fill=False, hatch="//", color="0.4"))
-                ag.text(0.5, 0.5, "no label", transform=ag.transAxes, ha="center", va="center",
-                        fontsize=8, color="w", bbox={"facecolor": "0.25", "edgecolor": "none"})
-            ap.imshow(p, cmap="magma", vmin=lo, vmax=hi)
-            for a in (ag, ap):
-                a.set_xticks([])
-                a.set_yticks([])
+                _no_label(ag, p, voxel_size_zyx)
+            im = channel_panel(ap, p, voxel_size_zyx, "xy", ranges[c])
+            if im is not None:
+                colorbar(fig, im, [ag, ap], shrink=0.85, aspect=15)
             if j == 0:
                 ag.set_ylabel(f"{SHORT[name]}\nGT", fontsize=8)
                 ap.set_ylabel(f"{SHORT[name]}\npred.", fontsize=8)
         axes[0, j].set_title(str(fid), fontsize=9)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
+    scale_bar(axes[1, 0], voxel_size_zyx[2], preds[0].shape[3])
+    fig.suptitle(f"{title}\n{textwrap.fill(RANGE_RULE, 28 * n)}", fontsize=9)
     return fig
 
 
@@ -127,7 +157,7 @@ def patch_rule(ref: np.ndarray, all_starts, kept_starts, patch, title: str, z: i
     z = ref.shape[0] // 2 if z is None else z
     kept = set(map(tuple, kept_starts))
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    lo, hi = _range(ref[z])
+    lo, hi = robust_range(ref[z])
     ax.imshow(ref[z], cmap="magma", vmin=lo, vmax=hi)
     for s in all_starts:
         if not s[0] <= z < s[0] + patch[0]:
@@ -155,7 +185,8 @@ def patch_examples(patches: np.ndarray, classes: np.ndarray, per_class: int = 4,
             ax.set_yticks([])
             if k < len(pick):
                 p = patches[pick[k]]
-                ax.imshow(p[p.shape[0] // 2], cmap="magma", vmin=_range(p)[0], vmax=_range(p)[1])
+                lo, hi = robust_range(p)
+                ax.imshow(p[p.shape[0] // 2], cmap="magma", vmin=lo, vmax=hi)
             if k == 0:
                 ax.set_ylabel(SHORT[name], fontsize=8)
     fig.suptitle(title)
@@ -170,9 +201,10 @@ def classifier_scores(scores: pd.DataFrame, title: str) -> plt.Figure:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4))
     pal = {m: PALETTE.get(m, f"C{i + 2}") for i, m in enumerate(dict.fromkeys(df["model"]))}
     sns.barplot(df, x="channel", y="f1clf", hue="model", ax=a, palette=pal)
-    a.set(ylim=(0, 1.02), ylabel="F1 of the classifier", title="F1clf (higher is better)")
+    a.set(ylim=(0, 1.02), xlabel="target channel", ylabel="F1 of the classifier (0-1)", title="F1clf (higher is better)")
     sns.barplot(df[df["model"] != "Real"], x="channel", y="perceptual_mean", hue="model", ax=b, palette=pal)
-    b.set(ylabel="distance to the real patch", title="Perceptual distance (lower is better)")
+    b.set(xlabel="target channel", ylabel="LPIPS-style distance to the real patch\n(0 = identical, at most 4)",
+          title="Perceptual distance (lower is better)")
     for ax in (a, b):
         ax.tick_params(axis="x", rotation=30)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))

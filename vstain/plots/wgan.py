@@ -2,12 +2,15 @@
 predictions beside the ground truth and the U-Net baseline's, and the sharpness comparison."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
 from ..channels import TARGET_LABELS, TARGETS
-from .models import _section, channel_panel
+from .views import channel_ranges, section_grid
+from .views import voxel_size  # noqa: F401  (re-exported for the notebooks)
 
 
 STEP_LABEL = "optimiser step (n_critic + 1 per iteration)"
@@ -36,11 +39,11 @@ def plot_curves(losses: pd.DataFrame, title: str = "WGAN-GP training (Algorithm 
     val = losses[losses["kind"] == "val"]
     fig, axes = plt.subplots(1, 5, figsize=(18, 3.4), constrained_layout=True)
     panels = [
-        (critic, "critic_loss", "tab:red", "critic loss", "D(x,ỹ) - D(x,y) + λ_gp·GP"),
-        (critic, "wasserstein", "tab:purple", "Wasserstein estimate", "mean D(real) - mean D(fake)"),
-        (critic, "gp", "tab:brown", "gradient penalty", "(‖∇ŷ D‖₂ - 1)²"),
+        (critic, "critic_loss", "tab:red", "critic loss", "D(x,ỹ) - D(x,y) + λ_gp·GP (critic score)"),
+        (critic, "wasserstein", "tab:purple", "Wasserstein estimate", "mean D(real) - mean D(fake) (critic score)"),
+        (critic, "gp", "tab:brown", "gradient penalty", "(‖∇ŷ D‖₂ - 1)² (0 = 1-Lipschitz)"),
         (gen, "l1", "tab:blue", "masked L1 (train)", "masked L1 (z-scored units)"),
-        (gen, "adv", "tab:green", "adversarial term", "-mean D(x, ỹ)"),
+        (gen, "adv", "tab:green", "adversarial term", "-mean D(x, ỹ) (critic score)"),
     ]
     for ax, (d, col, color, label, ylabel) in zip(axes, panels):
         _curve(ax, d, col, color, label)
@@ -50,7 +53,7 @@ def plot_curves(losses: pd.DataFrame, title: str = "WGAN-GP training (Algorithm 
             ax.axhline(0, color="0.5", lw=0.8)
         ax.set_title(label)
         ax.set_xlabel(STEP_LABEL, fontsize=8)
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
@@ -67,7 +70,7 @@ def plot_gradients(losses: pd.DataFrame, title: str = "Generator and critic grad
     a.axhline(1.0, color="0.4", ls="--", lw=1, label="equal")
     a.set_yscale("log")
     a.set_xlabel(STEP_LABEL)
-    a.set_ylabel("ratio at the generator output")
+    a.set_ylabel("gradient ratio at the generator output\n(dimensionless, log scale)")
     a.set_title("adversarial vs L1 gradient")
     a.legend(fontsize=7)
     a.grid(alpha=0.3, which="both")
@@ -75,7 +78,7 @@ def plot_gradients(losses: pd.DataFrame, title: str = "Generator and critic grad
     _curve(b, gen, "grad_norm_generator", "tab:blue", "generator")
     b.set_yscale("log")
     b.set_xlabel(STEP_LABEL)
-    b.set_ylabel("‖∇ weights‖₂")
+    b.set_ylabel("‖∇ weights‖₂ (loss per unit weight, log scale)")
     b.set_title("weight-gradient norms")
     b.legend(fontsize=7)
     b.grid(alpha=0.3, which="both")
@@ -84,42 +87,27 @@ def plot_gradients(losses: pd.DataFrame, title: str = "Generator and critic grad
 
 
 def plot_comparison(bf: np.ndarray, target: np.ndarray, preds: dict[str, np.ndarray], truth: np.ndarray | None = None,
-                    view: str = "xy", z: int | None = None, y: int | None = None, title: str = "",
-                    vrange=(-2.0, 3.0)):
+                    view: str = "xy", z: int | None = None, y: int | None = None, title: str = "", *,
+                    voxel_size_zyx: Sequence[float]):
     """One FOV, the same section for every row: measured target, clean truth (when given), then
     each model's prediction (e.g. ``{"U-Net": ..., "WGAN": ...}``); columns are the brightfield and
-    the six channels. Volumes ``[C, Z, Y, X]``; ``view`` ``"xy"`` (slice ``z``, default central) or
-    ``"xz"`` (row ``y``, default central)."""
-    if view not in ("xy", "xz"):
-        raise ValueError(f"view must be 'xy' or 'xz', got {view!r}")
+    the six channels. Every panel of a channel, models included, shares one display range
+    (:func:`vstain.plots.views.display_range`: the clean truth's, else the labelled target's, else
+    that of all the predictions together), shown by a colour bar in z-score units; the XZ section
+    is drawn at the voxel aspect ``z / x``.
+
+    Args:
+        bf: ``[1, Z, Y, X]``; target, truth and each prediction: ``[6, Z, Y, X]`` (target NaN
+            where unlabelled; truth None on real data).
+        view: ``"xy"`` (slice ``z``, default central) or ``"xz"`` (row ``y``, default central).
+        voxel_size_zyx: voxel size ``(z, y, x)`` in µm of the run (:func:`vstain.plots.views.voxel_size`).
+    """
     z = bf.shape[1] // 2 if z is None else int(z)
     y = bf.shape[2] // 2 if y is None else int(y)
     rows = [("measured target", target)] + ([("clean truth", truth)] if truth is not None else [])
-    rows += [(name, p) for name, p in preds.items()]
-    img = _section(bf[0], view, z, y)
-    aspect = 1.0 if view == "xy" else max(1.0, 0.25 * img.shape[1] / img.shape[0])
-    h = max(0.7, 1.9 * img.shape[0] * aspect / img.shape[1])
-    fig, axes = plt.subplots(len(rows), 1 + len(TARGETS), figsize=(1.9 * (1 + len(TARGETS)), h * len(rows) + 0.8),
-                             squeeze=False, constrained_layout=True)
-    for r, (name, vol) in enumerate(rows):
-        ax = axes[r, 0]
-        ax.set_xticks([]), ax.set_yticks([])
-        ax.set_ylabel(name, fontsize=9)
-        if r == 0:
-            ax.imshow(img, cmap="gray", aspect=aspect)
-            ax.set_title("brightfield", fontsize=9)
-        else:
-            ax.set_frame_on(False)
-        for c, key in enumerate(TARGETS):
-            ax = axes[r, c + 1]
-            ax.set_xticks([]), ax.set_yticks([])
-            sec = _section(vol[c], view, z, y)
-            channel_panel(ax, sec, aspect, vrange)
-            if r == 0:
-                ax.set_title(TARGET_LABELS[key], fontsize=9)
-    where = f"z-slice {z}" if view == "xy" else f"XZ section at y={y}"
-    fig.suptitle(f"{title} {where}".strip())
-    return fig
+    rows += list(preds.items())
+    return section_grid(bf, rows, channel_ranges(truth, target, list(preds.values())), view, z, y, voxel_size_zyx,
+                        title, [TARGET_LABELS[k] for k in TARGETS])
 
 
 def plot_sharpness(table: pd.DataFrame, title: str | None = None):
@@ -145,7 +133,8 @@ def plot_sharpness(table: pd.DataFrame, title: str | None = None):
                 ax.plot(np.full(len(v), xs[i]), v, "k.", ms=3)
         ax.axhline(1.0, color="0.3", ls="--", lw=1)
         ax.set_xticks(range(len(TARGETS)), [TARGET_LABELS[t] for t in TARGETS], rotation=20, fontsize=8)
-        ax.set_ylabel(label)
+        ax.set_xlabel("target channel")
+        ax.set_ylabel(f"{label}\n(ratio; 1 = the {ref})", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
     axes[0].set_title(f"fine detail reproduced in phase with the {ref} (1 = as sharp)")
