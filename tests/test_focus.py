@@ -145,3 +145,22 @@ def test_focus_stage_finds_the_true_range_on_simulated_fovs(tmp_path, shape, win
     assert (df["overlap"] >= 0.9).all()
     with pytest.raises(ValueError, match="FOV 0: the stack has"):
         preprocess.run_focus_stage(stage01, tmp_path / "short", window=shape[0] + 1)
+
+
+@pytest.mark.parametrize("n_z, center, rng, offset, expected", [
+    (48, 20, (10, 32), 6, (37, 6)),    # more room above: 6 slices past the last in-focus one
+    (48, 30, (20, 45), 6, (14, 6)),    # more room below
+    (40, 20, (10, 38), 6, (4, 6)),     # more room below
+    (33, 20, (2, 31), 6, (32, 2)),     # the stack ends first: as far as it goes
+    (30, 25, None, 6, (19, 6)),        # no true range: from the centre
+])
+def test_defocused_slice_lies_outside_the_true_range(n_z, center, rng, offset, expected):
+    z, d = focus.defocused_slice(n_z, center, rng, offset)
+    assert (z, d) == expected
+    if rng is not None:
+        assert not rng[0] <= z < rng[1]
+
+
+def test_defocused_slice_needs_an_out_of_focus_slice():
+    with pytest.raises(ValueError, match="fills the whole stack"):
+        focus.defocused_slice(20, 10, (0, 20), 3)

@@ -247,3 +247,22 @@ def focus_center(
         center = half_depth_center(curve, center, chosen)
     lo, hi = focus_window(center, n_z, window, fov_id)
     return FocusResult(center, lo, hi, chosen, curve, c_min, c_max)
+
+
+def defocused_slice(n_z: int, center: int, true_range: tuple[int, int] | None, offset: int) -> tuple[int, int]:
+    """A slice that is really out of focus, for a figure that contrasts it with the in-focus one:
+    ``offset`` slices beyond the true in-focus range ``[lo, hi)`` (the simulator knows it), on the
+    side with more room, clipped to the stack; without a true range, ``offset`` slices from
+    ``center``. Returns ``(z, distance)``: the slice and its distance in slices from the nearest
+    slice of the true range (from ``center`` without one)."""
+    if true_range is None:
+        z = center + offset if center + offset < n_z else center - offset
+        z = int(np.clip(z, 0, n_z - 1))
+        return z, abs(z - center)
+    lo, hi = (int(v) for v in true_range)
+    above, below = n_z - hi, lo  # slices outside the range on each side
+    if max(above, below) <= 0:
+        raise ValueError(f"the true in-focus range [{lo}, {hi}) fills the whole stack of {n_z} slices: "
+                         "no slice is out of focus")
+    z = min(hi - 1 + offset, n_z - 1) if above >= below else max(lo - offset, 0)
+    return int(z), int(z - (hi - 1) if z >= hi else lo - z)

@@ -15,10 +15,10 @@ times the fraction over the whole FOV channel. Relative to the FOV, the rule sui
 the reference, never to a prediction, so every model is scored at the same places.
 
 Which generated channels are scored. ``reference="target"`` (Table 4.1): the labelled channels of
-each FOV, the only ones where a real patch exists to place the patch and to compare against; each
+each FOV, the only ones where a measured patch exists to place the patch and to compare against; each
 generated patch's true class is the channel it was generated for. ``reference="truth"`` (simulated
 data only): all six generated channels of every FOV, placed by the clean truth, the truth patch
-serving as the real patch of the distance.
+serving as the measured patch of the distance.
 
 Each patch is standardised (zero mean, unit standard deviation) before the network when
 ``patch_norm`` is on, so the classifier judges shape and texture rather than a FOV's brightness.
@@ -46,7 +46,7 @@ from ..dataset import load_fov, read_manifest, read_volume
 
 ARCHS = {"resnet10": resnet10, "resnet18": resnet18}
 FEATURE_LAYERS = ("stem", "layer1", "layer2", "layer3", "layer4")
-REAL = "Real"  # the model name of real patches in score tables
+REAL = "Measured"  # the model name of the measured targets' own patches in score tables
 
 
 @dataclass
@@ -212,7 +212,7 @@ def _reference(row, target, truth, reference):
 
 
 def training_pool(stage_in, cfg: ClassifierConfig, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """Real training patches ``[N,pz,py,px]`` and their classes ``[N]``: every labelled channel of
+    """Measured training patches ``[N,pz,py,px]`` and their classes ``[N]``: every labelled channel of
     every FOV of ``split`` gives foreground patches of its class, at most ``pool_per_class`` per
     class, spread evenly over the FOVs that carry it."""
     df = _fovs(stage_in, split)
@@ -246,7 +246,7 @@ def training_pool(stage_in, cfg: ClassifierConfig, split: str = "train") -> tupl
 
 def scoring_patches(stage_in, split: str, cfg: ClassifierConfig, pred_dirs: dict[str, str | Path] | None = None,
                     reference: str = "target"):
-    """Real (reference) patches of one split and, for every model, the generated patches at the same
+    """Measured (reference) patches of one split and, for every model, the generated patches at the same
     places. Returns ``(meta, patches)``: ``meta`` a table ``fov_id, channel, class, z, y, x`` and
     ``patches`` a dict ``{REAL: [N,pz,py,px], model: [N,pz,py,px], ...}``."""
     pred_dirs = pred_dirs or {}
@@ -310,8 +310,8 @@ def predict(model, patches: np.ndarray, cfg: ClassifierConfig, device: str = "cp
 
 def train_classifier(stage_in, cfg: ClassifierConfig, device: str = "cpu", precision: str = "32-true",
                      progress: bool = True):
-    """Train on real patches of the train split (AdamW, cosine learning-rate decay), checking on
-    real patches of the val split each epoch.
+    """Train on measured patches of the train split (AdamW, cosine learning-rate decay), checking on
+    measured patches of the val split each epoch.
 
     Returns ``(model, history)``: ``history`` has one row per epoch with ``epoch, train_loss,
     train_acc, val_loss, val_acc, seconds``."""
@@ -391,7 +391,7 @@ def lpips(feats_a: list[torch.Tensor], feats_b: list[torch.Tensor]) -> torch.Ten
 def classify_and_compare(model, real: np.ndarray, fakes: dict[str, np.ndarray], cfg: ClassifierConfig,
                          device: str = "cpu", precision: str = "32-true", batch_size: int = 64):
     """One pass over aligned patch sets ``[N,pz,py,px]``: the class the classifier gives each real and
-    each generated patch, and each generated patch's :func:`lpips` distance to its real patch.
+    each generated patch, and each generated patch's :func:`lpips` distance to its measured patch.
 
     Returns ``(classes, distances)``: dicts ``{REAL: [N], model: [N]}`` and ``{model: [N]}``."""
     model.eval().to(device)
@@ -423,7 +423,7 @@ def perceptual_distance(model, real: np.ndarray, fake: np.ndarray, cfg: Classifi
 # Stages
 # ---------------------------------------------------------------------------------------------
 def heldout_report(model, stage_in, cfg: ClassifierConfig, device: str = "cpu", precision: str = "32-true") -> dict:
-    """Accuracy, per-class F1 and the confusion matrix on real patches of the val and test splits."""
+    """Accuracy, per-class F1 and the confusion matrix on measured patches of the val and test splits."""
     rep = {}
     for split in ("val", "test"):
         meta, p = scoring_patches(stage_in, split, cfg)
@@ -464,11 +464,11 @@ def load_classifier(stage_dir, device: str = "cpu") -> tuple[torch.nn.Module, Cl
 
 def score_models(model, cfg: ClassifierConfig, stage_in, pred_dirs: dict[str, str | Path], split: str = "test",
                  reference: str = "target", device: str = "cpu", precision: str = "32-true") -> pd.DataFrame:
-    """Classify real patches and each model's generated patches at the same places, and measure the
+    """Classify measured patches and each model's generated patches at the same places, and measure the
     perceptual distance of each generated patch to its real one.
 
-    Returns one row per patch and model (``REAL`` for the real patches): ``model, fov_id, channel,
-    class, z, y, x, predicted, perceptual`` (``perceptual`` is 0 for real patches)."""
+    Returns one row per patch and model (``REAL`` for the measured patches): ``model, fov_id, channel,
+    class, z, y, x, predicted, perceptual`` (``perceptual`` is 0 for measured patches)."""
     meta, p = scoring_patches(stage_in, split, cfg, pred_dirs, reference)
     classes, dist = classify_and_compare(model, p[REAL], {m: p[m] for m in pred_dirs}, cfg, device, precision)
     frames = []

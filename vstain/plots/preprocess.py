@@ -109,7 +109,7 @@ def focus_error_scatter(df: pd.DataFrame, title: str = "Selected vs true focus c
 
 def blind_spot(patch: np.ndarray, masked: np.ndarray, mask: np.ndarray, rf: np.ndarray,
                at: tuple[int, int], roi_size: int, zoom: int = 16, title: str = "") -> plt.Figure:
-    """Thesis Figure 2.2 on a real patch: (A) the patch with the pixels N2V masks, (B) the masked
+    """Thesis Figure 2.2 on a measured patch: (A) the patch with the pixels N2V masks, (B) the masked
     input, (C) a ``2 zoom + 1`` crop around one masked pixel ``at``: the network's receptive field
     there (``rf``, a centred ``|d out / d in|`` map) and the pixel itself left out, its value replaced
     by a neighbour's from the dashed ``roi_size`` box."""

@@ -13,11 +13,13 @@ import seaborn as sns
 from matplotlib.patches import Rectangle
 
 from ..channels import TARGET_LABELS, TARGETS
+from ..evaluate.classifier import REAL
 from .views import (RANGE_RULE, brightfield_panel, channel_panel, channel_ranges, colorbar, robust_range, scale_bar,
                     show_section)
 from .views import voxel_size  # noqa: F401  (re-exported for the notebooks)
 
-PALETTE = {"Real": "0.6", "U-Net": "tab:blue", "WGAN": "tab:orange"}
+PALETTE = {REAL: "0.6", "U-Net": "tab:blue", "WGAN": "tab:orange", "WGAN-GP": "tab:orange",
+           "WGAN from U-Net": "tab:green"}
 SHORT = {"dna": "DNA", "membrane": "Membrane", "mito": "Mito.", "envelope": "N. env.",
          "actomyosin": "Actomyosin", "nucleoli": "Nucleoli"}
 
@@ -202,8 +204,8 @@ def classifier_scores(scores: pd.DataFrame, title: str) -> plt.Figure:
     pal = {m: PALETTE.get(m, f"C{i + 2}") for i, m in enumerate(dict.fromkeys(df["model"]))}
     sns.barplot(df, x="channel", y="f1clf", hue="model", ax=a, palette=pal)
     a.set(ylim=(0, 1.02), xlabel="target channel", ylabel="F1 of the classifier (0-1)", title="F1clf (higher is better)")
-    sns.barplot(df[df["model"] != "Real"], x="channel", y="perceptual_mean", hue="model", ax=b, palette=pal)
-    b.set(xlabel="target channel", ylabel="LPIPS-style distance to the real patch\n(0 = identical, at most 4)",
+    sns.barplot(df[df["model"] != REAL], x="channel", y="perceptual_mean", hue="model", ax=b, palette=pal)
+    b.set(xlabel="target channel", ylabel="LPIPS-style distance to the measured patch\n(0 = identical, at most 4)",
           title="Perceptual distance (lower is better)")
     for ax in (a, b):
         ax.tick_params(axis="x", rotation=30)
