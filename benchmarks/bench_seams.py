@@ -18,7 +18,8 @@ Usage::
 
     nice -n 19 python benchmarks/bench_seams.py                      # 32x384x384, width 16, 128x128 tiles
     python benchmarks/bench_seams.py --quick                         # seconds: checks that the script runs
-    nice -n 19 python benchmarks/bench_seams.py --big --modes volume # hours on 2 cores; see README
+    nice -n 19 python benchmarks/bench_seams.py --big --modes volume # ~830 TFLOP: 1-4 h on 2 cores
+    nice -n 19 python benchmarks/bench_seams.py --big --modes tile   # ~120 TFLOP: 10-35 min on 2 cores
 """
 from __future__ import annotations
 
@@ -97,9 +98,9 @@ else:
     for norm in args.modes:
         tiled, dt = timed_predict(gen, x, max_voxels=0, roi_size=roi, overlap=args.overlap, norm=norm)
         f = seam_figures(whole, tiled, tile_borders(zyx, roi, args.overlap, norm))
-        results["modes"][norm] = {**{k: v.round(6).tolist() for k, v in f.items()}, "seconds": round(dt, 2)}
-        print(f"{norm:6s} {f['corr'].min():9.5f} {f['max_abs'].max():8.4f} {f['max_rel'].max():8.4f} "
-              f"{f['mean_rel'].max():9.5f} {f['border_ratio'].max():10.3f} {dt:8.1f} {dt / t_whole:7.1f}")
+        results["modes"][norm] = {**{k: v.tolist() for k, v in f.items()}, "seconds": round(dt, 2)}
+        print(f"{norm:6s} {f['corr'].min():9.6f} {f['max_abs'].max():8.1e} {f['max_rel'].max():8.1e} "
+              f"{f['mean_rel'].max():9.1e} {f['border_ratio'].max():10.3f} {dt:8.1f} {dt / t_whole:7.1f}")
     print(f"(per channel, worst of {len(whole)}; tiles {roi}, overlap {args.overlap}; "
           f"relative to the channel's largest |value| in the one-pass prediction)")
 

@@ -71,8 +71,8 @@ def test_axis_tiles_rejects_an_overlap_that_leaves_no_core():
 
 @pytest.fixture(scope="module")
 def exact_case(gen):
-    """X tiled by 128-voxel tiles whose cores lie >= RECEPTIVE_RADIUS inside them (overlap 112);
-    Z and Y (reflect-padded 13 -> 16, 250 -> 256 in X) in every tile."""
+    """X (250, reflect-padded to 256) tiled by 128-voxel tiles whose cores lie >= RECEPTIVE_RADIUS
+    inside them (halo 56, the smallest exact one); Z and Y (13, padded to 16) whole in every tile."""
     x = structured((8, 13, 250))
     roi, overlap = (8, 13, 128), 0.875
     grid = axis_tiles(256, 128, overlap)
