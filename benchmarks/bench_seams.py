@@ -1,0 +1,110 @@
+"""Seams of tiled prediction: per-tile against whole-volume instance-norm statistics. A flat script,
+not a test (pytest never collects it).
+
+Predicts one volume with a seeded, randomly initialised generator in one pass and in tiles with
+both normalisations of :func:`vstain.infer.predict_volume` (``norm="tile"``: each tile's own
+statistics, Gaussian blending; ``norm="volume"``: whole-volume statistics, tile cores kept) and
+prints, per mode, the seam figures of :func:`vstain.infer.seam_figures` (per-channel correlation
+with the one-pass prediction, max / mean absolute difference, also relative to the channel's
+largest value, and the ratio of the mean difference on tile-border planes to that elsewhere) and
+the wall times. The input is a simulated brightfield FOV (:func:`vstain.simulate.simulate_fov`),
+z-scored as the processed set is.
+
+``--big`` predicts a real-size 64x624x924 FOV at the thesis' width 64 under the default memory
+budget (tiled, ``--modes`` picks the normalisation) and prints its time and the process's peak
+resident memory; no one-pass comparison (it would not fit the budget).
+
+Usage::
+
+    nice -n 19 python benchmarks/bench_seams.py                      # 32x384x384, width 16, 128x128 tiles
+    python benchmarks/bench_seams.py --quick                         # seconds: checks that the script runs
+    nice -n 19 python benchmarks/bench_seams.py --big --modes volume # ~830 TFLOP: 1-4 h on 2 cores
+    nice -n 19 python benchmarks/bench_seams.py --big --modes tile   # ~120 TFLOP: 10-35 min on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from vstain.infer import NORMS, default_max_voxels, default_roi, predict_volume, seam_figures, tile_borders
+from vstain.models import Generator, GeneratorConfig
+from vstain.simulate import SimConfig, simulate_fov
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--size", type=str, default="32x384x384", help="volume ZxYxX (the thesis' crop)")
+p.add_argument("--width", type=int, default=16, help="generator base width (book profile 16, thesis 64)")
+p.add_argument("--roi", type=int, nargs=2, default=[128, 128], help="tile Y X; tiles keep the whole Z range")
+p.add_argument("--overlap", type=float, default=0.25, help="fraction of a tile shared with a neighbour")
+p.add_argument("--modes", nargs="+", default=list(NORMS), choices=NORMS, help="tile normalisations to measure")
+p.add_argument("--seed", type=int, default=0, help="seed of the generator's weights and of the simulated FOV")
+p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+p.add_argument("--big", action="store_true", help="64x624x924 at width 64 under the default budget: time, peak RSS")
+p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
+p.add_argument("--json", type=str, default="", help="also write the results to this JSON file")
+args = p.parse_args()
+if args.quick:
+    args.size, args.width, args.roi = "24x96x80", 4, [48, 48]
+if args.big:
+    args.size, args.width = "64x624x924", 64
+if args.threads:
+    torch.set_num_threads(args.threads)
+zyx = tuple(int(s) for s in args.size.lower().split("x"))
+
+
+def brightfield(zyx, seed: int) -> np.ndarray:
+    """A simulated brightfield FOV of shape ``zyx``, z-scored: ``[1, Z, Y, X]`` float32."""
+    bf = simulate_fov(SimConfig(shape=zyx), "mito", seed)["brightfield"].astype(np.float32)
+    return ((bf - bf.mean()) / bf.std())[None]
+
+
+def timed_predict(gen, x, **kw) -> tuple[np.ndarray, float]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiling notice; the mode is reported here
+        t = time.perf_counter()
+        out = predict_volume(gen, x, **kw)
+    return out, time.perf_counter() - t
+
+
+torch.manual_seed(args.seed)
+gen = Generator(GeneratorConfig(base_width=args.width)).eval()
+t = time.perf_counter()
+x = brightfield(zyx, args.seed)
+print(f"simulated brightfield {args.size} in {time.perf_counter() - t:.1f} s; generator width {args.width}, "
+      f"{torch.get_num_threads()} threads")
+results: dict = {"size": list(zyx), "width": args.width, "overlap": args.overlap, "seed": args.seed,
+                 "threads": torch.get_num_threads(), "torch": torch.__version__, "modes": {}}
+
+if args.big:
+    max_voxels = default_max_voxels(gen)
+    roi = default_roi(zyx, max_voxels)
+    for norm in args.modes:
+        out, dt = timed_predict(gen, x, max_voxels=max_voxels, overlap=args.overlap, norm=norm)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        results["modes"][norm] = {"roi": list(roi), "seconds": round(dt, 1), "peak_rss_gib": round(peak, 2)}
+        print(f"{norm:6s} tiles {roi}: {dt:.0f} s, peak RSS {peak:.2f} GiB (process so far)")
+else:
+    roi = (zyx[0], *args.roi)
+    whole, t_whole = timed_predict(gen, x, max_voxels=np.iinfo(np.int64).max)
+    results["whole_seconds"] = round(t_whole, 2)
+    print(f"whole  one pass: {t_whole:.1f} s")
+    print(f"{'mode':6s} {'corr min':>9s} {'max|d|':>8s} {'max rel':>8s} {'mean rel':>9s} {'border/int':>10s} "
+          f"{'seconds':>8s} {'x whole':>7s}")
+    for norm in args.modes:
+        tiled, dt = timed_predict(gen, x, max_voxels=0, roi_size=roi, overlap=args.overlap, norm=norm)
+        f = seam_figures(whole, tiled, tile_borders(zyx, roi, args.overlap, norm))
+        results["modes"][norm] = {**{k: v.tolist() for k, v in f.items()}, "seconds": round(dt, 2)}
+        print(f"{norm:6s} {f['corr'].min():9.6f} {f['max_abs'].max():8.1e} {f['max_rel'].max():8.1e} "
+              f"{f['mean_rel'].max():9.1e} {f['border_ratio'].max():10.3f} {dt:8.1f} {dt / t_whole:7.1f}")
+    print(f"(per channel, worst of {len(whole)}; tiles {roi}, overlap {args.overlap}; "
+          f"relative to the channel's largest |value| in the one-pass prediction)")
+
+if args.json:
+    with open(args.json, "w") as fh:
+        json.dump(results, fh, indent=2)
+    print("wrote", args.json)
