@@ -141,8 +141,16 @@ def test_tile_borders_lie_where_tiles_meet():
 def test_predict_volume_says_which_normalisation_it_used(gen):
     x = structured((9, 30, 41))
     with pytest.warns(UserWarning, match=r"whole-volume statistics \(15 passes over 4 tiles\)"):
-        out = predict_volume(gen, x, max_voxels=0, roi_size=(9, 24, 32))
+        out = predict_volume(gen, x, max_voxels=0, roi_size=(9, 24, 32), overlap=0.25)
     assert out.shape == (6, 9, 30, 41) and out.dtype == np.float32 and gen.training
+
+
+def test_default_tiling_keeps_a_receptive_field_halo_and_matches_the_whole_prediction(gen):
+    x = structured((8, 13, 250))
+    whole = predict_volume(gen, x)
+    with pytest.warns(UserWarning, match=r"halo=56 \(the receptive field\)"):
+        tiled = predict_volume(gen, x, max_voxels=0, roi_size=(8, 16, 128))
+    assert np.abs(tiled - whole).max() <= 1e-5 * np.abs(whole).max()
 
 
 def test_plan_and_default_roi():

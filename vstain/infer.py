@@ -76,6 +76,18 @@ def default_roi(shape_zyx, max_voxels: int) -> tuple[int, int, int]:
 # --------------------------------------------------------------------------------------------
 # Tiles normalised with whole-volume statistics
 # --------------------------------------------------------------------------------------------
+def exact_halo() -> int:
+    """The halo (voxels, a multiple of 8) that makes tiled prediction exact: at least
+    :data:`RECEPTIVE_RADIUS` between a tile's kept core and its edge."""
+    return -(-RECEPTIVE_RADIUS // SIZE_MULTIPLE) * SIZE_MULTIPLE
+
+
+def halo_overlap(tile: int, halo: int) -> float:
+    """The ``overlap`` fraction of :func:`axis_tiles` that gives ``halo`` voxels on each side of a
+    core in a tile of ``tile`` voxels, shrunk where the tile is too small to keep a core of 8."""
+    return min(2 * halo, tile - SIZE_MULTIPLE) / tile
+
+
 def axis_tiles(size: int, tile: int, overlap: float) -> list[tuple[int, int, int]]:
     """``(start, core_lo, core_hi)`` of the tiles along one axis of a padded volume.
 
@@ -170,7 +182,7 @@ class Tiled:
     grid: list
 
 
-def predict_tiled(generator: nn.Module, x: Tensor, roi_size, overlap: float = DEFAULT_OVERLAP,
+def predict_tiled(generator: nn.Module, x: Tensor, roi_size, overlap: float | None = None,
                   sw_batch_size: int = 1) -> Tiled:
     """Predict ``x [1, 1, Z, Y, X]`` tile by tile with whole-volume instance-norm statistics.
 
@@ -186,13 +198,15 @@ def predict_tiled(generator: nn.Module, x: Tensor, roi_size, overlap: float = DE
         generator: the network in eval mode, on the device of ``x``; call under inference mode.
         x: ``[1, 1, Z, Y, X]``.
         roi_size: tile ``(Z, Y, X)``.
-        overlap: fraction of a tile shared with a neighbour, in [0, 1).
+        overlap: fraction of a tile shared with a neighbour, in [0, 1); None (default): the
+            :func:`exact_halo` on every tiled axis, or as much of it as the tile leaves room for.
         sw_batch_size: tiles per forward pass.
     """
     xp, crop = pad_to_multiple(x, SIZE_MULTIPLE)  # [1, 1, Z', Y', X'] as the one-pass prediction sees it
     padded = xp.shape[2:]
     tile = tuple(min(-(-int(r) // SIZE_MULTIPLE) * SIZE_MULTIPLE, p) for r, p in zip(roi_size, padded))
-    grid = [axis_tiles(p, t, overlap) for p, t in zip(padded, tile)]
+    grid = [axis_tiles(p, t, halo_overlap(t, exact_halo()) if overlap is None else overlap)
+            for p, t in zip(padded, tile)]
     tiles = list(itertools.product(*grid))
     out = None
     with VolumeNorm(generator, tile) as vn:
@@ -222,7 +236,7 @@ def predict_volume(
     x,
     max_voxels: int | None = None,
     roi_size=None,
-    overlap: float = DEFAULT_OVERLAP,
+    overlap: float | None = None,
     sw_batch_size: int = 1,
     norm: str = "volume",
 ) -> np.ndarray:
@@ -234,7 +248,9 @@ def predict_volume(
         max_voxels: the largest (padded) input predicted in one pass; default from a 4 GiB
             activation budget for this generator's width (:func:`default_max_voxels`).
         roi_size: tile size ``(Z, Y, X)`` when tiling; default :func:`default_roi`.
-        overlap: fraction of overlap between tiles, in [0, 1) (MONAI ``overlap``).
+        overlap: fraction of overlap between tiles, in [0, 1) (MONAI ``overlap``); None (default):
+            with ``norm="volume"`` a halo of the receptive-field radius (:func:`exact_halo`), which
+            makes the tiled prediction equal the one-pass one; with ``"tile"`` 0.25.
         sw_batch_size: tiles per forward pass (MONAI ``sw_batch_size``).
         norm: how tiles are normalised, one of :data:`NORMS`: ``"volume"`` (default; whole-volume
             statistics, :func:`predict_tiled`) or ``"tile"`` (each tile's own, Gaussian blending).
@@ -245,7 +261,7 @@ def predict_volume(
     xt = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x, dtype=torch.float32)
     if xt.dim() != 4:
         raise ValueError(f"predict_volume expects a [1, Z, Y, X] brightfield volume, got shape {tuple(xt.shape)}")
-    if not 0 <= overlap < 1:
+    if overlap is not None and not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -263,8 +279,10 @@ def predict_volume(
                 out = generator(xt)
             else:
                 roi = tuple(roi_size) if roi_size is not None else default_roi(shape, max_voxels)
+                shown = f"overlap={overlap}" if overlap is not None else (
+                    f"halo={exact_halo()} (the receptive field)" if norm == "volume" else f"overlap={DEFAULT_OVERLAP}")
                 msg = (f"predict_volume: volume {shape} exceeds the budget of {max_voxels} voxels; "
-                       f"tiling with roi_size={roi}, overlap={overlap}, ")
+                       f"tiling with roi_size={roi}, {shown}, ")
                 if norm == "volume":
                     tiled = predict_tiled(generator, xt, roi, overlap, sw_batch_size)
                     out = tiled.prediction
@@ -273,7 +291,7 @@ def predict_volume(
                 else:
                     out = sliding_window_inference(
                         xt, roi_size=roi, sw_batch_size=sw_batch_size, predictor=generator,
-                        overlap=overlap, mode="gaussian",
+                        overlap=DEFAULT_OVERLAP if overlap is None else overlap, mode="gaussian",
                     )
                     msg += "instance norm per tile, gaussian blending"
                 log.info(msg)

@@ -104,7 +104,7 @@ def write_losses(out_dir, columns=None) -> pd.DataFrame:
 
 
 def write_predictions(generator, stage_in, out_dir, splits=("val", "test"), max_voxels=None,
-                      roi_size=None, overlap=0.25) -> pd.DataFrame:
+                      roi_size=None, overlap=None) -> pd.DataFrame:
     """Predict every FOV of ``splits`` of the processed set with :func:`vstain.infer.predict_volume`
     and write ``out_dir/predictions/<fov_id>.tif`` (float32 ``[6, Z, Y, X]``).
 
