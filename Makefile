@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PROFILE ?= book
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test book check-book clean-runs bench lab
+.PHONY: setup test book check-book clean-runs bench lab smoke-full
 
 setup: $(STAMP)
 
@@ -38,7 +38,8 @@ $(MATHJAX): | $(STAMP)
 	rm -rf $$tmp
 
 # The unit tests, the quick book opened in Chromium (tests/test_book.py), then every notebook
-# with its quick defaults under nbval (in file order: 01 -> 07). One pytest run: its summary line
+# with its quick defaults under nbval (in file order: 01 -> 08); tests/test_smoke_full.py runs
+# `make smoke-full`'s pipeline (the full profile's method settings on tiny data). One pytest run: its summary line
 # and exit status are make's.
 test: $(STAMP) $(CHROMIUM) $(MATHJAX)
 	$(PY) -m pytest -q tests notebooks --nbval-lax
@@ -47,6 +48,14 @@ test: $(STAMP) $(CHROMIUM) $(MATHJAX)
 # build the HTML into book/_build/html.
 book: $(STAMP) $(MATHJAX)
 	$(PY) -m vstain.book.pipeline --profile $(PROFILE) --output book
+
+# The full profile's method settings (widths 64, RMSprop 5e-5, a WGAN-GP from scratch, bf16-mixed,
+# ResNet-18) on a tiny simulated registry, two steps per stage: profiles/smoke-full.yaml lays only
+# scale keys over full.yaml. Starts from an empty runs/smoke-full so every stage trains. `make test`
+# runs the same through tests/test_smoke_full.py.
+smoke-full: $(STAMP)
+	rm -rf runs/smoke-full
+	$(PY) -m vstain.book.pipeline --profile smoke-full
 
 # Open every page of book/_build/html in headless Chromium; screenshots in book/_build/screenshots.
 check-book: $(STAMP) $(CHROMIUM)

@@ -2,9 +2,9 @@
 
 ``python -m vstain.book.pipeline --profile book`` (what ``make book`` runs):
 
-1. loads ``profiles/<profile>.yaml`` and checks every key against the parameters each notebook
-   declares (``papermill.inspect_notebook``); a key that the target notebook does not declare is an
-   error naming the profile, the notebook and the key;
+1. loads ``profiles/<profile>.yaml`` (laid over its ``base`` profile, if it names one) and checks
+   every key against the parameters each notebook declares (:mod:`vstain.book.profiles`); a key
+   that the target notebook does not declare is an error naming the profile, the notebook and the key;
 2. runs the notebooks of ``_toc.yml`` with papermill in dependency order (``01_...`` to ``07_...``),
    from the project root, with ``run_dir: runs/<profile>`` injected, writing the executed notebooks
    into the profile's staged book (``runs/<profile>/book_src/``);
@@ -17,13 +17,6 @@
 6. builds the HTML with jupyter-book 1.x (execution off: papermill ran the notebooks), failing on
    any Sphinx warning.
 
-Profile format (YAML; every value line carries a trailing comment with its reason)::
-
-    all:                       # applied to every notebook that declares the key
-      seed: 0                  # reason
-    04_unet:                   # one section per notebook stem
-      base_width: 16           # thesis 64; 2 CPU cores
-
 The module is also a small Sphinx extension of the book (``_config.yml``: ``extra_extensions``) and
 stages MathJax into the HTML when ``make`` has fetched it, so the equations render offline.
 
@@ -33,7 +26,7 @@ top-level ``_config.yml``, ``_toc.yml`` and ``book/`` plus the executed notebook
 ``--output book`` so the HTML lands in ``book/_build/html``).
 
 It is kept in one file because the six steps above are one command, sharing the run record of a
-profile; the profile checks, the execution and the build are its sections.
+profile; the execution and the build are its sections (the profiles are :mod:`vstain.book.profiles`).
 """
 from __future__ import annotations
 
@@ -47,24 +40,20 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
 from . import rundir
+from .profiles import ProfileError, load_profile, resolve_parameters
 
-RESERVED = ("run_dir",)  # injected by the pipeline, never set by a profile
 # MathJax 3 for offline equations: `make book` unpacks the npm package into .venv/share/; without
 # it the pages load MathJax from its CDN (Sphinx's default) and show raw LaTeX when offline.
 MATHJAX = Path("share") / "mathjax-3.2.2" / "es5"
 _MATHJAX_PARTS = ("tex-mml-chtml.js", "input", "output/chtml", "a11y", "ui", "adaptors")
 EXIT_OK, EXIT_FAILED_NOTEBOOK, EXIT_PROFILE, EXIT_BUILD = 0, 1, 2, 3
-
-
-class ProfileError(ValueError):
-    """A profile that does not fit the notebooks (unknown key, unknown notebook, bad format)."""
 
 
 class NotebookFailed(RuntimeError):
@@ -125,89 +114,6 @@ def stages_from_toc(toc: Path, root: Path) -> list[Stage]:
         elif not (stem_path.with_suffix(".md").exists() or stem_path.exists()):
             raise FileNotFoundError(f"{toc}: entry '{entry}' points at no .md or .ipynb file under {root}")
     return sorted(stages, key=lambda s: s.stem)
-
-
-# --------------------------------------------------------------------------------------------
-# Profiles
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Profile:
-    name: str
-    path: Path
-    common: dict[str, Any] = field(default_factory=dict)  # the `all:` section
-    sections: dict[str, dict[str, Any]] = field(default_factory=dict)  # stem -> values
-
-
-def load_profile(path: Path) -> Profile:
-    """Read a profile file. A missing file or a section that is not a mapping is a ProfileError."""
-    path = Path(path)
-    if not path.exists():
-        avail = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ProfileError(f"profile '{path.stem}': no file {path} (profiles here: {', '.join(avail) or 'none'})")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ProfileError(f"profile '{path.stem}' ({path}): expected a mapping of sections, got {type(data).__name__}")
-    prof = Profile(path.stem, path)
-    for section, values in data.items():
-        values = values or {}
-        if not isinstance(values, dict):
-            raise ProfileError(f"profile '{prof.name}' ({path}): section '{section}' must be a mapping of key: value")
-        if section == "all":
-            prof.common = dict(values)
-        else:
-            prof.sections[str(section)] = dict(values)
-    return prof
-
-
-def declared_parameters(notebook: Path) -> dict[str, str]:
-    """Parameter name -> default (source text) of a notebook's ``parameters`` cell."""
-    import papermill
-
-    return {name: p["default"] for name, p in papermill.inspect_notebook(str(notebook)).items()}
-
-
-def resolve_parameters(
-    profile: Profile, stages: list[Stage], run_dir: str, declared: dict[str, dict[str, str]] | None = None
-) -> dict[str, dict[str, Any]]:
-    """The parameters papermill injects into each notebook.
-
-    ``all:`` keys go to every notebook that declares them, per-notebook sections override them and
-    ``run_dir`` is always injected.
-
-    Raises:
-        ProfileError: a section for a notebook the book does not have; a key the target notebook
-            does not declare; an ``all:`` key no notebook declares; a profile that sets ``run_dir``;
-            a notebook without ``run_dir`` in its parameters cell.
-    """
-    declared = declared if declared is not None else {s.stem: declared_parameters(s.source) for s in stages}
-    stems = [s.stem for s in stages]
-    where = f"profile '{profile.name}' ({profile.path})"
-    for section in profile.sections:
-        if section not in stems:
-            raise ProfileError(
-                f"{where}: section '{section}' names no notebook of the book (notebooks: {', '.join(stems)})")
-    for key in RESERVED:
-        if key in profile.common or any(key in v for v in profile.sections.values()):
-            raise ProfileError(f"{where}: '{key}' is set by the pipeline (runs/<profile>); remove it from the profile")
-    for key in profile.common:
-        if not any(key in declared[s] for s in stems):
-            raise ProfileError(f"{where}: key '{key}' in 'all:' is declared by no notebook ({', '.join(stems)})")
-    resolved = {}
-    for stage in stages:
-        params = declared[stage.stem]
-        if "run_dir" not in params:
-            raise ProfileError(f"notebook {stage.source}: its parameters cell does not declare run_dir")
-        for key in profile.sections.get(stage.stem, {}):
-            if key not in params:
-                raise ProfileError(
-                    f"{where}: notebook '{stage.stem}' declares no parameter '{key}' "
-                    f"(it declares: {', '.join(sorted(params))})"
-                )
-        values = {k: v for k, v in profile.common.items() if k in params}
-        values.update(profile.sections.get(stage.stem, {}))
-        values["run_dir"] = run_dir
-        resolved[stage.stem] = values
-    return resolved
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,7 +429,7 @@ def setup(app) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vstain.book.pipeline", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--profile", default="book", help="profiles/<name>.yaml (quick, book, full)")
+    ap.add_argument("--profile", default="book", help="profiles/<name>.yaml (quick, book, full, smoke-full)")
     ap.add_argument("--root", type=Path, help="project root (default: this checkout)")
     ap.add_argument("--run-dir", help="run directory injected into the notebooks (default: runs/<profile>)")
     ap.add_argument("--output", type=Path, help="folder that receives _build/html (default: runs/<profile>/book_src)")
