@@ -124,7 +124,7 @@ def test_confusions_are_named_in_words():
     conf[2, 1] = 8  # mitochondria read as membrane
     conf[2, 0] = 2
     text = C.confusion_sentences({"U-Net": conf, "WGAN-GP": np.eye(6, dtype=int) * 5})
-    assert "**U-Net**: F1clf is 0 for Mitochondria. Channels read mostly as another: mitochondria as cell membrane (80% of 10 patches)." in text
+    assert "**U-Net**: F1clf is 0 for Mitochondria. Channels read mostly as another: Mitochondria as Cell membrane (80% of 10 patches)." in text
     assert "**WGAN-GP**: every channel is recognised in at least 50% of its patches." in text
 
 

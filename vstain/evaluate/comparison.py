@@ -154,7 +154,8 @@ def channel_sentences(comparisons: pd.DataFrame, a: str, b: str) -> list[str]:
         for _, r in rows.iterrows():
             groups.setdefault(channel_verdict(r), []).append(COLUMN_LABELS[r["metric"]])
         parts = [f"{v} on {', '.join(cols)}" for v, cols in sorted(groups.items(), key=lambda kv: kv[0])]
-        out.append(f"**{TARGET_LABELS[channel]}**: {'; '.join(parts)}.")
+        text = "; ".join(parts)
+        out.append(f"**{TARGET_LABELS[channel]}**: {text}{'' if text.endswith('.') else '.'}")
     return out
 
 
@@ -199,7 +200,7 @@ def confusion_sentences(confs: dict[str, np.ndarray], min_share: float = 0.5) ->
             if not n or row[c] / n >= min_share:
                 continue
             other = int(np.argmax(np.where(np.arange(len(row)) == c, -1, row)))
-            mixed.append(f"{TARGET_LABELS[TARGETS[c]].lower()} as {TARGET_LABELS[TARGETS[other]].lower()} "
+            mixed.append(f"{TARGET_LABELS[TARGETS[c]]} as {TARGET_LABELS[TARGETS[other]]} "
                          f"({row[other] / n:.0%} of {n} patches)")
         text = f"**{model}**: " + (f"F1clf is 0 for {', '.join(zero)}. " if zero else "")
         text += ("Channels read mostly as another: " + "; ".join(mixed) + "." if mixed
