@@ -106,17 +106,28 @@ def test_bm3d_bad_input():
         denoise.bm3d_denoise(flat, mode="4d")
 
 
+class IdentityN2V:
+    """A stand-in for a trained N2V model that returns its input."""
+
+    def __init__(self, channel):
+        self.channel, self.reused, self.train_s = channel, False, 1.0
+
+    def denoise(self, stack):
+        return np.array(stack, dtype=np.float32)
+
+
+def identity_n2v(stacks, channel, work_dir, cfg, device="cpu", precision="32-true"):
+    assert all(isinstance(s, denoise.DiskStack) for s in stacks)  # the stage hands careamics files, not arrays
+    return IdentityN2V(channel)
+
+
 @pytest.mark.parametrize("cap", [0, 1])
 def test_denoise_stage_caps_bm3d_volumes(tmp_path, monkeypatch, cap):
     """``bm3d_max_volumes`` bounds BM3D's volumes per channel (N2V faked: this tests the bookkeeping)."""
     from test_focus import write_stage01
     from vstain import preprocess
 
-    def fake_n2v(stacks, channel, work_dir, cfg, device="cpu", precision="32-true"):
-        return denoise.N2VResult(channel, [np.asarray(s, np.float32) for s in stacks], False, 1.0, 0.5,
-                                 tmp_path / "none.ckpt")
-
-    monkeypatch.setattr(denoise, "train_and_denoise", fake_n2v)
+    monkeypatch.setattr(denoise, "train_n2v", identity_n2v)
     stage01 = write_stage01(tmp_path / "01_data", n_per_structure=3, shape=(24, 24, 24))
     preprocess.run_focus_stage(stage01, tmp_path / "02_plls", window=4)
     out = tmp_path / "03_denoising"
