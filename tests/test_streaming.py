@@ -150,6 +150,7 @@ def peaks(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["02_plls", "03_denoising", "metrics", "training_pool", "score_models",
                                    "scoring_patches"])
 def test_peak_memory_does_not_grow_with_the_number_of_fovs(peaks, stage):

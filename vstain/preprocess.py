@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import denoise, focus
+from . import classical, denoise, focus
 from .channels import TARGETS
 from .dataset import open_volume, write_manifest, write_processed_fov
 from .volumes import read_volume, write_volume
@@ -237,11 +237,11 @@ def run_denoise_stage(
         out: the ``03_denoising`` stage folder; careamics works under ``out/n2v/<channel>/``.
         n2v: Noise2Void parameters (one model per target channel, trained on the FOVs carrying it).
         bm3d_mode: ``"2d"`` (BM3D slice by slice) or ``"3d"`` (BM4D), see
-            :func:`vstain.denoise.bm3d_denoise`.
+            :func:`vstain.classical.bm3d_denoise`.
         bm3d_max_volumes: run BM3D on at most this many volumes per channel, the first FOVs that
             carry it (``None``: all; 0: skip it). BM3D costs seconds per volume on a CPU.
         nlm_patch_size, nlm_patch_distance, nlm_h, nlm_mode: the non-local-means baseline, see
-            :func:`vstain.denoise.nlm_denoise`.
+            :func:`vstain.classical.nlm_denoise`.
         nlm_max_volumes: run non-local means on at most this many volumes per channel (``None``: all).
         targets_from: what the processed targets hold: ``"n2v"`` (thesis), ``"bm3d"``, ``"nlm"`` or
             ``"noisy"`` (a baseline then also runs on the volumes its cap left out).
@@ -259,7 +259,7 @@ def run_denoise_stage(
     """
     if targets_from not in ("n2v", *BASELINES, "noisy"):
         raise ValueError(f"targets_from must be 'n2v', 'bm3d', 'nlm' or 'noisy', got {targets_from!r}")
-    if bm3d_mode not in denoise.BM3D_MODES:
+    if bm3d_mode not in classical.BM3D_MODES:
         raise ValueError(f"bm3d_mode must be '2d' or '3d', got {bm3d_mode!r}")
     for name, cap in (("bm3d_max_volumes", bm3d_max_volumes), ("nlm_max_volumes", nlm_max_volumes)):
         if cap is not None and (int(cap) != cap or cap < 0):
@@ -267,8 +267,8 @@ def run_denoise_stage(
     out = Path(out)
     fovs, carriers = focus_windows(stage01, stage02)
     baselines = {
-        "bm3d": (denoise.bm3d_denoise, dict(mode=bm3d_mode), bm3d_max_volumes),
-        "nlm": (denoise.nlm_denoise, dict(patch_size=nlm_patch_size, patch_distance=nlm_patch_distance, h=nlm_h,
+        "bm3d": (classical.bm3d_denoise, dict(mode=bm3d_mode), bm3d_max_volumes),
+        "nlm": (classical.nlm_denoise, dict(patch_size=nlm_patch_size, patch_distance=nlm_patch_distance, h=nlm_h,
                                           mode=nlm_mode), nlm_max_volumes),
     }
     # one model per channel, trained on patches read from the FOV files on disk
@@ -294,7 +294,7 @@ def run_denoise_stage(
             target[c] = ests[targets_from]
             if truth is not None:
                 evals += [{"fov_id": fid, "structure": r["structure"], "channel": name, "method": m,
-                           **denoise.score(e, truth[c])} for m, e in ests.items()]
+                           **classical.score(e, truth[c])} for m, e in ests.items()]
             if fid == carriers[name][0] and vol.shape[2:] == shape_yx:
                 zc = vol.shape[1] // 2
                 ests["truth"] = truth[c] if truth is not None else None
