@@ -46,7 +46,8 @@ p.add_argument("--n-per-structure", type=int, default=3, help="simulated FOVs pe
 p.add_argument("--factor", type=int, default=3, help="the large set holds this many times the FOVs")
 p.add_argument("--shape", type=int, nargs=3, default=[32, 128, 128], help="simulated FOV shape Z Y X")
 p.add_argument("--window", type=int, default=16, help="focus window, slices")
-p.add_argument("--root", type=str, default=None, help="working folder (default: a temporary one)")
+p.add_argument("--root", type=str, default=None,
+               help="working folder (default: a temporary one); its simulated sets are reused when present")
 p.add_argument("--keep", action="store_true", help="keep the working folder")
 p.add_argument("--json", type=str, default=None, help="write the measurements here")
 p.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # internal: run one stage in this process
@@ -96,6 +97,8 @@ def make_sets(work: Path) -> list[Path]:
     from vstain import data
 
     small, large = work / "n", work / "kn"
+    if (large / "01_data" / "fovs.csv").exists():  # made by an earlier run with the same --root
+        return [small, large]
     data.run_data_stage(small / "01_data", source="synthetic", n_per_structure=args.n_per_structure,
                         shape=args.shape, seed=0)
     fovs = pd.read_csv(small / "01_data" / "fovs.csv", dtype={"fov_id": str})
@@ -134,7 +137,7 @@ work.mkdir(parents=True, exist_ok=True)
 t0 = time.perf_counter()
 sets = make_sets(work)
 one_fov = next((sets[0] / "01_data" / "fovs").iterdir()).stat().st_size / 2**20
-print(f"simulated {4 * args.n_per_structure} FOVs of {tuple(args.shape)} in {time.perf_counter() - t0:.0f} s; "
+print(f"{4 * args.n_per_structure} FOVs of {tuple(args.shape)} ready in {time.perf_counter() - t0:.0f} s; "
       f"one FOV file (7 channels) is {one_fov:.1f} MiB")
 env = {**os.environ, "OMP_NUM_THREADS": "1"}
 results = []

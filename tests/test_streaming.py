@@ -1,6 +1,7 @@
 """The FOV stages hold one FOV at a time: Noise2Void reads its patches from disk (vstain.denoise.DiskStack)
 and the peak memory of stages 02, 03, the metrics and the classifier's scores does not grow with the
 number of FOVs (tracemalloc, which counts numpy's arrays)."""
+import pickle
 import shutil
 import tracemalloc
 
@@ -8,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+import torch
 from test_denoise import TINY, blobs, identity_n2v
 from test_focus import write_stage01
 
@@ -159,3 +161,22 @@ def test_peak_memory_does_not_grow_with_the_number_of_fovs(peaks, stage):
     small, large = peaks[stage, 3], peaks[stage, 6]
     assert small > FOV_BYTES / 4  # the measurement sees the stage's arrays
     assert large - small < FOV_BYTES, f"{stage}: peak {small / 2**20:.1f} MiB on 12 FOVs, {large / 2**20:.1f} on 24"
+
+
+def test_processed_crops_hold_no_volume_between_crops(tmp_path):
+    """Training crops are read from the files crop by crop: the dataset pickles to a few paths and
+    shapes, and a crop is the file's box (Y/X flips off)."""
+    from test_denoise import processed_records
+
+    from vstain.dataset import ProcessedCrops, read_manifest, write_processed
+
+    write_processed(tmp_path, processed_records(4, shape=(9, 33, 31)), seed=0)
+    crops = ProcessedCrops(tmp_path, "train", crop=(5, 16, 8), samples=6, flips=False, seed=2)
+    assert len(pickle.dumps(crops)) < 7 * 9 * 33 * 31 * 4  # less than one processed FOV
+    vols = {r["fov_id"]: tifffile.imread(r["path"]) for _, r in read_manifest(tmp_path).iterrows()}
+    for i in range(len(crops)):
+        c = torch.cat(crops[i]).numpy()
+        corners = [(v, z, a, b) for v in vols.values() for z, a, b in np.argwhere(v[0] == c[0, 0, 0, 0])]
+        assert len(corners) == 1  # the brightfield voxel values are random, so the corner is unique
+        v, z, a, b = corners[0]
+        assert np.array_equal(c, v[:, z:z + 5, a:a + 16, b:b + 8], equal_nan=True)

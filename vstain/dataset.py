@@ -123,13 +123,16 @@ class ProcessedCrops(Dataset):
         df = df[df["split"] == split]
         if df.empty:
             raise ValueError(f"the processed set at {stage} has no FOV in split '{split}'")
-        # memory-mapped, so a split larger than RAM (the full profile) is read crop by crop
-        self.fovs = [open_volume(r["path"], 1 + len(TARGETS)) for _, r in df.iterrows()]
-        self.ids = df["fov_id"].tolist()
+        # each crop maps its FOV's file and lets it go: a split larger than RAM (the full profile) is
+        # read crop by crop, and the pages a crop touched leave the process with it
+        self.paths, self.ids = df["path"].tolist(), df["fov_id"].tolist()
         self.crop = tuple(int(c) for c in crop)
-        for fid, v in zip(self.ids, self.fovs):
-            if any(c > s for c, s in zip(self.crop, v.shape[1:])):
-                raise ValueError(f"crop {self.crop} does not fit FOV {fid} of shape {v.shape[1:]} (Z, Y, X)")
+        self.shapes = []
+        for fid, path in zip(self.ids, self.paths):
+            shape = open_volume(path, 1 + len(TARGETS)).shape[1:]
+            if any(c > s for c, s in zip(self.crop, shape)):
+                raise ValueError(f"crop {self.crop} does not fit FOV {fid} of shape {shape} (Z, Y, X)")
+            self.shapes.append(shape)
         self.samples, self.flips, self.seed, self.epoch = int(samples), flips, int(seed), 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -140,10 +143,10 @@ class ProcessedCrops(Dataset):
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng((self.seed, self.epoch, int(i)))
-        v = self.fovs[rng.integers(len(self.fovs))]
-        start = [rng.integers(0, s - c + 1) for c, s in zip(self.crop, v.shape[1:])]
+        k = rng.integers(len(self.paths))
+        start = [rng.integers(0, s - c + 1) for c, s in zip(self.crop, self.shapes[k])]
         sl = tuple(slice(s, s + c) for s, c in zip(start, self.crop))
-        c = v[(slice(None), *sl)]
+        c = open_volume(self.paths[k])[(slice(None), *sl)]
         if self.flips:
             for ax in (2, 3):
                 if rng.random() < 0.5:
