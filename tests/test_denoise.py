@@ -1,9 +1,10 @@
-"""Noise2Void through careamics, the BM3D and NLM baselines, the scores and the processed set (vstain.denoise)."""
+"""Noise2Void through careamics (vstain.denoise), the BM3D and NLM baselines and the scores
+(vstain.classical), and the processed set."""
 import numpy as np
 import pandas as pd
 import pytest
 
-from vstain import denoise
+from vstain import classical, denoise
 from vstain.channels import TARGETS
 from vstain.dataset import ProcessedCrops, load_fov, read_manifest, write_processed
 
@@ -26,14 +27,15 @@ def test_n2v_smoke_train_predict_and_reuse(tmp_path):
     cfg = denoise.N2VConfig(**TINY)
     shapes = [(9, 21, 19), (9, 21, 19)]
     stacks = [blobs(s, i)[1] for i, s in enumerate(shapes)]
-    r = denoise.train_and_denoise(stacks, "mito", tmp_path / "mito", cfg)
-    assert not r.reused and r.train_s > 0
-    assert [d.shape for d in r.denoised] == shapes
-    assert all(np.isfinite(d).all() and d.dtype == np.float32 for d in r.denoised)
-    assert (tmp_path / "mito" / "model.ckpt").exists() and r.losses
-    again = denoise.train_and_denoise(stacks, "mito", tmp_path / "mito", cfg)
-    assert again.reused and np.allclose(again.denoised[0], r.denoised[0], atol=1e-5)
-    changed = denoise.train_and_denoise(stacks, "mito", tmp_path / "mito", denoise.N2VConfig(**{**TINY, "seed": 3}))
+    model, denoised = denoise.train_and_denoise(stacks, "mito", tmp_path / "mito", cfg)
+    assert not model.reused and model.train_s > 0
+    assert [d.shape for d in denoised] == shapes
+    assert all(np.isfinite(d).all() and d.dtype == np.float32 for d in denoised)
+    assert (tmp_path / "mito" / "model.ckpt").exists() and model.losses
+    again, again_denoised = denoise.train_and_denoise(stacks, "mito", tmp_path / "mito", cfg)
+    assert again.reused and again.train_s == pytest.approx(model.train_s, abs=0.01)
+    assert np.allclose(again_denoised[0], denoised[0], atol=1e-5)
+    changed = denoise.train_n2v(stacks, "mito", tmp_path / "mito", denoise.N2VConfig(**{**TINY, "seed": 3}))
     assert not changed.reused
 
 
@@ -71,39 +73,54 @@ def test_n2v_config_validation(kw, match):
 @pytest.mark.parametrize("sigma", [0.5, 2.0, 7.0])
 def test_noise_sigma_estimate(sigma):
     noise = np.random.default_rng(1).normal(0, sigma, (5, 47, 66))
-    assert denoise.estimate_noise_sigma(noise + 100) == pytest.approx(sigma, rel=0.05)
+    assert classical.estimate_noise_sigma(noise + 100) == pytest.approx(sigma, rel=0.05)
 
 
 @pytest.mark.parametrize("mode", ["2d", "3d"])
 def test_nlm_improves_psnr_and_ssim(mode):
     clean, noisy = blobs((9, 33, 35), 2)
-    den = denoise.nlm_denoise(noisy, mode=mode)
+    den = classical.nlm_denoise(noisy, mode=mode)
     assert den.shape == noisy.shape and den.dtype == np.float32
-    before, after = denoise.score(noisy, clean), denoise.score(den, clean)
+    before, after = classical.score(noisy, clean), classical.score(den, clean)
     assert after["psnr"] > before["psnr"] + 3 and after["ssim"] > before["ssim"]
 
 
 @pytest.mark.parametrize("mode,shape", [("2d", (3, 24, 26)), ("3d", (8, 24, 26))])
 def test_bm3d_lowers_the_error_of_a_noisy_smooth_volume(mode, shape):
     clean, noisy = blobs(shape, 4)
-    den = denoise.bm3d_denoise(noisy, mode=mode)
+    den = classical.bm3d_denoise(noisy, mode=mode)
     assert den.shape == noisy.shape and den.dtype == np.float32
     assert np.mean((den - clean) ** 2) < 0.5 * np.mean((noisy - clean) ** 2)
-    before, after = denoise.score(noisy, clean), denoise.score(den, clean)
+    before, after = classical.score(noisy, clean), classical.score(den, clean)
     assert after["psnr"] > before["psnr"] + 3 and after["ssim"] > before["ssim"]
 
 
 def test_bm3d_bad_input():
     flat = np.full((2, 16, 16), 7.0, np.float32)
-    assert np.array_equal(denoise.bm3d_denoise(flat), flat)  # zero noise: nothing to remove, no NaN
+    assert np.array_equal(classical.bm3d_denoise(flat), flat)  # zero noise: nothing to remove, no NaN
     with pytest.raises(ValueError, match="at least"):
-        denoise.bm3d_denoise(np.zeros((2, 6, 16), np.float32))
+        classical.bm3d_denoise(np.zeros((2, 6, 16), np.float32))
     with pytest.raises(ValueError, match="at least"):
-        denoise.bm3d_denoise(np.zeros((4, 16, 16), np.float32), mode="3d")
+        classical.bm3d_denoise(np.zeros((4, 16, 16), np.float32), mode="3d")
     with pytest.raises(ValueError, match="NaN"):
-        denoise.bm3d_denoise(np.full((2, 16, 16), np.nan, np.float32))
+        classical.bm3d_denoise(np.full((2, 16, 16), np.nan, np.float32))
     with pytest.raises(ValueError, match="mode"):
-        denoise.bm3d_denoise(flat, mode="4d")
+        classical.bm3d_denoise(flat, mode="4d")
+
+
+class IdentityN2V:
+    """A stand-in for a trained N2V model that returns its input."""
+
+    def __init__(self, channel):
+        self.channel, self.reused, self.train_s = channel, False, 1.0
+
+    def denoise(self, stack):
+        return np.array(stack, dtype=np.float32)
+
+
+def identity_n2v(stacks, channel, work_dir, cfg, device="cpu", precision="32-true"):
+    assert all(isinstance(s, denoise.DiskStack) for s in stacks)  # the stage hands careamics files, not arrays
+    return IdentityN2V(channel)
 
 
 @pytest.mark.parametrize("cap", [0, 1])
@@ -112,11 +129,7 @@ def test_denoise_stage_caps_bm3d_volumes(tmp_path, monkeypatch, cap):
     from test_focus import write_stage01
     from vstain import preprocess
 
-    def fake_n2v(stacks, channel, work_dir, cfg, device="cpu", precision="32-true"):
-        return denoise.N2VResult(channel, [np.asarray(s, np.float32) for s in stacks], False, 1.0, 0.5,
-                                 tmp_path / "none.ckpt")
-
-    monkeypatch.setattr(denoise, "train_and_denoise", fake_n2v)
+    monkeypatch.setattr(denoise, "train_n2v", identity_n2v)
     stage01 = write_stage01(tmp_path / "01_data", n_per_structure=3, shape=(24, 24, 24))
     preprocess.run_focus_stage(stage01, tmp_path / "02_plls", window=4)
     out = tmp_path / "03_denoising"
@@ -143,8 +156,8 @@ def test_denoise_stage_caps_bm3d_volumes(tmp_path, monkeypatch, cap):
 
 def test_score_is_affine_invariant_and_perfect_on_truth():
     clean, noisy = blobs((9, 21, 23), 3)
-    assert denoise.score(3 * noisy - 7, clean)["psnr"] == pytest.approx(denoise.score(noisy, clean)["psnr"], abs=1e-6)
-    perfect = denoise.score(clean * 2 + 1, clean)
+    assert classical.score(3 * noisy - 7, clean)["psnr"] == pytest.approx(classical.score(noisy, clean)["psnr"], abs=1e-6)
+    perfect = classical.score(clean * 2 + 1, clean)
     assert perfect["ssim"] == pytest.approx(1.0) and perfect["psnr"] > 100
 
 

@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from vstain.infer import (RECEPTIVE_RADIUS, axis_tiles, default_roi, measure_seams, plan, predict_tiled,
                           predict_volume, tile_borders)
-from vstain.models import Generator, GeneratorConfig, pad_to_multiple
+from vstain.models import Generator, GeneratorConfig
 
 MIN_CORR, MAX_BORDER_RATIO = 0.999, 1.2  # seamless: tiled ~ one pass, no excess difference at tile borders
 

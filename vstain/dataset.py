@@ -9,6 +9,7 @@ the same way. ``manifest.csv`` lists ``fov_id, gene, structure, split, path, tru
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -58,14 +59,17 @@ def split_fovs(df: pd.DataFrame, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> 
     return split
 
 
-def _open_volume(path: str | Path) -> np.ndarray:
-    """A processed ``[7, Z, Y, X]`` volume, memory-mapped when the file allows it."""
+def open_volume(path: str | Path, channels: int | None = None) -> np.ndarray:
+    """A ``[C, Z, Y, X]`` volume file, memory-mapped when the file allows it (uncompressed, as
+    :func:`vstain.volumes.write_volume` writes), else read whole; ``channels``: the ``C`` expected
+    (``None``: any). Slicing a memory-mapped volume reads only the slice from disk."""
     try:
         vol = tifffile.memmap(path, mode="r")
     except ValueError:  # compressed or tiled: read it whole
         vol = read_volume(path)
-    if vol.ndim != 4 or vol.shape[0] != 1 + len(TARGETS):
-        raise ValueError(f"{path}: expected a [{1 + len(TARGETS)}, Z, Y, X] processed volume, got {vol.shape}")
+    if vol.ndim != 4 or (channels is not None and vol.shape[0] != channels):
+        want = f"[{channels}, Z, Y, X]" if channels is not None else "[C, Z, Y, X]"
+        raise ValueError(f"{path}: expected a {want} volume, got {vol.shape}")
     return vol
 
 
@@ -119,13 +123,16 @@ class ProcessedCrops(Dataset):
         df = df[df["split"] == split]
         if df.empty:
             raise ValueError(f"the processed set at {stage} has no FOV in split '{split}'")
-        # memory-mapped, so a split larger than RAM (the full profile) is read crop by crop
-        self.fovs = [_open_volume(r["path"]) for _, r in df.iterrows()]
-        self.ids = df["fov_id"].tolist()
+        # each crop maps its FOV's file and lets it go: a split larger than RAM (the full profile) is
+        # read crop by crop, and the pages a crop touched leave the process with it
+        self.paths, self.ids = df["path"].tolist(), df["fov_id"].tolist()
         self.crop = tuple(int(c) for c in crop)
-        for fid, v in zip(self.ids, self.fovs):
-            if any(c > s for c, s in zip(self.crop, v.shape[1:])):
-                raise ValueError(f"crop {self.crop} does not fit FOV {fid} of shape {v.shape[1:]} (Z, Y, X)")
+        self.shapes = []
+        for fid, path in zip(self.ids, self.paths):
+            shape = open_volume(path, 1 + len(TARGETS)).shape[1:]
+            if any(c > s for c, s in zip(self.crop, shape)):
+                raise ValueError(f"crop {self.crop} does not fit FOV {fid} of shape {shape} (Z, Y, X)")
+            self.shapes.append(shape)
         self.samples, self.flips, self.seed, self.epoch = int(samples), flips, int(seed), 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -136,10 +143,10 @@ class ProcessedCrops(Dataset):
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng((self.seed, self.epoch, int(i)))
-        v = self.fovs[rng.integers(len(self.fovs))]
-        start = [rng.integers(0, s - c + 1) for c, s in zip(self.crop, v.shape[1:])]
+        k = rng.integers(len(self.paths))
+        start = [rng.integers(0, s - c + 1) for c, s in zip(self.crop, self.shapes[k])]
         sl = tuple(slice(s, s + c) for s, c in zip(start, self.crop))
-        c = v[(slice(None), *sl)]
+        c = open_volume(self.paths[k])[(slice(None), *sl)]
         if self.flips:
             for ax in (2, 3):
                 if rng.random() < 0.5:
@@ -148,25 +155,45 @@ class ProcessedCrops(Dataset):
         return c[:1], c[1:]
 
 
-def write_processed(stage: str | Path, records: list[dict], seed: int = 0, fractions=(0.7, 0.15, 0.15)) -> pd.DataFrame:
-    """Write a processed set: ``records`` hold ``fov_id, gene, structure, bf [Z,Y,X],
-    target [6,Z,Y,X]`` (NaN = no label) and optionally ``truth [6,Z,Y,X]``. Normalises
-    (z-score per FOV and channel), splits by FOV stratified by structure, writes the volumes
-    and ``manifest.csv``, and returns the manifest."""
+def write_processed_fov(stage: str | Path, record: dict) -> dict:
+    """Normalise and write one processed FOV as soon as it is made (z-score per channel and FOV).
+
+    Args:
+        stage: the processed set's folder.
+        record: ``fov_id, gene, structure, bf [Z,Y,X], target [6,Z,Y,X]`` (NaN = no label) and
+            optionally ``truth [6,Z,Y,X]``.
+
+    Returns:
+        its manifest row (``fov_id, gene, structure, path, truth_path``; paths relative to ``stage``)
+        for :func:`write_manifest`.
+    """
     stage = Path(stage)
-    rows = []
-    for r in records:
-        fid = str(r["fov_id"])
-        tgt = np.stack([zscore(c) for c in r["target"]])
-        vol = np.concatenate([zscore(r["bf"])[None], tgt])
-        rel = f"processed/{fid}.tif"
-        write_volume(stage / rel, vol, ["brightfield", *TARGETS])
-        trel = ""
-        if r.get("truth") is not None:
-            trel = f"processed/{fid}_truth.tif"
-            write_volume(stage / trel, np.stack([zscore(c) for c in r["truth"]]), list(TARGETS))
-        rows.append({"fov_id": fid, "gene": r["gene"], "structure": r["structure"], "path": rel, "truth_path": trel})
-    df = pd.DataFrame(rows)
+    fid = str(record["fov_id"])
+    vol = np.concatenate([zscore(record["bf"])[None], *(zscore(c)[None] for c in record["target"])])
+    rel = f"processed/{fid}.tif"
+    write_volume(stage / rel, vol, ["brightfield", *TARGETS])
+    del vol
+    trel = ""
+    if record.get("truth") is not None:
+        trel = f"processed/{fid}_truth.tif"
+        write_volume(stage / trel, np.stack([zscore(c) for c in record["truth"]]), list(TARGETS))
+    return {"fov_id": fid, "gene": record["gene"], "structure": record["structure"], "path": rel, "truth_path": trel}
+
+
+def write_manifest(stage: str | Path, rows: list[dict], seed: int = 0, fractions=(0.7, 0.15, 0.15)) -> pd.DataFrame:
+    """Split the written FOVs by FOV, stratified by structure (:func:`split_fovs`), write
+    ``manifest.csv`` and return it. ``rows`` are :func:`write_processed_fov`'s."""
+    df = pd.DataFrame(rows, columns=["fov_id", "gene", "structure", "path", "truth_path"])
+    if df.empty:
+        raise ValueError(f"no processed FOV to list in the manifest of {stage}")
     df.insert(3, "split", split_fovs(df, fractions, seed))
-    df.to_csv(stage / MANIFEST_CSV, index=False)
+    df.to_csv(Path(stage) / MANIFEST_CSV, index=False)
     return df
+
+
+def write_processed(stage: str | Path, records: Iterable[dict], seed: int = 0,
+                    fractions=(0.7, 0.15, 0.15)) -> pd.DataFrame:
+    """Write a processed set: every record (:func:`write_processed_fov`) as it comes, then the
+    manifest (:func:`write_manifest`). ``records`` may be a generator, so that one FOV at a time is
+    in memory. Returns the manifest."""
+    return write_manifest(stage, [write_processed_fov(stage, r) for r in records], seed, fractions)

@@ -1,4 +1,4 @@
-"""Denoising of the target channels: Noise2Void through careamics, and a classical baseline.
+"""Denoising of the target channels: Noise2Void through careamics.
 
 Thesis 2.2.2 denoises the target fluorescence with Noise2Void (Krull et al. 2019): a U-Net
 trained on the noisy stacks themselves, with a random subset of pixels masked (their values
@@ -7,10 +7,13 @@ pixel from its surroundings. This module is the project's only importer of carea
 lazily, so that the focus stage does not pay for it); nothing here talks to the network (no
 BioImage Model Zoo export or download is ever called).
 
-Two classical baselines run next to it, both with the noise level estimated from the stack by
-:func:`estimate_noise_sigma`: BM3D (Dabov et al. 2007, the ``bm3d`` package), the method the thesis
-compared against, slice by slice (or its volumetric extension BM4D, ``bm4d`` package, on request),
-and scikit-image's non-local means, a much cheaper reference.
+Memory: careamics reads training patches from :class:`DiskStack` s, windows of the FOV files on
+disk, one patch at a time (careamics' ``ImageStackLoading``), and :class:`N2VModel` denoises one
+stack per call, so a channel carried by hundreds of FOVs trains and predicts with one FOV in
+memory, not all of them.
+
+The classical denoisers it is compared with, and the score against the clean truth, are in
+:mod:`vstain.classical`.
 """
 from __future__ import annotations
 
@@ -25,8 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-from skimage.restoration import denoise_nl_means
+import tifffile
 
 MODEL_CKPT = "model.ckpt"
 KEY_JSON = "key.json"
@@ -128,7 +130,7 @@ def _careamics_config(cfg: N2VConfig, channel: str, device: str, precision: str 
     accelerator = "gpu" if str(device).startswith("cuda") else "cpu"
     return create_advanced_n2v_config(
         experiment_name=f"n2v_{channel}",
-        data_type="array",
+        data_type="custom",  # stacks come through _image_stacks: DiskStacks or in-memory arrays
         axes="ZYX",
         patch_size=list(cfg.patch_size),
         batch_size=cfg.batch_size,
@@ -147,46 +149,87 @@ def _careamics_config(cfg: N2VConfig, channel: str, device: str, precision: str 
     )
 
 
-def model_key(cfg: N2VConfig, stacks: list[np.ndarray], device: str = "cpu", precision: str = "32-true") -> str:
-    """Hash of the parameters, device, precision, careamics' version and the training stacks: a
-    trained model is reused when it matches."""
-    from careamics import __version__ as cv
+class DiskStack:
+    """One channel of a ``[C, Z, Y, X]`` volume file, cropped to the slices ``[z_lo, z_hi)`` and read
+    from disk patch by patch: a careamics ``ImageStack`` with ``data_shape`` ``(1, 1, z, Y, X)``
+    (``S C Z Y X``).
 
-    params = {**asdict(cfg), "device": str(device), "precision": precision, "careamics": cv}
-    h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
-    for s in stacks:
-        a = np.ascontiguousarray(s, dtype=np.float32)
-        h.update(str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
+    Each patch maps the file anew and lets the mapping go, so a training that draws patches from
+    any number of FOVs holds one patch of them in memory (and in the process' resident pages).
+
+    Args:
+        path: an uncompressed TIFF holding a ``[C, Z, Y, X]`` volume, as
+            :func:`vstain.volumes.write_volume` writes it.
+        channel: the channel, an index into ``C``.
+        z_lo, z_hi: the slices kept (the focus window), ``0 <= z_lo < z_hi <= Z``.
+        name: names the stack in errors (the FOV id; default the file name).
+    """
+
+    original_axes = "ZYX"
+
+    def __init__(self, path: str | Path, channel: int, z_lo: int, z_hi: int, name: str | None = None):
+        self.path = Path(path)
+        self.name = name or self.path.name
+        try:
+            mm = tifffile.memmap(self.path, mode="r")
+        except (ValueError, tifffile.TiffFileError) as e:
+            raise ValueError(f"{self.path}: cannot be read patch by patch ({e}); Noise2Void streams its "
+                             "patches from uncompressed TIFFs such as vstain.volumes.write_volume writes") from e
+        if mm.ndim != 4 or not 0 <= channel < mm.shape[0] or not 0 <= z_lo < z_hi <= mm.shape[1]:
+            raise ValueError(f"{self.path}: a volume of shape {mm.shape} (expected [C, Z, Y, X]) has no "
+                             f"channel {channel} with slices [{z_lo}, {z_hi})")
+        _, nz, ny, nx = mm.shape
+        self.channel, self.z_lo, self.z_hi = int(channel), int(z_lo), int(z_hi)
+        self.data_dtype = mm.dtype
+        self.shape = self.original_data_shape = (self.z_hi - self.z_lo, ny, nx)
+        self.source, self.data_shape = self.path, (1, 1, *self.shape)  # careamics' ImageStack attributes
+        self._offset = mm.offset + (self.channel * nz + self.z_lo) * ny * nx * mm.dtype.itemsize
+        del mm
+
+    def _map(self) -> np.memmap:
+        return np.memmap(self.path, self.data_dtype, "r", offset=self._offset, shape=self.shape)
+
+    def read(self) -> np.ndarray:
+        """The whole window ``[z, Y, X]``, float32, in memory."""
+        return np.array(self._map(), dtype=np.float32)
+
+    def extract_patch(self, sample_idx: int, channels, coords, patch_size) -> np.ndarray:
+        """careamics' ``ImageStack.extract_patch``: the patch ``[1, pz, py, px]`` whose corner is
+        ``coords`` (Z, Y, X), zero-padded where it leaves the window."""
+        from careamics.dataset.image_stack.image_utils.image_stack_utils import pad_patch
+
+        if sample_idx != 0 or (channels is not None and list(channels) != [0]):
+            raise ValueError(f"{self.name}: a DiskStack holds one sample of one channel, "
+                             f"asked for sample {sample_idx}, channels {channels}")
+        box = tuple(slice(max(c, 0), min(c + p, n)) for c, p, n in zip(coords, patch_size, self.shape))
+        data = np.array(self._map()[box], dtype=np.float32)[None]
+        return pad_patch(coords, patch_size, self.data_shape, data)
 
 
-@dataclass
-class N2VResult:
-    """One channel's Noise2Void run: denoised stacks and what it cost."""
-
-    channel: str
-    denoised: list[np.ndarray]
-    reused: bool
-    train_s: float
-    predict_s: float
-    checkpoint: Path
-    losses: list[dict] = field(default_factory=list)
+Stack = np.ndarray | DiskStack
 
 
-def _check_stacks(stacks: list[np.ndarray], channel: str, cfg: N2VConfig) -> list[np.ndarray]:
+def _image_stacks(source: list[Stack], axes: str) -> list:
+    """careamics ``ImageStackLoader``: DiskStacks as they are, in-memory ``[Z, Y, X]`` arrays as
+    careamics' own ``InMemoryImageStack``."""
+    from careamics.dataset.image_stack import InMemoryImageStack
+
+    return [s if isinstance(s, DiskStack) else InMemoryImageStack.from_array(s, axes) for s in source]
+
+
+def _read(stack: Stack) -> np.ndarray:
+    return stack.read() if isinstance(stack, DiskStack) else stack
+
+
+def _check_stacks(stacks: list[Stack], channel: str, cfg: N2VConfig) -> list[Stack]:
+    """Shapes checked; arrays as float32. NaN is checked by :func:`_digest`, which reads every stack."""
     if not stacks:
         raise ValueError(f"Noise2Void for channel '{channel}': no stack to train on")
     out = []
     for i, s in enumerate(stacks):
-        s = np.asarray(s, dtype=np.float32)
-        if s.ndim != 3:
+        s = s if isinstance(s, DiskStack) else np.asarray(s, dtype=np.float32)
+        if len(s.shape) != 3:
             raise ValueError(f"Noise2Void for channel '{channel}': stack {i} is not [Z, Y, X] (shape {s.shape})")
-        if not np.isfinite(s).all():
-            raise ValueError(
-                f"Noise2Void for channel '{channel}': stack {i} holds NaN/inf; pass only the FOVs that "
-                "carry this channel"
-            )
         if any(p > n for p, n in zip(cfg.patch_size, s.shape)):
             raise ValueError(
                 f"Noise2Void for channel '{channel}': patch_size {cfg.patch_size} does not fit stack {i} "
@@ -196,7 +239,32 @@ def _check_stacks(stacks: list[np.ndarray], channel: str, cfg: N2VConfig) -> lis
     return out
 
 
-def _validation_data(stacks: list[np.ndarray], cfg: N2VConfig) -> list[np.ndarray] | None:
+def _digest(stacks: list[Stack], channel: str) -> str:
+    """SHA-256 of the stacks' shapes and values, read one at a time; a stack with NaN/inf is an error."""
+    h = hashlib.sha256()
+    for i, s in enumerate(stacks):
+        a = np.ascontiguousarray(_read(s), dtype=np.float32)
+        if not np.isfinite(a).all():
+            where = f" ({s.name})" if isinstance(s, DiskStack) else ""
+            raise ValueError(
+                f"Noise2Void for channel '{channel}': stack {i}{where} holds NaN/inf; pass only the FOVs that "
+                "carry this channel"
+            )
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def model_key(cfg: N2VConfig, digest: str, device: str = "cpu", precision: str = "32-true") -> str:
+    """Hash of the parameters, device, precision, careamics' version and the training stacks'
+    :func:`_digest`: a trained model is reused when it matches."""
+    from careamics import __version__ as cv
+
+    params = {**asdict(cfg), "device": str(device), "precision": precision, "careamics": cv, "data": digest}
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _validation_data(stacks: list[Stack], cfg: N2VConfig) -> list[Stack] | None:
     """``None`` (careamics holds ``n_val_patches`` whole grid patches out of the training data) when
     the stacks hold more whole patches than that; else the training stacks themselves, since
     careamics 0.3.5 cannot split small stacks (its count includes partial grid patches). N2V's
@@ -216,14 +284,59 @@ def read_losses(work_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def train_and_denoise(
-    stacks: list[np.ndarray], channel: str, work_dir: str | Path, cfg: N2VConfig, device: str = "cpu",
+@dataclass
+class N2VModel:
+    """One channel's trained (or reused) Noise2Void model; :meth:`denoise` takes one stack at a time."""
+
+    channel: str
+    careamist: object
+    cfg: N2VConfig
+    reused: bool
+    train_s: float
+    checkpoint: Path
+    log: Path
+    losses: list[dict] = field(default_factory=list)
+
+    def denoise(self, stack: Stack) -> np.ndarray:
+        """The denoised ``[Z, Y, X]`` float32 of one stack (an array or a :class:`DiskStack`), tiled
+        with ``cfg.tile_size`` and ``cfg.tile_overlap``.
+
+        Raises:
+            RuntimeError: careamics failed; the message names the channel and carries the cause.
+        """
+        s = np.asarray(_read(stack), dtype=np.float32)
+        try:
+            with _quiet(self.log):
+                preds, _ = self.careamist.predict(s, data_type="array", axes="ZYX", tile_size=self.cfg.tile_size,
+                                                  tile_overlap=self.cfg.tile_overlap, checkpoint=self.checkpoint,
+                                                  batch_size=self.cfg.batch_size)
+        except Exception as e:
+            raise RuntimeError(
+                f"Noise2Void prediction for channel '{self.channel}' failed in careamics ({type(e).__name__}: {e}) "
+                f"on a stack of shape {s.shape}, tile_size {self.cfg.tile_size}; careamics' log: {self.log}"
+            ) from e
+        out = np.asarray(preds[0], dtype=np.float32).reshape(s.shape)
+        if not np.isfinite(out).all():
+            raise RuntimeError(
+                f"Noise2Void for channel '{self.channel}' predicted {int((~np.isfinite(out)).sum())} non-finite "
+                f"voxels: its training diverged (see its losses in {self.log.parent}); with bf16-mixed on a CPU, "
+                "feature maps 2 slices deep give unrepeatable weight gradients: use a patch of at least 16 slices "
+                "or 32-true")
+        return out
+
+
+def train_n2v(
+    stacks: list[Stack], channel: str, work_dir: str | Path, cfg: N2VConfig, device: str = "cpu",
     precision: str = "32-true",
-) -> N2VResult:
-    """Train (or reuse) a Noise2Void model on one channel's stacks and denoise them with tiling.
+) -> N2VModel:
+    """Train (or reuse) a Noise2Void model on one channel's stacks.
+
+    careamics draws its training patches straight from the stacks (for :class:`DiskStack` s, from
+    disk, a patch at a time); the stacks are read whole only one at a time, to check and hash them.
 
     Args:
-        stacks: the channel's focus-cropped ``[Z, Y, X]`` stacks, raw intensities, no NaN.
+        stacks: the channel's focus-cropped ``[Z, Y, X]`` stacks (arrays or :class:`DiskStack` s), raw
+            intensities, no NaN.
         channel: the target channel's name (names the model and the errors).
         work_dir: careamics' folder for this channel (checkpoints, CSV logs, ``train.log``);
             ``model.ckpt`` and ``key.json`` mark a finished model, reused when the key matches.
@@ -234,53 +347,54 @@ def train_and_denoise(
     Raises:
         RuntimeError: careamics failed; the message names the channel and carries the cause.
     """
-    from careamics import CAREamist
+    from careamics import CAREamist, ImageStackLoading
 
     stacks = _check_stacks(stacks, channel, cfg)
+    key = model_key(cfg, _digest(stacks, channel), device, precision)
     work_dir = Path(work_dir)
-    key = model_key(cfg, stacks, device, precision)
     ckpt = work_dir / MODEL_CKPT
-    reused = False
-    train_s = 0.0
     log = work_dir / "train.log"
     try:
         done = ckpt.exists() and (work_dir / KEY_JSON).exists()
         if done and json.loads((work_dir / KEY_JSON).read_text()).get("key") == key:
-            reused = True
             with _quiet(log):
                 model = CAREamist(checkpoint_path=ckpt, work_dir=work_dir, enable_progress_bar=False)
-        else:
-            if work_dir.exists():
-                shutil.rmtree(work_dir)
-            work_dir.mkdir(parents=True)
-            t0 = time.perf_counter()
-            with _quiet(log):
-                model = CAREamist(_careamics_config(cfg, channel, device, precision), work_dir=work_dir,
-                                  enable_progress_bar=False)
-                model.train(train_data=stacks, val_data=_validation_data(stacks, cfg))
-            train_s = time.perf_counter() - t0
-            last = sorted(work_dir.glob("checkpoints/*/*_last.ckpt"))
-            if not last:
-                raise RuntimeError("training ended without a last checkpoint")
-            shutil.copy2(last[-1], ckpt)
-            info = {"key": key, "params": asdict(cfg), "channel": channel, "n_stacks": len(stacks),
-                    "train_s": round(train_s, 2)}
-            (work_dir / KEY_JSON).write_text(json.dumps(info, indent=2))
+            train_s = float(json.loads((work_dir / KEY_JSON).read_text()).get("train_s", 0.0))
+            return N2VModel(channel, model, cfg, True, train_s, ckpt, log, read_losses(work_dir))
+        if work_dir.exists():
+            shutil.rmtree(work_dir)
+        work_dir.mkdir(parents=True)
         t0 = time.perf_counter()
         with _quiet(log):
-            preds, _ = model.predict(stacks, tile_size=cfg.tile_size, tile_overlap=cfg.tile_overlap,
-                                     checkpoint=ckpt, batch_size=cfg.batch_size)
-        predict_s = time.perf_counter() - t0
+            model = CAREamist(_careamics_config(cfg, channel, device, precision), work_dir=work_dir,
+                              enable_progress_bar=False)
+            model.train(train_data=stacks, val_data=_validation_data(stacks, cfg),
+                        loading=ImageStackLoading(_image_stacks))
+        train_s = time.perf_counter() - t0
+        last = sorted(work_dir.glob("checkpoints/*/*_last.ckpt"))
+        if not last:
+            raise RuntimeError("training ended without a last checkpoint")
+        shutil.copy2(last[-1], ckpt)
     except Exception as e:
         raise RuntimeError(
             f"Noise2Void for channel '{channel}' failed in careamics ({type(e).__name__}: {e}). "
             f"{len(stacks)} stacks of shape {stacks[0].shape}, patch_size {cfg.patch_size}, "
             f"n_val_patches {cfg.n_val_patches}; careamics' log: {log}"
         ) from e
-    if reused:
-        train_s = float(json.loads((work_dir / KEY_JSON).read_text()).get("train_s", 0.0))
-    denoised = [np.asarray(p, dtype=np.float32).reshape(s.shape) for p, s in zip(preds, stacks)]
-    return N2VResult(channel, denoised, reused, train_s, predict_s, ckpt, read_losses(work_dir))
+    info = {"key": key, "params": asdict(cfg), "channel": channel, "n_stacks": len(stacks),
+            "train_s": round(train_s, 2)}
+    (work_dir / KEY_JSON).write_text(json.dumps(info, indent=2))
+    return N2VModel(channel, model, cfg, False, train_s, ckpt, log, read_losses(work_dir))
+
+
+def train_and_denoise(
+    stacks: list[Stack], channel: str, work_dir: str | Path, cfg: N2VConfig, device: str = "cpu",
+    precision: str = "32-true",
+) -> tuple[N2VModel, list[np.ndarray]]:
+    """:func:`train_n2v`, then every stack denoised, all kept in memory (for a few stacks; stage 03
+    denoises FOV by FOV with :meth:`N2VModel.denoise`). Arguments as :func:`train_n2v`."""
+    model = train_n2v(stacks, channel, work_dir, cfg, device, precision)
+    return model, [model.denoise(s) for s in stacks]
 
 
 # ----------------------------------------------------------------------------- blind spot (Fig 2.2)
@@ -327,118 +441,3 @@ def receptive_field(cfg: N2VConfig, shape: tuple[int, ...], checkpoint: str | Pa
     c = tuple(s // 2 for s in shape)
     out[(0, 0, *c)].backward()
     return x.grad[0, 0].abs().numpy()
-
-
-# ----------------------------------------------------------------------------- baseline and scores
-
-
-def estimate_noise_sigma(stack: np.ndarray) -> float:
-    """Gaussian noise sigma of a ``[Z, Y, X]`` (or ``[Y, X]``) stack: Donoho's wavelet estimator,
-    ``median(|d|) / 0.6745`` over the finest diagonal Haar detail ``d`` of every slice.
-
-    (scikit-image's ``estimate_sigma`` does the same with a Daubechies wavelet through PyWavelets;
-    the Haar detail needs no wavelet library and is what both baselines here are given.)
-    """
-    s = np.asarray(stack, dtype=np.float64)
-    s = s.reshape(-1, *s.shape[-2:])
-    ny, nx = (s.shape[1] // 2) * 2, (s.shape[2] // 2) * 2
-    s = s[:, :ny, :nx]
-    d = (s[:, 0::2, 0::2] - s[:, 0::2, 1::2] - s[:, 1::2, 0::2] + s[:, 1::2, 1::2]) / 2
-    return float(np.median(np.abs(d)) / 0.6745)
-
-
-BM3D_MODES = ("2d", "3d")
-
-
-def bm3d_denoise(stack: np.ndarray, mode: str = "2d", sigma: float | None = None) -> np.ndarray:
-    """BM3D (Dabov et al. 2007) on a ``[Z, Y, X]`` stack, in the stack's own units.
-
-    The noise is treated as white Gaussian with one sigma for the whole stack, estimated by
-    :func:`estimate_noise_sigma` unless given (the simulator's camera noise is Poisson plus read
-    noise, so this sigma is an average level, as for non-local means).
-
-    Args:
-        stack: ``[Z, Y, X]``, raw intensities, no NaN; each slice at least 8 x 8 pixels (BM3D's
-            block size).
-        mode: ``"2d"``: ``bm3d.bm3d`` on each z-slice, the method the thesis names (default);
-            ``"3d"``: ``bm4d.bm4d`` on the whole stack (BM4D, BM3D's volumetric extension; needs at
-            least 8 slices). Pilot on one 16 x 96 x 96 quick-profile volume (membrane, 2 busy cores):
-            BM3D 6.4 s, PSNR 27.3 -> 33.9 dB; BM4D 7.9 s, 35.6 dB. The default stays BM3D, the
-            method whose comparison the thesis reports.
-        sigma: noise standard deviation in the stack's units (``None``: estimated). A sigma of 0
-            (a blank or noiseless stack) returns the stack unchanged.
-
-    Both run single-threaded (``num_threads=1``): the packages' automatic threading was slower
-    here (each call carries ~0.2-0.4 s of fixed cost, more with threads) and makes the output vary
-    slightly from run to run.
-    """
-    if mode not in BM3D_MODES:
-        raise ValueError(f"mode must be '2d' or '3d', got {mode!r}")
-    s = np.asarray(stack, dtype=np.float32)
-    if s.ndim != 3:
-        raise ValueError(f"BM3D expects a [Z, Y, X] stack, got shape {s.shape}")
-    if not np.isfinite(s).all():
-        raise ValueError("BM3D: the stack holds NaN/inf; pass only the FOVs that carry the channel")
-    need = (8, 8, 8) if mode == "3d" else (1, 8, 8)
-    if any(n < k for n, k in zip(s.shape, need)):
-        raise ValueError(f"BM3D ({mode}) needs a stack of at least {need} (Z, Y, X), got {s.shape}")
-    sigma = estimate_noise_sigma(s) if sigma is None else float(sigma)
-    if not sigma > 0:
-        return s.copy()
-    if mode == "3d":
-        import bm4d
-
-        profile = bm4d.BM4DProfile()
-        profile.num_threads = 1
-        return np.asarray(bm4d.bm4d(s, sigma_psd=sigma, profile=profile), dtype=np.float32)
-    import bm3d
-
-    profile = bm3d.BM3DProfile()
-    profile.num_threads = 1
-    return np.stack([bm3d.bm3d(z, sigma_psd=sigma, profile=profile) for z in s]).astype(np.float32)
-
-
-def nlm_denoise(stack: np.ndarray, patch_size: int = 5, patch_distance: int = 6, h: float = 0.8,
-                mode: str = "2d") -> np.ndarray:
-    """scikit-image non-local means with the noise level estimated from the stack (the cheap baseline).
-
-    Args:
-        stack: ``[Z, Y, X]``, raw intensities.
-        patch_size: side of the compared patches, pixels.
-        patch_distance: search radius, pixels.
-        h: filter strength in units of the estimated noise sigma (skimage suggests ~0.8 with
-            ``fast_mode``).
-        mode: ``"2d"`` (slice by slice, with the stack's sigma) or ``"3d"`` (3D patches).
-    """
-    if mode not in ("2d", "3d"):
-        raise ValueError(f"mode must be '2d' or '3d', got {mode!r}")
-    s = np.asarray(stack, dtype=np.float32)
-    sigma = estimate_noise_sigma(s)
-    kw = dict(patch_size=patch_size, patch_distance=patch_distance, h=h * sigma, sigma=sigma,
-              fast_mode=True, channel_axis=None)
-    if mode == "3d":
-        return denoise_nl_means(s, **kw).astype(np.float32)
-    return np.stack([denoise_nl_means(z, **kw) for z in s]).astype(np.float32)
-
-
-def score(estimate: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """PSNR (dB) and SSIM of an estimate against the clean truth, both ``[Z, Y, X]``.
-
-    Noisy counts, denoised output and the simulator's truth need not share units, so the estimate
-    is first mapped onto the truth by the least-squares affine fit ``a * estimate + b``; both
-    metrics then use the truth's range as ``data_range``. SSIM is 3D (7-voxel window, or the
-    largest odd size that fits).
-    """
-    e = np.asarray(estimate, dtype=np.float64)
-    t = np.asarray(truth, dtype=np.float64)
-    if e.shape != t.shape:
-        raise ValueError(f"estimate {e.shape} and truth {t.shape} differ in shape")
-    A = np.stack([e.ravel(), np.ones(e.size)], axis=1)
-    coef = np.linalg.lstsq(A, t.ravel(), rcond=None)[0]
-    e = (A @ coef).reshape(t.shape)
-    rng = float(t.max() - t.min()) or 1.0
-    win = min(7, *[(s if s % 2 else s - 1) for s in t.shape])
-    return {
-        "psnr": float(peak_signal_noise_ratio(t, e, data_range=rng)),
-        "ssim": float(structural_similarity(t, e, data_range=rng, win_size=win)),
-    }

@@ -5,10 +5,12 @@ Stage 02 (:func:`run_focus_stage`) reads ``01_data``, finds each FOV's in-focus 
 centre each measure picked, the true centre and the errors) and ``focus_curves.csv`` (long
 format: each measure per slice and channel).
 
-Stage 03 (:func:`run_denoise_stage`) crops every FOV to its window, trains one Noise2Void model per
-target channel on the FOVs that carry it (:mod:`vstain.denoise`), runs the classical baselines
-(BM3D, the thesis' comparison, and non-local means), scores all against the simulator's clean truth, and writes the processed set with
-:func:`vstain.dataset.write_processed` (z-scored per FOV and channel; NaN = no label).
+Stage 03 (:func:`run_denoise_stage`) trains one Noise2Void model per target channel on patches read
+from the focus windows of the FOVs that carry it (:mod:`vstain.denoise`), then goes FOV by FOV: it
+denoises the window with N2V and the classical baselines (BM3D, the thesis' comparison, and
+non-local means), scores all against the simulator's clean truth and writes the processed FOV at
+once with :func:`vstain.dataset.write_processed_fov` (z-scored per FOV and channel; NaN = no
+label). Memory holds one FOV (plus the models) whatever the number of FOVs.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import denoise, focus
+from . import classical, denoise, focus
 from .channels import TARGETS
-from .dataset import write_processed
+from .dataset import open_volume, write_manifest, write_processed_fov
 from .volumes import read_volume, write_volume
 
 CHANNELS: tuple[str, ...] = ("brightfield", *TARGETS)
@@ -157,41 +159,57 @@ def read_focus(stage02: str | Path) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- stage 03
 
 
-def _crop(vol: np.ndarray, lo: int, hi: int, fov_id: str) -> np.ndarray:
+def read_window(path: str | Path, lo: int, hi: int, fov_id: str) -> np.ndarray:
+    """Slices ``[lo, hi)`` of a ``[C, Z, Y, X]`` volume file as ``[C, hi - lo, Y, X]`` float32, read
+    without the rest of the volume where the file can be memory-mapped."""
+    vol = open_volume(path)
     if hi > vol.shape[1] or lo < 0:
-        raise ValueError(f"FOV {fov_id}: focus window [{lo}, {hi}) does not fit its {vol.shape[1]} slices")
-    return vol[:, lo:hi]
+        raise ValueError(f"FOV {fov_id}: focus window [{lo}, {hi}) does not fit its {vol.shape[1]} slices ({path})")
+    return np.array(vol[:, lo:hi], dtype=np.float32)
 
 
-def load_windows(stage01: str | Path, stage02: str | Path):
-    """Every FOV of ``01_data`` cropped to its ``02_plls`` window.
+def focus_windows(stage01: str | Path, stage02: str | Path) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """Every FOV of ``01_data`` with its ``02_plls`` window, and the FOVs that carry each target.
+
+    Reads one FOV at a time, and of it only the window's slices where the file can be memory-mapped.
 
     Returns:
-        ``(fovs, vols, truths)``: ``fovs.csv`` indexed by ``fov_id``; per FOV the cropped
-        ``[7, z, Y, X]`` volume and the cropped ``[6, z, Y, X]`` truth (``None`` without one).
+        ``(fovs, carriers)``: ``fovs.csv`` indexed by ``fov_id`` plus ``z_lo, z_hi``; per target
+        channel the ids of the FOVs whose window of that channel is not all NaN, in FOV order.
     """
     fovs = read_fovs(stage01).set_index("fov_id", drop=False)
     win = read_focus(stage02).set_index("fov_id")
     missing = sorted(set(fovs.index) - set(win.index))
     if missing:
         raise ValueError(f"FOV(s) {missing} of 01_data have no focus window in {stage02}: rerun 02_plls")
-    vols, truths = {}, {}
-    for fid in fovs.index:
-        lo, hi = int(win.loc[fid, "z_lo"]), int(win.loc[fid, "z_hi"])
-        vols[fid] = _crop(read_volume(fovs.loc[fid, "path"]), lo, hi, fid)
-        tp = fovs.loc[fid, "truth_path"]
-        truths[fid] = _crop(read_volume(tp), lo, hi, fid) if tp else None
-    return fovs, vols, truths
+    fovs["z_lo"] = [int(win.loc[f, "z_lo"]) for f in fovs.index]
+    fovs["z_hi"] = [int(win.loc[f, "z_hi"]) for f in fovs.index]
+    carriers: dict[str, list[str]] = {name: [] for name in TARGETS}
+    for fid, r in fovs.iterrows():
+        vol = open_volume(r["path"], len(CHANNELS))
+        if r["z_hi"] > vol.shape[1] or r["z_lo"] < 0:
+            raise ValueError(f"FOV {fid}: focus window [{r['z_lo']}, {r['z_hi']}) does not fit its "
+                             f"{vol.shape[1]} slices ({r['path']})")
+        for c, name in enumerate(TARGETS):
+            if not np.isnan(vol[1 + c, r["z_lo"]:r["z_hi"]]).all():
+                carriers[name].append(fid)
+        del vol
+    return fovs, carriers
 
 
-def _timed(fn, stacks: dict[str, np.ndarray], **kw) -> tuple[dict[str, np.ndarray], float]:
-    t0 = time.perf_counter()
-    return {fid: fn(x, **kw) for fid, x in stacks.items()}, time.perf_counter() - t0
-
-
-def _first(stacks: dict[str, np.ndarray], n: int | None) -> dict[str, np.ndarray]:
-    """The first ``n`` stacks (``None``: all)."""
-    return dict(list(stacks.items())[:n])
+def _estimates(noisy: np.ndarray, model: denoise.N2VModel, baselines: dict, spent: dict, targets_from: str) -> dict:
+    """One stack denoised by N2V and by each baseline still under its cap (or chosen for the
+    targets); counts the volumes and seconds into ``spent[(channel, method)]`` (timed runs only)."""
+    ests = {"noisy": noisy}
+    for method, (fn, kw, cap) in {"n2v": (model.denoise, {}, None), **baselines}.items():
+        tally = spent[model.channel, method]
+        timed = cap is None or tally[0] < cap
+        if timed or targets_from == method:
+            t0 = time.perf_counter()
+            ests[method] = fn(noisy, **kw)
+            if timed:
+                tally[0], tally[1] = tally[0] + 1, tally[1] + time.perf_counter() - t0
+    return ests
 
 
 def run_denoise_stage(
@@ -219,11 +237,11 @@ def run_denoise_stage(
         out: the ``03_denoising`` stage folder; careamics works under ``out/n2v/<channel>/``.
         n2v: Noise2Void parameters (one model per target channel, trained on the FOVs carrying it).
         bm3d_mode: ``"2d"`` (BM3D slice by slice) or ``"3d"`` (BM4D), see
-            :func:`vstain.denoise.bm3d_denoise`.
+            :func:`vstain.classical.bm3d_denoise`.
         bm3d_max_volumes: run BM3D on at most this many volumes per channel, the first FOVs that
             carry it (``None``: all; 0: skip it). BM3D costs seconds per volume on a CPU.
         nlm_patch_size, nlm_patch_distance, nlm_h, nlm_mode: the non-local-means baseline, see
-            :func:`vstain.denoise.nlm_denoise`.
+            :func:`vstain.classical.nlm_denoise`.
         nlm_max_volumes: run non-local means on at most this many volumes per channel (``None``: all).
         targets_from: what the processed targets hold: ``"n2v"`` (thesis), ``"bm3d"``, ``"nlm"`` or
             ``"noisy"`` (a baseline then also runs on the volumes its cap left out).
@@ -241,56 +259,62 @@ def run_denoise_stage(
     """
     if targets_from not in ("n2v", *BASELINES, "noisy"):
         raise ValueError(f"targets_from must be 'n2v', 'bm3d', 'nlm' or 'noisy', got {targets_from!r}")
-    if bm3d_mode not in denoise.BM3D_MODES:
+    if bm3d_mode not in classical.BM3D_MODES:
         raise ValueError(f"bm3d_mode must be '2d' or '3d', got {bm3d_mode!r}")
     for name, cap in (("bm3d_max_volumes", bm3d_max_volumes), ("nlm_max_volumes", nlm_max_volumes)):
         if cap is not None and (int(cap) != cap or cap < 0):
             raise ValueError(f"{name} must be None or an integer >= 0, got {cap!r}")
     out = Path(out)
-    fovs, vols, truths = load_windows(stage01, stage02)
-    ids = list(fovs.index)
+    fovs, carriers = focus_windows(stage01, stage02)
     baselines = {
-        "bm3d": (denoise.bm3d_denoise, dict(mode=bm3d_mode), bm3d_max_volumes),
-        "nlm": (denoise.nlm_denoise, dict(patch_size=nlm_patch_size, patch_distance=nlm_patch_distance, h=nlm_h,
+        "bm3d": (classical.bm3d_denoise, dict(mode=bm3d_mode), bm3d_max_volumes),
+        "nlm": (classical.nlm_denoise, dict(patch_size=nlm_patch_size, patch_distance=nlm_patch_distance, h=nlm_h,
                                           mode=nlm_mode), nlm_max_volumes),
     }
-    targets = {fid: np.full(vols[fid][1:].shape, np.nan, np.float32) for fid in ids}
-    shape_yx = vols[ids[0]].shape[2:]
-    gallery = np.full((len(TARGETS), len(GALLERY_METHODS), *shape_yx), np.nan, np.float32)
-    evals, times, gal_rows = [], [], []
+    # one model per channel, trained on patches read from the FOV files on disk
+    models = {}
     for c, name in enumerate(TARGETS):
-        noisy = {fid: vols[fid][1 + c] for fid in ids if not np.isnan(vols[fid][1 + c]).all()}
-        if not noisy:
-            continue
-        res = denoise.train_and_denoise(list(noisy.values()), name, out / "n2v" / name, n2v, device, precision)
-        ests = {"noisy": noisy, "n2v": dict(zip(noisy, res.denoised))}
-        times.append({"channel": name, "method": "n2v", "n_volumes": len(noisy), "train_s": res.train_s,
-                      "denoise_s": res.predict_s, "reused": res.reused})
-        for method, (fn, kw, cap) in baselines.items():
-            done, secs = _timed(fn, _first(noisy, cap), **kw)
-            if done:
-                times.append({"channel": name, "method": method, "n_volumes": len(done), "train_s": 0.0,
-                              "denoise_s": secs, "reused": False})
-            if targets_from == method and len(done) < len(noisy):
-                done.update(_timed(fn, {f: x for f, x in noisy.items() if f not in done}, **kw)[0])
-            ests[method] = done
-        chosen = ests[targets_from]
-        for fid in noisy:
-            targets[fid][c] = chosen[fid]
-            if truths[fid] is not None:
-                for method, est in ests.items():
-                    if fid in est:
-                        evals.append({"fov_id": fid, "structure": fovs.loc[fid, "structure"], "channel": name,
-                                      "method": method, **denoise.score(est[fid], truths[fid][c])})
-        g = next(iter(noisy))
-        zc = vols[g].shape[1] // 2
-        if vols[g].shape[2:] == shape_yx:
-            ests["truth"] = {g: truths[g][c]} if truths[g] is not None else {}
-            for j, method in enumerate(GALLERY_METHODS):
-                if g in ests[method]:
-                    gallery[c, j] = ests[method][g][zc]
-            gal_rows.append({"channel": name, "fov_id": g, "z": zc})
+        if carriers[name]:
+            stacks = [denoise.DiskStack(fovs.loc[f, "path"], 1 + c, fovs.loc[f, "z_lo"], fovs.loc[f, "z_hi"], f)
+                      for f in carriers[name]]
+            models[name] = denoise.train_n2v(stacks, name, out / "n2v" / name, n2v, device, precision)
+    # then FOV by FOV: denoise, score, keep the gallery's slices, write the processed FOV
+    spent = {(name, m): [0, 0.0] for name in TARGETS for m in ("n2v", *BASELINES)}
+    shape_yx = open_volume(fovs["path"].iloc[0]).shape[2:]
+    gallery = np.full((len(TARGETS), len(GALLERY_METHODS), *shape_yx), np.nan, np.float32)
+    evals, gal_rows, rows = [], [], []
+    for fid, r in fovs.iterrows():
+        vol = read_window(r["path"], r["z_lo"], r["z_hi"], fid)
+        truth = read_window(r["truth_path"], r["z_lo"], r["z_hi"], fid) if r["truth_path"] else None
+        target = np.full(vol[1:].shape, np.nan, np.float32)
+        for c, name in enumerate(TARGETS):
+            if fid not in carriers[name]:
+                continue
+            ests = _estimates(vol[1 + c], models[name], baselines, spent, targets_from)
+            target[c] = ests[targets_from]
+            if truth is not None:
+                evals += [{"fov_id": fid, "structure": r["structure"], "channel": name, "method": m,
+                           **classical.score(e, truth[c])} for m, e in ests.items()]
+            if fid == carriers[name][0] and vol.shape[2:] == shape_yx:
+                zc = vol.shape[1] // 2
+                ests["truth"] = truth[c] if truth is not None else None
+                for j, method in enumerate(GALLERY_METHODS):
+                    if ests.get(method) is not None:
+                        gallery[c, j] = ests[method][zc]
+                gal_rows.append({"channel": name, "fov_id": fid, "z": zc})
+        rows.append(write_processed_fov(out, {"fov_id": fid, "gene": r["gene"], "structure": r["structure"],
+                                              "bf": vol[0], "target": target, "truth": truth}))
+        del vol, truth, target
+    manifest = write_manifest(out, rows, seed=seed, fractions=split_fractions)
+    order = {name: i for i, name in enumerate(TARGETS)}
     ev = pd.DataFrame(evals, columns=["fov_id", "structure", "channel", "method", "psnr", "ssim"])
+    ev = ev.sort_values("channel", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+    times = []
+    for name, model in models.items():
+        times.append({"channel": name, "method": "n2v", "n_volumes": len(carriers[name]), "train_s": model.train_s,
+                      "denoise_s": spent[name, "n2v"][1], "reused": model.reused})
+        times += [{"channel": name, "method": m, "n_volumes": spent[name, m][0], "train_s": 0.0,
+                   "denoise_s": spent[name, m][1], "reused": False} for m in BASELINES if spent[name, m][0]]
     tm = pd.DataFrame(times, columns=["channel", "method", "n_volumes", "train_s", "denoise_s", "reused"])
     tm["s_per_volume"] = tm["denoise_s"] / tm["n_volumes"].clip(lower=1)
     out.mkdir(parents=True, exist_ok=True)
@@ -298,9 +322,6 @@ def run_denoise_stage(
     tm.to_csv(out / TIME_CSV, index=False)
     write_volume(out / GALLERY_TIF, gallery, list(TARGETS))
     pd.DataFrame(gal_rows, columns=["channel", "fov_id", "z"]).to_csv(out / GALLERY_CSV, index=False)
-    records = [{"fov_id": fid, "gene": fovs.loc[fid, "gene"], "structure": fovs.loc[fid, "structure"],
-                "bf": vols[fid][0], "target": targets[fid], "truth": truths[fid]} for fid in ids]
-    manifest = write_processed(out, records, seed=seed, fractions=split_fractions)
     return {"eval": ev, "time": tm, "manifest": manifest}
 
 

@@ -244,13 +244,13 @@ def training_pool(stage_in, cfg: ClassifierConfig, split: str = "train") -> tupl
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def scoring_patches(stage_in, split: str, cfg: ClassifierConfig, pred_dirs: dict[str, str | Path] | None = None,
-                    reference: str = "target"):
-    """Measured (reference) patches of one split and, for every model, the generated patches at the same
-    places. Returns ``(meta, patches)``: ``meta`` a table ``fov_id, channel, class, z, y, x`` and
-    ``patches`` a dict ``{REAL: [N,pz,py,px], model: [N,pz,py,px], ...}``."""
+def fov_scoring_patches(stage_in, split: str, cfg: ClassifierConfig, pred_dirs: dict[str, str | Path] | None = None,
+                        reference: str = "target"):
+    """FOV by FOV (one FOV's volumes in memory at a time), the measured (reference) patches of one
+    split and, for every model, the generated patches at the same places. Yields ``(meta,
+    patches)`` per FOV with a kept patch: ``meta`` a table ``fov_id, channel, class, z, y, x`` and
+    ``patches`` a dict ``{REAL: [n,pz,py,px], model: [n,pz,py,px], ...}``."""
     pred_dirs = pred_dirs or {}
-    metas, out = [], {REAL: [], **{m: [] for m in pred_dirs}}
     for _, row in _fovs(stage_in, split).iterrows():
         _, target, truth = load_fov(row)
         ref, chans = _reference(row, target, truth, reference)
@@ -258,6 +258,7 @@ def scoring_patches(stage_in, split: str, cfg: ClassifierConfig, pred_dirs: dict
         for m, p in preds.items():
             if p.shape != ref.shape:
                 raise ValueError(f"{m} prediction of FOV {row['fov_id']} has shape {p.shape}, expected {ref.shape}")
+        metas, out = [], {REAL: [], **{m: [] for m in pred_dirs}}
         for c in chans:
             starts = foreground_starts(ref[c], cfg.patch, cfg.eval_step, cfg.min_foreground_ratio)
             if not starts:
@@ -268,10 +269,26 @@ def scoring_patches(stage_in, split: str, cfg: ClassifierConfig, pred_dirs: dict
             out[REAL].append(cut(ref[c], starts, cfg.patch))
             for m, p in preds.items():
                 out[m].append(cut(p[c], starts, cfg.patch))
-    if not metas:
-        raise ValueError(f"no patch of split '{split}' passes the background rule "
-                         f"(min_foreground_ratio={cfg.min_foreground_ratio})")
-    return pd.concat(metas, ignore_index=True), {k: np.concatenate(v) for k, v in out.items()}
+        del target, truth, ref, preds
+        if metas:
+            yield pd.concat(metas, ignore_index=True), {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _no_patch(split: str, cfg: ClassifierConfig) -> ValueError:
+    return ValueError(f"no patch of split '{split}' passes the background rule "
+                      f"(min_foreground_ratio={cfg.min_foreground_ratio})")
+
+
+def scoring_patches(stage_in, split: str, cfg: ClassifierConfig, pred_dirs: dict[str, str | Path] | None = None,
+                    reference: str = "target"):
+    """:func:`fov_scoring_patches` of every FOV of the split, concatenated: ``(meta, patches)``
+    with ``patches`` ``{REAL: [N,pz,py,px], model: [N,pz,py,px], ...}`` (the patches of the whole
+    split in memory; the scores go FOV by FOV instead)."""
+    parts = list(fov_scoring_patches(stage_in, split, cfg, pred_dirs, reference))
+    if not parts:
+        raise _no_patch(split, cfg)
+    return (pd.concat([m for m, _ in parts], ignore_index=True),
+            {k: np.concatenate([p[k] for _, p in parts]) for k in parts[0][1]})
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -426,8 +443,13 @@ def heldout_report(model, stage_in, cfg: ClassifierConfig, device: str = "cpu", 
     """Accuracy, per-class F1 and the confusion matrix on measured patches of the val and test splits."""
     rep = {}
     for split in ("val", "test"):
-        meta, p = scoring_patches(stage_in, split, cfg)
-        y, yhat = meta["class"].to_numpy(copy=True), predict(model, p[REAL], cfg, device, precision).argmax(1)
+        ys, yhats = [], []
+        for meta, p in fov_scoring_patches(stage_in, split, cfg):
+            ys.append(meta["class"].to_numpy(copy=True))
+            yhats.append(predict(model, p[REAL], cfg, device, precision).argmax(1))
+        if not ys:
+            raise _no_patch(split, cfg)
+        y, yhat = np.concatenate(ys), np.concatenate(yhats)
         conf = confusion(y, yhat, len(cfg.classes))
         rep[split] = {"accuracy": float((y == yhat).mean()), "n_patches": int(len(y)),
                       "patches_per_class": dict(zip(cfg.classes, np.bincount(y, minlength=len(cfg.classes)).tolist())),
@@ -468,17 +490,20 @@ def score_models(model, cfg: ClassifierConfig, stage_in, pred_dirs: dict[str, st
     perceptual distance of each generated patch to its real one.
 
     Returns one row per patch and model (``REAL`` for the measured patches): ``model, fov_id, channel,
-    class, z, y, x, predicted, perceptual`` (``perceptual`` is 0 for measured patches)."""
-    meta, p = scoring_patches(stage_in, split, cfg, pred_dirs, reference)
-    classes, dist = classify_and_compare(model, p[REAL], {m: p[m] for m in pred_dirs}, cfg, device, precision)
-    frames = []
-    for m in p:
-        f = meta.copy()
-        f.insert(0, "model", m)
-        f["predicted"] = classes[m]
-        f["perceptual"] = 0.0 if m == REAL else dist[m]
-        frames.append(f)
-    return pd.concat(frames, ignore_index=True)
+    class, z, y, x, predicted, perceptual`` (``perceptual`` is 0 for measured patches), measured patches
+    first, then each model's. Scored FOV by FOV: one FOV's volumes and patches in memory at a time."""
+    frames = {m: [] for m in (REAL, *pred_dirs)}
+    for meta, p in fov_scoring_patches(stage_in, split, cfg, pred_dirs, reference):
+        classes, dist = classify_and_compare(model, p[REAL], {m: p[m] for m in pred_dirs}, cfg, device, precision)
+        for m in p:
+            f = meta.copy()
+            f.insert(0, "model", m)
+            f["predicted"] = classes[m]
+            f["perceptual"] = 0.0 if m == REAL else dist[m]
+            frames[m].append(f)
+    if not frames[REAL]:
+        raise _no_patch(split, cfg)
+    return pd.concat([f for m in frames for f in frames[m]], ignore_index=True)
 
 
 def summarise_scores(scores: pd.DataFrame, classes=TARGETS) -> pd.DataFrame:
