@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vstain import classical, denoise
+from vstain import classical, denoise, preprocess
 from vstain.channels import TARGETS
 from vstain.dataset import ProcessedCrops, load_fov, read_manifest, write_processed
 
@@ -242,3 +242,24 @@ def test_denoise_stage_end_to_end_on_simulated_fovs(tmp_path):
     assert sorted(p.name for p in (out / "n2v").iterdir()) == sorted(TARGETS)
     again = preprocess.run_denoise_stage(stage01, tmp_path / "02_plls", out, cfg, nlm_max_volumes=1)
     assert again["time"].query("method == 'n2v'")["reused"].all()
+
+
+def _eval_table(n, n2v_minus_base, n2v_minus_noisy=3.0, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for f in range(n):
+        for c in ("dna", "nucleoli"):
+            base = 30 + rng.normal()
+            rows += [{"fov_id": str(f), "channel": c, "method": "noisy", "psnr": base - 5},
+                     {"fov_id": str(f), "channel": c, "method": "bm3d", "psnr": base},
+                     {"fov_id": str(f), "channel": c, "method": "n2v",
+                      "psnr": base + n2v_minus_base + 0.05 * rng.normal()}]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("n, gap, verdict", [(8, 0.0, "holds"), (8, -3.0, "does not hold"),
+                                             (1, 0.0, "cannot be decided with n = 1 volume per channel")])
+def test_channel_claims_decide_from_paired_intervals(n, gap, verdict):
+    sentences, claim = preprocess.channel_claims(_eval_table(n, gap))
+    assert claim == verdict
+    assert sentences[0].startswith("DNA: N2V ") and "against the noisy input" in sentences[0]
