@@ -71,13 +71,16 @@ def test_browser_check_catches_broken_pages(tmp_path):
     assert all((tmp_path / "_build" / "screenshots" / f"{p[:-5]}.png").stat().st_size > 0 for p in reports)
 
 
-def test_results_check_needs_table_and_confusion_matrices():
+def test_results_check_needs_table_confusion_matrices_viewer_and_collapsed_code():
     ok = {"text": "Table 4.1 ... Figure 4.1: confusion matrices", "tables": ["Channel Model SSIM MSE MAE PCC F1"],
-          "loaded": 4}
+          "loaded": 4, "viewers": [{"id": "vv-1"}], "hidden_inputs": 9}
     assert browser.check_results_page(ok) == []
     assert len(browser.check_results_page({**ok, "loaded": 1})) == 1  # the figures did not all load
     assert len(browser.check_results_page({**ok, "text": "Table 4.1 confusion"})) == 1  # no Figure 4.1
-    assert len(browser.check_results_page({"text": "", "tables": [], "loaded": 0})) == 4
+    assert browser.check_results_page({**ok, "viewers": []}) == ["results page: no 3D viewer (.vstain-viewer) "
+                                                                 "of the test FOVs"]
+    assert "hide-input" in browser.check_results_page({**ok, "hidden_inputs": 0})[0]
+    assert len(browser.check_results_page({"text": "", "tables": [], "loaded": 0})) == 6
 
 
 @pytest.mark.slow

@@ -223,3 +223,28 @@ def test_progress_bars_are_stored_as_a_terminal_shows_them():
     assert [o["name"] for o in out] == ["stderr", "stdout"]
     assert out[0]["text"] == "Epoch 0: 100%\ndone\n"
     assert out[1]["text"] == "result 1\n"
+
+
+def test_staged_notebooks_collapse_code_but_imports_and_parameters(tiny_book):
+    """In the staged book every code cell is tagged hide-input except the Imports cell, the
+    parameters cells, a bad-input demo and cells already tagged; the stored notebook is untouched."""
+    cells = [("import json  # the Imports cell", []), ('run_dir = "runs/quick"  # run directory', ["parameters"]),
+             ('run_dir = "runs/p"', ["injected-parameters"]), ("x = json.loads('[1, 2]')", []),
+             ("print(x)", ["remove-input"]), ("json.loads('{')", ["raises-exception"]), ("x.append(3)", ["hide-cell"]),
+             ("len(x)", ["remove-output"])]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# 01_a")])
+    for source, tags in cells:
+        nb.cells.append(nbformat.v4.new_code_cell(source, metadata={"tags": list(tags)}))
+    nb.cells.append(nbformat.v4.new_markdown_cell("The end."))
+    stored = tiny_book["root"] / "notebooks" / "01_a.ipynb"
+    nbformat.write(nb, stored)
+    book_src = tiny_book["run_dir"] / "book_src"
+    (book_src / "notebooks").mkdir(parents=True)
+    staged = book_src / "notebooks" / "01_a.ipynb"
+    staged.write_bytes(stored.read_bytes())  # as the pipeline's execute leaves it
+    for _ in range(2):  # a second staging adds nothing
+        pipeline.stage_book_sources(tiny_book["root"], book_src, tiny_book["toc"], "p", "runs/p")
+    got = [c.metadata.get("tags", []) for c in nbformat.read(staged, 4).cells]
+    assert got == [[], [], ["parameters"], ["injected-parameters"], ["hide-input"], ["remove-input"],
+                   ["raises-exception"], ["hide-cell"], ["remove-output", "hide-input"], []]
+    assert [c.metadata.get("tags", []) for c in nbformat.read(stored, 4).cells][4] == []

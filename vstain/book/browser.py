@@ -6,7 +6,9 @@ of a jupyter-book build in headless Chromium and fails when
 - a page does not load, or throws a JavaScript error;
 - a local resource (image, script, stylesheet) does not load, or an ``<img>`` or a local link points
   at a file that is not on disk;
-- the results page lacks Table 4.1 or the confusion matrices.
+- a 3D viewer (:mod:`vstain.plots.viewer`) does not answer its z-slider or channel menu;
+- the results page lacks Table 4.1, the confusion matrices, a 3D viewer or a code cell collapsed
+  behind a toggle (the ``hide-input`` tag the pipeline gives to code that only loads or draws).
 
 It saves a 1280x2000 screenshot of each page under ``<html>/../screenshots/``. Requests to other
 hosts (MathJax's CDN) are reported but do not fail the check: the machines that build the book are
@@ -44,7 +46,7 @@ SKIP_DIRS = {"_static", "_sources", "_images", "_sphinx_design_static", "_panels
 # that did not decode and the text and tables the results check needs.
 _PAGE_PROBE = """
 (async () => {
-  const imgs = Array.from(document.images);
+  const imgs = Array.from(document.images).filter(i => !i.closest('.vstain-viewer'));  // viewers: below
   for (const i of imgs) { i.loading = 'eager'; }
   await Promise.race([
     Promise.all(imgs.map(i => i.complete ? null : new Promise(r => { i.onload = i.onerror = r; }))),
@@ -54,7 +56,36 @@ _PAGE_PROBE = """
     await Promise.race([MathJax.startup.promise, new Promise(r => setTimeout(r, 20000))]);
   }
   const main = document.querySelector('main') || document.body;
+  const viewers = [];  // each vstain viewer: move its z-slider and its channel menu, see what changed
+  for (const root of document.querySelectorAll('.vstain-viewer')) {
+    const slider = root.querySelector('input.vv-z'), menu = root.querySelector('select.vv-channel');
+    const srcs = () => Array.from(root.querySelectorAll('.vv-xy img')).map(i => i.getAttribute('src') || '');
+    const line = () => (root.querySelector('.vv-zline') || {style: {}}).style.top;
+    const v = {id: root.id, depth: slider ? Number(slider.max) + 1 : 0, controls: !!(slider && menu)};
+    if (v.controls) {
+      const z0 = slider.value, c0 = menu.value, before = srcs(), line0 = line();
+      slider.value = String((Number(z0) + 1) % v.depth);
+      slider.dispatchEvent(new Event('input', {bubbles: true}));
+      const afterZ = srcs();
+      menu.value = String((Number(c0) + 1) % menu.options.length);
+      menu.dispatchEvent(new Event('change', {bubbles: true}));
+      const afterC = srcs();
+      const shown = Array.from(root.querySelectorAll('.vv-xy img')).filter(i => i.style.visibility !== 'hidden');
+      Object.assign(v, {images: before.length, empty: shown.filter(i => !i.getAttribute('src')).length,
+                        line_moved: line() !== line0,
+                        z_changed: afterZ.filter((s, i) => s !== before[i]).length, bf_changed: afterZ[0] !== before[0],
+                        channel_changed: afterC.filter((s, i) => s !== afterZ[i]).length});
+      slider.value = z0; menu.value = c0;  // back to the first view for the screenshot
+      slider.dispatchEvent(new Event('input', {bubbles: true}));
+      const decoded = await Promise.all(Array.from(root.querySelectorAll('.vv-box img'))
+        .filter(i => i.getAttribute('src')).map(i => i.decode().then(() => true, () => false)));
+      v.undecoded = decoded.filter(ok => !ok).length;
+    }
+    viewers.push(v);
+  }
   return JSON.stringify({
+    viewers: viewers,
+    hidden_inputs: document.querySelectorAll('.tag_hide-input').length,
     title: document.title,
     broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.currentSrc || i.src),
     loaded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
@@ -260,6 +291,7 @@ class PageReport:
     errors: list[str] = field(default_factory=list)
     external: list[str] = field(default_factory=list)  # requests to other hosts that failed (offline)
     images: int = 0  # images that loaded
+    viewers: int = 0  # 3D viewers whose controls were tried
     screenshot: str = ""
     title: str = ""
 
@@ -268,7 +300,7 @@ RESULTS_MIN_FIGURES = 4  # Figures 4.1 (the confusion matrices), 4.2, 4.3 and 4.
 
 
 def check_results_page(probe: dict) -> list[str]:
-    """Table 4.1 and the confusion matrices must be on the results page."""
+    """Table 4.1, the confusion matrices, a 3D viewer and a collapsed code cell must be on the results page."""
     errors = []
     text = probe.get("text", "")
     if "Table 4.1" not in text:
@@ -278,9 +310,39 @@ def check_results_page(probe: dict) -> list[str]:
         errors.append("results page: no table with the SSIM/MSE/MAE/PCC columns of Table 4.1")
     if "Figure 4.1" not in text or "confusion" not in text.lower():
         errors.append("results page: no 'Figure 4.1' section with the confusion matrices")
+    if not probe.get("viewers"):
+        errors.append("results page: no 3D viewer (.vstain-viewer) of the test FOVs")
+    if not probe.get("hidden_inputs"):
+        errors.append("results page: no code cell collapsed behind a toggle (.tag_hide-input)")
     if probe.get("loaded", 0) < RESULTS_MIN_FIGURES:
         errors.append(f"results page: {probe.get('loaded', 0)} figures loaded, expected at least "
                       f"{RESULTS_MIN_FIGURES} (Figures 4.1-4.4)")
+    return errors
+
+
+def check_viewers(probe: dict) -> list[str]:
+    """Every 3D viewer of a page (:mod:`vstain.plots.viewer`) must answer its controls: moving the
+    z-slider changes the brightfield's XY image and moves the XZ sections' z-line, choosing another
+    channel changes a channel image, and no image is left without a source."""
+    errors = []
+    for v in probe.get("viewers", []):
+        name = f"viewer {v.get('id') or '(no id)'}"
+        if not v.get("controls"):
+            errors.append(f"{name}: no z-slider (input.vv-z) or channel menu (select.vv-channel)")
+            continue
+        if v.get("depth", 0) < 2:
+            errors.append(f"{name}: its z-slider has {v.get('depth')} position(s); a volume needs at least 2")
+            continue
+        if v.get("empty"):
+            errors.append(f"{name}: {v['empty']} of {v.get('images')} XY images are shown without a source")
+        if v.get("undecoded"):
+            errors.append(f"{name}: {v['undecoded']} image(s) do not decode")
+        if not v.get("bf_changed") or not v.get("line_moved"):
+            errors.append(f"{name}: moving the z-slider did not change the brightfield image "
+                          f"({'changed' if v.get('bf_changed') else 'same'}) or move the z-line "
+                          f"({'moved' if v.get('line_moved') else 'still'})")
+        if not v.get("channel_changed"):
+            errors.append(f"{name}: choosing another channel changed no image")
     return errors
 
 
@@ -329,8 +391,8 @@ def check_book(
     Args:
         html_dir: a jupyter-book ``_build/html`` folder.
         screenshots: where the PNGs go (default: ``html_dir/../screenshots``).
-        results_page: the page (relative to ``html_dir``) that must hold Table 4.1 and the
-            confusion matrices; None or "" to skip that check.
+        results_page: the page (relative to ``html_dir``) that must hold Table 4.1, the confusion
+            matrices, a 3D viewer and a collapsed code cell; None or "" to skip that check.
         chromium: the browser's path (default: ``/usr/bin/chromium`` or ``$CHROMIUM``).
         full_page: screenshot the whole page (at most 20000 px high), not the 1280x2000 window.
 
@@ -380,6 +442,8 @@ def check_book(
             probe = json.loads(res.get("result", {}).get("value") or "{}")
             dt.drain(0.3)
             rep.title, rep.images = probe.get("title", ""), probe.get("loaded", 0)
+            rep.viewers = len(probe.get("viewers", []))
+            rep.errors += check_viewers(probe)
             rep.errors += _page_errors(dt.events)
             local, rep.external = _classify_network_failures(dt.events)
             rep.errors += [f"local resource failed to load: {u}" for u in local]

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import nbformat
 import yaml
 
 from . import rundir
@@ -216,11 +217,35 @@ def timings_table(results: list["StageResult"]) -> str:
     return "\n".join(rows)
 
 
+# Cells whose code the book shows as it is: the parameters (the stored one and papermill's), a
+# deliberate bad-input demo (its code is the point), and cells that already say how to show them.
+SHOWN_TAGS = {"parameters", "injected-parameters", "raises-exception"}
+HIDE_TAGS = {"hide-input", "remove-input", "hide-cell", "remove-cell"}
+
+
+def collapse_code(nb):
+    """Tag ``hide-input`` every code cell that only loads data or draws, so the built book reads as
+    results first, each cell's code behind a toggle. The Imports cell (the first code cell), the
+    parameters cells, ``raises-exception`` demos and cells that already carry a hide/remove tag keep
+    their tags; the stored notebooks are untouched (JupyterLab shows all code)."""
+    code = [c for c in nb.cells if c.get("cell_type") == "code"]
+    for cell in code[1:]:
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if not (SHOWN_TAGS | HIDE_TAGS) & set(tags):
+            tags.append("hide-input")
+    return nb
+
+
 def stage_book_sources(root: Path, book_src: Path, toc: Path, profile: str, run_dir: str,
                        results: list["StageResult"] = ()) -> None:
     """Copy the narrative, config and toc into the profile's staged book (executed notebooks are
-    written there by :func:`execute`). The pages get MyST substitutions ``{{ profile }}``,
-    ``{{ run_dir }}`` and ``{{ timings }}`` (a table of the notebooks' wall times)."""
+    written there by :func:`execute`) and collapse the code of those notebooks (:func:`collapse_code`).
+    The pages get MyST substitutions ``{{ profile }}``, ``{{ run_dir }}`` and ``{{ timings }}`` (a
+    table of the notebooks' wall times)."""
+    for entry in toc_entries(toc):
+        executed = book_src / f"{entry}.ipynb"
+        if executed.exists():
+            nbformat.write(collapse_code(nbformat.read(executed, as_version=4)), executed)
     book_src.mkdir(parents=True, exist_ok=True)
     if (book_src / "book").exists():
         shutil.rmtree(book_src / "book")
