@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from vstain.channels import TARGETS
 from vstain.dataset import write_processed
-from vstain.evaluate.uncertainty import tta_gain, tta_table
+from vstain.evaluate.uncertainty import tta_gain, tta_table, tta_verdict
 from vstain.models import Generator, GeneratorConfig
 
 
@@ -39,3 +40,15 @@ def test_tta_table_scores_every_channel_against_the_truth(stage):
     gain = tta_gain(table, n_resamples=999)
     assert list(gain["channel"]) == list(TARGETS)
     assert {"diff", "ci_low", "ci_high", "better", "spearman_median"} <= set(gain.columns)
+
+
+def test_tta_verdict_names_each_channel_with_its_decision():
+    rows = []
+    for f in range(8):
+        for c in TARGETS:
+            plain = 0.5 + 0.01 * f
+            rows.append({"fov_id": str(f), "channel": c, "reference": "truth", "pcc_plain": plain,
+                         "pcc_tta": plain + (0.05 if c == "dna" else 0.0), "spearman": 0.3})
+    text = tta_verdict(tta_gain(pd.DataFrame(rows), n_resamples=999))
+    assert "DNA: TTA raises the PCC (PCC +0.0500" in text
+    assert "Nucleoli: no detectable difference with n = 8 FOVs" in text and "n = 8 FOVs" in text

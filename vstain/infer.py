@@ -85,7 +85,8 @@ def exact_halo() -> int:
 def halo_overlap(tile: int, halo: int) -> float:
     """The ``overlap`` fraction of :func:`axis_tiles` that gives ``halo`` voxels on each side of a
     core in a tile of ``tile`` voxels, shrunk where the tile is too small to keep a core of 8."""
-    return min(2 * halo, tile - SIZE_MULTIPLE) / tile
+    room = (tile - SIZE_MULTIPLE) // 2 // SIZE_MULTIPLE * SIZE_MULTIPLE  # the widest halo that keeps a core
+    return 2 * min(halo, room) / tile
 
 
 def axis_tiles(size: int, tile: int, overlap: float) -> list[tuple[int, int, int]]:

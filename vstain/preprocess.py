@@ -11,6 +11,9 @@ denoises the window with N2V and the classical baselines (BM3D, the thesis' comp
 non-local means), scores all against the simulator's clean truth and writes the processed FOV at
 once with :func:`vstain.dataset.write_processed_fov` (z-scored per FOV and channel; NaN = no
 label). Memory holds one FOV (plus the models) whatever the number of FOVs.
+
+Both stages are kept in one file because stage 03 reads stage 02's windows and reports beside them
+(the focus table, the denoising scores and the thesis' two claims) in the same terms.
 """
 from __future__ import annotations
 

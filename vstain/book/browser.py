@@ -16,6 +16,9 @@ offline, a reader's browser is not.
 
 Chromium is driven through the DevTools protocol over ``--remote-debugging-pipe`` (file
 descriptors 3 and 4, NUL-separated JSON messages), so only the standard library is needed.
+
+It is kept in one file because the DevTools client, the page probe and the checks share one
+browser session per build; each check is a small function of what the probe returned.
 """
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ verdict (:func:`verdict`).
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 from itertools import combinations
 
 import numpy as np
@@ -20,8 +19,8 @@ import pandas as pd
 from ..channels import TARGET_LABELS, TARGETS
 from .classifier import REAL, confusion, f1_scores
 from .metrics import COLUMN_LABELS, HIGHER_IS_BETTER, METRICS
-from .stats import (channel_verdict, claim_verdict, cluster_bootstrap, compare, decided, format_ci, n_fovs,
-                    order_digits, paired_cluster_bootstrap, paired_difference)
+from .stats import (bootstrap_level, channel_verdict, claim_verdict, compare, decided, format_ci, n_fovs,
+                    order_digits, paired_difference)
 
 COLUMNS = (*METRICS, "f1clf", "perceptual")  # Table 4.1's columns, in order
 PIXEL = METRICS  # the columns of the thesis' claim for the pixel-loss model
@@ -39,11 +38,41 @@ def fov_values(pixel_long: pd.DataFrame, scores: pd.DataFrame | None = None) -> 
     return pd.concat(frames, ignore_index=True)
 
 
-def _f1(channel: str):
-    """The statistic "F1 of ``channel``'s class over a table of patches" (false positives come
-    from the other channels' patches, so it needs the whole table of one model)."""
-    c = TARGETS.index(channel)
-    return lambda frame: float(f1_scores(confusion(frame["class"], frame["predicted"]))[c])
+def _fov_confusions(scores: pd.DataFrame, model: str, fovs) -> np.ndarray:
+    """``[F, 6, 6]`` confusion counts of one model's patches, one matrix per FOV of ``fovs``."""
+    s = scores[scores["model"] == model]
+    out = np.zeros((len(fovs), len(TARGETS), len(TARGETS)), np.int64)
+    for i, f in enumerate(fovs):
+        g = s[s["fov_id"] == f]
+        out[i] = confusion(g["class"], g["predicted"])
+    return out
+
+
+def _f1_of(counts: np.ndarray, c: int) -> np.ndarray:
+    """F1 of class ``c`` from confusion counts ``[..., 6, 6]`` (NaN where the class never occurs)."""
+    tp = counts[..., c, c].astype(float)
+    den = counts[..., c, :].sum(-1) + counts[..., :, c].sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, 2 * tp / den, np.nan)
+
+
+def f1_bootstrap(per_fov: list[np.ndarray], c: int, n_resamples: int, confidence: float, seed: int):
+    """F1 of class ``c`` for one or two models (``per_fov``: their ``[F, 6, 6]`` confusions over the
+    same FOVs) with a percentile interval over resampled FOVs (a FOV's patches move together), at
+    :func:`vstain.evaluate.stats.bootstrap_level`. One model: ``(estimate, lo, hi)``; two: the same
+    for the difference second minus first, on the same resampled FOVs."""
+    f = per_fov[0].shape[0]
+    est = [float(_f1_of(m.sum(0), c)) for m in per_fov]
+    value = est[0] if len(est) == 1 else est[1] - est[0]
+    if f < 2:
+        return value, float("nan"), float("nan"), est
+    idx = np.random.default_rng(seed).integers(0, f, size=(n_resamples, f))
+    draws = [_f1_of(m[idx].sum(1), c) for m in per_fov]
+    d = draws[0] if len(draws) == 1 else draws[1] - draws[0]
+    d = d[np.isfinite(d)]
+    level = bootstrap_level(f, confidence)
+    lo, hi = np.percentile(d, [50 * (1 - level), 50 * (1 + level)]) if d.size else (np.nan, np.nan)
+    return value, float(lo), float(hi), est
 
 
 def model_summary(values: pd.DataFrame, scores: pd.DataFrame | None, models: list[str], n_resamples: int = 9999,
@@ -60,13 +89,15 @@ def model_summary(values: pd.DataFrame, scores: pd.DataFrame | None, models: lis
         rows.append({"channel": channel, "model": model, "metric": metric, "estimate": d.diff,
                      "ci_low": d.ci_low, "ci_high": d.ci_high, "n": d.n})
     if scores is not None and len(scores):
+        fovs = list(dict.fromkeys(scores["fov_id"]))
         for model in models:
-            s = scores[scores["model"] == model]
-            for channel in s["channel"].unique():
-                iv = cluster_bootstrap(s, _f1(channel), n_resamples=max(999, n_resamples // 5),
-                                       confidence=confidence, seed=seed)
-                rows.append({"channel": channel, "model": model, "metric": "f1clf", "estimate": iv.estimate,
-                             "ci_low": iv.ci_low, "ci_high": iv.ci_high, "n": iv.n})
+            if not (scores["model"] == model).any():
+                continue
+            per_fov = _fov_confusions(scores, model, fovs)
+            for channel in scores.loc[scores["model"] == model, "channel"].unique():
+                est, lo, hi, _ = f1_bootstrap([per_fov], TARGETS.index(channel), n_resamples, confidence, seed)
+                rows.append({"channel": channel, "model": model, "metric": "f1clf", "estimate": est,
+                             "ci_low": lo, "ci_high": hi, "n": len(fovs)})
     out = pd.DataFrame(rows)
     out = out[out["model"].isin(models)]
     key = {(c, m, k): i for i, (c, m, k) in enumerate((c, m, k) for c in TARGETS for m in models for k in COLUMNS)}
@@ -85,17 +116,18 @@ def pairwise(values: pd.DataFrame, scores: pd.DataFrame | None, models: list[str
                               confidence=confidence, seed=seed))
         if scores is None or not len(scores):
             continue
+        fovs = [f for f in dict.fromkeys(scores["fov_id"])
+                if {a, b} <= set(scores.loc[scores["fov_id"] == f, "model"])]
+        per_fov = [_fov_confusions(scores, m, fovs) for m in (a, b)]
         rows = []
         for channel in TARGETS:
-            s = scores[scores["channel"] == channel]
-            if not {a, b} <= set(s["model"]):
+            if not (scores["channel"] == channel).any() or not fovs:
                 continue
-            pair = scores[scores["model"].isin([a, b])]
-            d = paired_cluster_bootstrap(pair, _f1(channel), a, b, n_resamples=max(999, n_resamples // 5),
-                                         confidence=confidence, seed=seed)
-            row = {"channel": channel, "metric": "f1clf", "model_a": a, "model_b": b, **asdict(d),
-                   "higher_is_better": True}
-            row["better"] = (b if d.diff > 0 else a) if decided(d, confidence) else "none"
+            diff, lo, hi, est = f1_bootstrap(per_fov, TARGETS.index(channel), n_resamples, confidence, seed)
+            row = {"channel": channel, "metric": "f1clf", "model_a": a, "model_b": b, "n": len(fovs), "dropped": 0,
+                   "mean_a": est[0], "mean_b": est[1], "diff": diff, "ci_low": lo, "ci_high": hi, "p": float("nan"),
+                   "note": "pooled statistic: FOVs resampled, no rank test", "higher_is_better": True}
+            row["better"] = (b if diff > 0 else a) if decided(row, confidence) else "none"
             rows.append(row)
         frames.append(pd.DataFrame(rows))
     return pd.concat(frames, ignore_index=True)
