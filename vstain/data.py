@@ -22,6 +22,7 @@ from .volumes import read_volume, write_volume
 
 SOURCES = ("synthetic", "allen")
 FOVS_CSV = "fovs.csv"
+VOXEL_COLUMNS = ("pixel_size_z", "pixel_size_y", "pixel_size_x")
 
 
 def center_crop_yx(fov: FOV, crop_yx: Sequence[int]) -> FOV:
@@ -148,3 +149,27 @@ def stage_summary(fovs: pd.DataFrame, voxels_per_fov: int = 4000, seed: int = 0)
                 samples[name].setdefault(row["gene"], []).append(vol[c, pick])
         carried[i] = ~np.isnan(target).all(axis=(1, 2, 3))
     return {c: {s: np.concatenate(v) for s, v in per.items()} for c, per in samples.items()}, carried
+
+
+def voxel_size(stage01: str | os.PathLike) -> tuple[float, float, float]:
+    """The voxel size ``(z, y, x)`` in µm of a run's FOVs, from ``<stage01>/fovs.csv``.
+
+    Args:
+        stage01: the run's ``01_data`` folder (e.g. ``rundir.require(run_dir, "01_data")``).
+
+    Raises:
+        FileNotFoundError: no ``fovs.csv`` there. ValueError: the pixel-size columns are missing or
+        the FOVs differ in voxel size (a figure draws them at one aspect, a model was trained at one).
+    """
+    f = Path(stage01) / FOVS_CSV
+    if not f.exists():
+        raise FileNotFoundError(f"no fovs.csv in {stage01}: run notebooks/01_data.ipynb first")
+    table = pd.read_csv(f)
+    missing = [c for c in VOXEL_COLUMNS if c not in table]
+    if missing:
+        raise ValueError(f"{f}: no column(s) {missing}; the voxel size needs {list(VOXEL_COLUMNS)}")
+    sizes = table[list(VOXEL_COLUMNS)].drop_duplicates()
+    if len(sizes) != 1:
+        raise ValueError(f"{f}: the FOVs have {len(sizes)} different voxel sizes {sizes.to_numpy().tolist()}; "
+                         "a figure or a model needs one")
+    return tuple(float(v) for v in sizes.iloc[0])

@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import tifffile
 import torch
 import torch.nn.functional as F
@@ -40,6 +39,7 @@ from torch import Tensor, nn
 
 from . import dataset
 from .channels import TARGET_LABELS, TARGETS
+from .data import voxel_size
 from .models import MIN_SIZE, SIZE_MULTIPLE, Generator, GeneratorConfig, num_params
 from .modelfiles import load_generator
 
@@ -145,11 +145,10 @@ def stage_info(stage_path) -> dict:
         if data_manifest.exists() else "unknown"
     voxel = None
     if fovs.exists():
-        sizes = pd.read_csv(fovs)[["pixel_size_z", "pixel_size_y", "pixel_size_x"]].drop_duplicates()
-        if len(sizes) != 1:
-            raise ValueError(f"{fovs}: the training FOVs have {len(sizes)} different voxel sizes; "
-                             f"pass voxel_size_zyx explicitly")
-        voxel = tuple(float(v) for v in sizes.iloc[0])
+        try:
+            voxel = voxel_size(fovs.parent)
+        except ValueError as e:
+            raise ValueError(f"{e}; pass voxel_size_zyx explicitly") from e
     processed = run_dir / "03_denoising"
     return {"model": meta.get("model", "unknown"), "global_step": meta.get("global_step"),
             "trained_on": trained_on, "voxel_size_zyx": voxel,

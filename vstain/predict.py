@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import focus
 from .channels import TARGETS
+from .data import voxel_size
 from .dataset import zscore
 from .infer import DEFAULT_BUDGET_BYTES, default_max_voxels, predict_volume
 from .modelfiles import MODEL_JSON, load_generator
@@ -78,12 +78,12 @@ def parse_bytes(text: str | int) -> int:
 
 
 def stage_voxel_size(stage: Path) -> tuple[float, float, float] | None:
-    """The voxel size of the FOVs a model stage trained on, from its run directory's ``01_data``."""
-    fovs = stage.parent / "01_data" / "fovs.csv"
-    if not fovs.exists():
+    """The voxel size of the FOVs a model stage trained on, from its run directory's ``01_data``;
+    None when that stage is missing or its FOVs differ in voxel size."""
+    try:
+        return voxel_size(stage.parent / "01_data")
+    except (FileNotFoundError, ValueError):
         return None
-    sizes = pd.read_csv(fovs)[["pixel_size_z", "pixel_size_y", "pixel_size_x"]].drop_duplicates()
-    return tuple(float(v) for v in sizes.iloc[0]) if len(sizes) == 1 else None
 
 
 def load_model(path: str | Path) -> Model:

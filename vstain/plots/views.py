@@ -4,51 +4,25 @@ voxel aspect; a colour bar per channel in z-score units and a µm scale bar.
 
 The volumes drawn are ``[C, Z, Y, X]`` float arrays z-scored per channel and FOV
 (:mod:`vstain.dataset`), with NaN where a FOV carries no label. The voxel size of a run comes from
-its ``01_data/fovs.csv`` (:func:`voxel_size`).
+its ``01_data/fovs.csv`` (:func:`vstain.data.voxel_size`).
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
 from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+from ..data import voxel_size  # noqa: F401  (the figures' voxel size, read from stage 01)
 
 PERCENTILES = (1.0, 99.8)  # robust display range: clips hot pixels and the empty background's tail
 MAX_SAMPLES = 2_000_000  # voxels a range is computed from (a regular subsample of larger volumes)
 COLORBAR_LABEL = "z-scored intensity"
 SCALE_BAR_GID = "scale bar"
-VOXEL_COLUMNS = ("pixel_size_z", "pixel_size_y", "pixel_size_x")
 RANGE_RULE = (f"Colours: one range per channel and FOV for all its panels, the {PERCENTILES[0]:g}-"
               f"{PERCENTILES[1]:g} percentiles of the clean truth (else of the labelled target, else of "
               "the predictions)")
-
-
-def voxel_size(stage01: str | os.PathLike) -> tuple[float, float, float]:
-    """The voxel size ``(z, y, x)`` in µm of a run's FOVs, from ``<stage01>/fovs.csv``.
-
-    Args:
-        stage01: the run's ``01_data`` folder (e.g. ``rundir.require(run_dir, "01_data")``).
-
-    Raises:
-        FileNotFoundError: no ``fovs.csv`` there. ValueError: the pixel-size columns are missing or
-        the FOVs differ in voxel size (a figure draws them at one aspect).
-    """
-    f = Path(stage01) / "fovs.csv"
-    if not f.exists():
-        raise FileNotFoundError(f"no fovs.csv in {stage01}: run notebooks/01_data.ipynb first")
-    table = pd.read_csv(f)
-    missing = [c for c in VOXEL_COLUMNS if c not in table]
-    if missing:
-        raise ValueError(f"{f}: no column(s) {missing}; the voxel size needs {list(VOXEL_COLUMNS)}")
-    sizes = table[list(VOXEL_COLUMNS)].drop_duplicates()
-    if len(sizes) != 1:
-        raise ValueError(f"{f}: the FOVs have {len(sizes)} different voxel sizes {sizes.to_numpy().tolist()}; "
-                         "the figures need one")
-    return tuple(float(v) for v in sizes.iloc[0])
 
 
 def _finite(a: np.ndarray) -> np.ndarray:
