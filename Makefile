@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PROFILE ?= book
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test book check-book clean-runs bench lab smoke-full
+.PHONY: setup test book study check-book clean-runs bench lab smoke-full
 
 setup: $(STAMP)
 
@@ -48,6 +48,12 @@ test: $(STAMP) $(CHROMIUM) $(MATHJAX)
 # build the HTML into book/_build/html.
 book: $(STAMP) $(MATHJAX)
 	$(PY) -m vstain.book.pipeline --profile $(PROFILE) --output book
+
+# The study's longer experiments (profiles/study.yaml extends the book profile: the seed spread, the
+# adversarial-weight sweep, the ablation). Runs in runs/book, reusing every unchanged notebook of
+# `make book`, and builds its own HTML into runs/book/study/_build/html.
+study: $(STAMP) $(MATHJAX)
+	$(PY) -m vstain.book.pipeline --profile study
 
 # The full profile's method settings (widths 64, RMSprop 5e-5, a WGAN-GP from scratch, bf16-mixed,
 # ResNet-18) on a tiny simulated registry, two steps per stage: profiles/smoke-full.yaml lays only

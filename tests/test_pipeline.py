@@ -12,7 +12,7 @@ import papermill
 import pytest
 import yaml
 
-from conftest import ROOT, read_json, write_notebook
+from conftest import ROOT, STAGE_BODY, read_json, write_notebook
 from vstain.book import pipeline
 from vstain.book.pipeline import NotebookFailed, ProfileError
 
@@ -69,6 +69,48 @@ def test_all_keys_reach_declaring_notebooks_and_sections_override(tiny_book):
         "02_b": {"value": 7, "fail": True, "run_dir": "runs/p"},
         "03_c": {"run_dir": "runs/p"},  # declares no `value`: the all: key does not reach it
     }
+
+
+def _extending(book, text):
+    """A profile ``s`` that extends the tiny book's ``p`` with a notebook 02_x (declares ``value``)."""
+    write_notebook(book["root"] / "notebooks" / "02_x.ipynb",
+                   'run_dir = "runs/quick"  # run directory\nvalue = 1  # a knob\nfail = False  # raise on purpose',
+                   STAGE_BODY.format(stem="02_x"))
+    path = book["root"] / "profiles" / "s.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("extends: p\nnotebooks: [notebooks/02_x]\n01_a:\n  value: 3  # would rerun p's 01_a\n", "'01_a' is not one of"),
+    ("extends: p\nnotebooks: [notebooks/02_x]\nall:\n  value: 3  # would change p\n", "no 'all:' section"),
+    ("extends: p\n", "'notebooks' must list"),
+    ("notebooks: [notebooks/02_x]\n", "need 'extends"),
+])
+def test_extending_profile_may_only_configure_what_it_adds(tiny_book, text, message):
+    with pytest.raises(ProfileError, match=message):
+        pipeline.load_profile(_extending(tiny_book, text))
+
+
+def test_extending_profile_reuses_the_run_and_runs_only_its_notebooks(tiny_book):
+    """``s`` extends ``p``: in p's run directory, p's notebooks are skipped as unchanged (03_c too,
+    though 02_x runs before it: an added notebook feeds none of p's), 02_x runs with s's value, s keeps
+    its own timings and toc, and p's next run skips everything again."""
+    p_result = _run(tiny_book)
+    assert [r.status for r in p_result.stages] == ["ran"] * 3
+    path = _extending(tiny_book, "extends: p\npart: Extra\nnotebooks: [notebooks/02_x]\n02_x:\n  value: 4  # why\n")
+    result = pipeline.run("s", root=tiny_book["root"], profile_path=path, run_dir=str(tiny_book["run_dir"]),
+                          build=False, log=lambda s: None)
+    assert [(r.stem, r.status) for r in result.stages] == [
+        ("01_a", "skipped"), ("02_b", "skipped"), ("02_x", "ran"), ("03_c", "skipped")]
+    assert read_json(tiny_book["run_dir"] / "pipeline" / "02_x.json")["params"]["value"] == 4
+    with open(tiny_book["run_dir"] / "timings_s.csv") as f:
+        assert [r["stage"] for r in csv.DictReader(f)] == ["01_a", "02_b", "02_x", "03_c"]
+    toc = yaml.safe_load((tiny_book["run_dir"] / "pipeline" / "toc_s.yml").read_text())
+    assert toc["chapters"][-1] == {"file": "notebooks/02_x"}
+    with open(tiny_book["run_dir"] / "timings.csv") as f:  # p's own record is untouched
+        assert [r["status"] for r in csv.DictReader(f)] == ["ran"] * 3
+    assert [r.status for r in _run(tiny_book).stages] == ["skipped"] * 3
 
 
 def test_toc_entry_without_file_is_an_error(tiny_book):
@@ -165,9 +207,18 @@ def test_a_stage_that_writes_no_manifest_fails(tiny_book):
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
 
 
+def _profile_stages(path: Path, tmp: Path) -> list:
+    """The notebooks a project profile runs: the book's, plus its own if it extends one."""
+    prof = pipeline.load_profile(path)
+    toc = ROOT / "_toc.yml"
+    if prof.extends:
+        toc = pipeline.extended_toc(toc, prof.part, prof.notebooks, tmp / f"toc_{path.stem}.yml")
+    return pipeline.stages_from_toc(toc, ROOT)
+
+
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
-def test_project_profiles_fit_the_notebooks(path):
-    stages = pipeline.stages_from_toc(ROOT / "_toc.yml", ROOT)
+def test_project_profiles_fit_the_notebooks(path, tmp_path):
+    stages = _profile_stages(path, tmp_path)
     params = pipeline.resolve_parameters(pipeline.load_profile(path), stages, f"runs/{path.stem}")
     assert set(params) == {s.stem for s in stages}
 
@@ -192,8 +243,8 @@ def test_quick_profile_is_the_notebook_defaults():
                     assert ast.literal_eval(declared[key]["default"]) == value, (stage.stem, key)
 
 
-def test_project_toc_lists_every_notebook():
-    listed = {s.stem for s in pipeline.stages_from_toc(ROOT / "_toc.yml", ROOT)}
+def test_project_toc_lists_every_notebook(tmp_path):
+    listed = {s.stem for path in PROFILES for s in _profile_stages(path, tmp_path)}
     stored = {p.stem for p in (ROOT / "notebooks").glob("*.ipynb")}
     assert stored <= listed, f"notebooks missing from _toc.yml: {sorted(stored - listed)}"
     assert Path(ROOT / "_config.yml").exists()

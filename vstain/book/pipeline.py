@@ -17,6 +17,10 @@
 6. builds the HTML with jupyter-book 1.x (execution off: papermill ran the notebooks), failing on
    any Sphinx warning.
 
+A profile that ``extends`` another (``study`` extends ``book``) runs in that profile's run directory,
+reusing its unchanged notebooks, with its own notebooks added as one more part of the toc; its times
+go to ``timings_<profile>.csv`` and its HTML to ``runs/<extended>/<profile>/_build/html``.
+
 The module is also a small Sphinx extension of the book (``_config.yml``: ``extra_extensions``) and
 stages MathJax into the HTML when ``make`` has fetched it, so the equations render offline.
 
@@ -42,7 +46,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import nbformat
 import yaml
@@ -99,6 +103,19 @@ def _toc_files(node: Any) -> list[str]:
 
 def toc_entries(toc: Path) -> list[str]:
     return _toc_files(yaml.safe_load(toc.read_text()))
+
+
+def extended_toc(toc: Path, caption: str, notebooks: Sequence[str], out: Path) -> Path:
+    """Write ``toc`` with one more numbered part, ``caption`` holding ``notebooks``, placed before
+    the toc's last part (a profile that ``extends`` another adds its notebooks this way); returns ``out``."""
+    data = yaml.safe_load(toc.read_text())
+    part = {"caption": caption, "numbered": True, "chapters": [{"file": n} for n in notebooks]}
+    if "parts" in data:
+        data["parts"].insert(max(len(data["parts"]) - 1, 1), part)
+    else:  # a toc without parts: the added notebooks follow its chapters
+        data["chapters"] = [*data.get("chapters", []), *part["chapters"]]
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
 
 
 def stages_from_toc(toc: Path, root: Path) -> list[Stage]:
@@ -340,9 +357,12 @@ def run(
     Args:
         profile: the profile's name; its file is ``profiles/<profile>.yaml`` unless ``profile_path``.
         root: the project root (default: :func:`vstain.book.rundir.repo_root`); notebooks run from here.
-        toc: the table of contents (default ``<root>/_toc.yml``); its notebooks are the stages.
-        run_dir: injected into every notebook (default ``runs/<profile>``, relative to ``root``).
-        output: folder that receives ``_build/html`` (default: the staged book ``<run_dir>/book_src``).
+        toc: the table of contents (default ``<root>/_toc.yml``); its notebooks are the stages. A
+            profile that extends another adds its notebooks to it (:func:`extended_toc`).
+        run_dir: injected into every notebook (default ``runs/<profile>``, or ``runs/<extended
+            profile>`` for a profile that extends one, relative to ``root``).
+        output: folder that receives ``_build/html`` (default: the staged book ``<run_dir>/book_src``;
+            ``<run_dir>/<profile>`` for a profile that extends another).
         only: run only these stems (the others are still validated and, if executed before, kept).
         force: rerun even when nothing changed.
         build: build the HTML after the notebooks.
@@ -353,30 +373,37 @@ def run(
     """
     root = Path(root or rundir.repo_root()).resolve()
     profile_path = Path(profile_path or root / "profiles" / f"{profile}.yaml")
+    prof = load_profile(profile_path)
     toc = Path(toc or root / "_toc.yml")
-    run_dir = run_dir or f"runs/{profile}"
+    run_dir = run_dir or f"runs/{prof.extends or profile}"
     runs = Path(run_dir) if Path(run_dir).is_absolute() else root / run_dir
-    book_src = runs / "book_src"
+    book_src = runs / "book_src"  # one staged book per run directory: only the toc's pages are read
     records = runs / "pipeline"
+    suffix = f"_{profile}" if prof.extends else ""  # an extending profile keeps its own timings and HTML
+    records.mkdir(parents=True, exist_ok=True)
+    if prof.extends:
+        toc = extended_toc(toc, prof.part or profile, prof.notebooks, records / f"toc{suffix}.yml")
+        output = output or runs / profile
 
     stages = stages_from_toc(toc, root)
-    prof = load_profile(profile_path)
+    added = {Path(n).name for n in prof.notebooks}
     params = resolve_parameters(prof, stages, run_dir)
     if only:
         unknown = set(only) - {s.stem for s in stages}
         if unknown:
             raise ProfileError(f"--only: no notebook named {', '.join(sorted(unknown))} in {toc}")
-    records.mkdir(parents=True, exist_ok=True)
     log(f"[vstain] profile '{profile}': {len(stages)} notebooks, run_dir {run_dir}, staged book {book_src}")
 
     results: list[StageResult] = []
-    timings = runs / "timings.csv"
+    timings = runs / f"timings{suffix}.csv"
     try:
         for i, stage in enumerate(stages, 1):
             executed = book_src / f"{stage.toc_file}.ipynb"
             record_path = records / f"{stage.stem}.json"
             record = json.loads(record_path.read_text()) if record_path.exists() else {}
-            upstream = {s.stem: runs / s.stem / rundir.MANIFEST for s in stages[: i - 1]}
+            # an added notebook's results never feed the extended profile's notebooks
+            upstream = {s.stem: runs / s.stem / rundir.MANIFEST for s in stages[: i - 1]
+                        if stage.stem in added or s.stem not in added}
             digest = inputs_hash(stage, params[stage.stem], upstream)
             manifest = runs / stage.stem / rundir.MANIFEST
             head = f"[{i}/{len(stages)}] {stage.stem:<14}"
@@ -423,7 +450,7 @@ def run(
         out = Path(output).resolve() if output else book_src
         log(f"[book] jupyter-book build -> {out / '_build' / 'html'} ...")
         t0 = time.time()
-        html = build_html(book_src, out, runs / "book_build.log")
+        html = build_html(book_src, out, runs / f"book_build{suffix}.log")
         build_s = time.time() - t0
         _write_timings(timings, results, build_s)
         log(f"[book] built in {build_s:.1f} s: open {html / 'index.html'}")

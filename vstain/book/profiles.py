@@ -14,6 +14,18 @@ the device (:data:`SCALE_KEYS`). Any other key would change the method of the ba
 error naming the profile, the section and the key. ``smoke-full`` runs the ``full`` profile this
 way: every method setting of the thesis-scale run, on a tiny simulated registry for a few steps.
 
+A profile may instead ``extend`` another with more notebooks (``study`` extends ``book``)::
+
+    extends: book                                  # the book's notebooks and values, in runs/book
+    part: "The study's longer experiments"         # the caption of the added notebooks in its book
+    notebooks: [notebooks/04b_ablation]            # toc entries of the added notebooks
+    04b_ablation:
+      steps: 300                                   # reason
+
+It runs in the extended profile's run directory with every one of its values, so after ``make book``
+the extended notebooks are reused as they are and only the added ones run; it may set values for the
+added notebooks only (anything else would rerun the extended book with other settings).
+
 :func:`resolve_parameters` checks every key against the parameters each notebook declares
 (``papermill.inspect_notebook``) and returns what papermill injects; :mod:`vstain.book.pipeline`
 runs the notebooks with it.
@@ -27,6 +39,7 @@ from typing import Any, Sequence
 import yaml
 
 RESERVED = ("run_dir",)  # injected by the pipeline, never set by a profile
+EXTENDS_KEYS = ("extends", "part", "notebooks")  # top-level keys of a profile that adds notebooks
 
 # What a profile derived from a base may change: the scale of the run, never its method.
 SCALE_KEYS = frozenset({
@@ -61,10 +74,14 @@ class Profile:
     common: dict[str, Any] = field(default_factory=dict)  # the `all:` section
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)  # stem -> values
     base: str | None = None  # the profile this one changes the scale of
+    extends: str | None = None  # the profile this one adds notebooks to (same run directory)
+    part: str = ""  # caption of the added notebooks in the book's table of contents
+    notebooks: tuple[str, ...] = ()  # toc entries of the added notebooks, e.g. "notebooks/04b_ablation"
 
 
 def _read_sections(path: Path) -> tuple[str | None, dict[str, dict[str, Any]]]:
-    """``(base, {section: values})`` of one profile file, ``all`` included."""
+    """``(base, {section: values})`` of one profile file, ``all`` included (and, when it extends
+    another, the ``extends``/``part``/``notebooks`` entries as they are)."""
     name = path.stem
     if not path.exists():
         avail = sorted(p.stem for p in path.parent.glob("*.yaml"))
@@ -77,6 +94,9 @@ def _read_sections(path: Path) -> tuple[str | None, dict[str, dict[str, Any]]]:
         raise ProfileError(f"profile '{name}' ({path}): 'base' must name a profile, got {base!r}")
     sections = {}
     for section, values in data.items():
+        if section in EXTENDS_KEYS:
+            sections[section] = values
+            continue
         values = values or {}
         if not isinstance(values, dict):
             raise ProfileError(f"profile '{name}' ({path}): section '{section}' must be a mapping of key: value")
@@ -117,6 +137,10 @@ def load_profile(path: Path, _seen: tuple[Path, ...] = ()) -> Profile:
     if path.resolve() in _seen:
         raise ProfileError(f"profile '{path.stem}' ({path}): its base chain comes back to itself")
     base_name, own = _read_sections(path)
+    if "extends" in own:
+        return _load_extending(path, base_name, own, _seen)
+    if any(k in own for k in EXTENDS_KEYS):
+        raise ProfileError(f"profile '{path.stem}' ({path}): 'part' and 'notebooks' need 'extends: <profile>'")
     if base_name is None:
         return Profile(path.stem, path, own.pop("all", {}), own)
     check_scale_only(path.stem, path, base_name, own)
@@ -129,6 +153,31 @@ def load_profile(path: Path, _seen: tuple[Path, ...] = ()) -> Profile:
         values = {k: v for k, v in base.sections.get(stem, {}).items() if k not in own.get("all", {})}
         sections[stem] = {**values, **own.get(stem, {})}
     return Profile(path.stem, path, common, sections, base_name)
+
+
+def _load_extending(path: Path, base_name: str | None, own: dict[str, Any], seen: tuple[Path, ...]) -> Profile:
+    """A profile that adds notebooks to the one it ``extends`` (see the module docstring).
+
+    Raises:
+        ProfileError: also a ``base``, an ``all:`` section, no ``notebooks`` list, or a section for a
+            notebook it does not add (it would change the extended profile's notebooks).
+    """
+    name, extends = path.stem, own.pop("extends")
+    part, notebooks = own.pop("part", ""), own.pop("notebooks", None)
+    where = f"profile '{name}' ({path})"
+    if base_name is not None or "all" in own:
+        raise ProfileError(f"{where}: a profile that extends '{extends}' takes its values as they are: "
+                           "no 'base' and no 'all:' section")
+    if not isinstance(notebooks, list) or not notebooks or not all(isinstance(n, str) for n in notebooks):
+        raise ProfileError(f"{where}: 'notebooks' must list the toc entries it adds, e.g. [notebooks/04b_ablation]")
+    added = {Path(n).name for n in notebooks}
+    for section in own:
+        if section not in added:
+            raise ProfileError(f"{where}: section '{section}' is not one of the notebooks it adds "
+                               f"({', '.join(sorted(added))}); the notebooks of '{extends}' keep its values")
+    parent = load_profile(path.parent / f"{extends}.yaml", (*seen, path.resolve()))
+    return Profile(name, path, dict(parent.common), {**parent.sections, **own}, parent.base,
+                   extends=parent.extends or extends, part=str(part), notebooks=(*parent.notebooks, *notebooks))
 
 
 def declared_parameters(notebook: Path) -> dict[str, str]:
