@@ -244,9 +244,10 @@ def narrative(summary: pd.DataFrame, comparisons: pd.DataFrame, plaus: pd.DataFr
         lines.append(f"- {r['object'].capitalize()}, {METRIC_LABELS[r['metric']]}: {r['model_b']} minus "
                      f"{r['model_a']} {format_ci(r['diff'], r['ci_low'], r['ci_high'], int(r['n']))}, "
                      f"Wilcoxon p = {r['p']:.2g}: {channel_verdict(r, confidence=confidence)}.")
-    claim = claim_verdict(pair[pair["metric"].isin(CLAIM_METRICS)], b, "most")
+    cells = pair[pair["metric"].isin(CLAIM_METRICS)]
+    claim = claim_verdict(cells, b, "most")
     lines += ["", f"Read as \"the {b}'s nuclei and cells segment better\" (more than half of the cells mean IoU, "
-                  f"F1 at 0.5 and F1 over 0.5-0.9 of both objects, {n_fovs(pair['n'])}), the thesis' claim that "
+                  f"F1 at 0.5 and F1 over 0.5-0.9 of both objects, {n_fovs(cells['n'])}), the thesis' claim that "
                   f"the {b}'s structures are more realistic **{claim}** in this run."]
     if len(plaus):
         mean = plaus.groupby("source")["value"].mean()

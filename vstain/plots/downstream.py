@@ -55,9 +55,12 @@ def segmentation_outlines(volumes: Mapping[str, np.ndarray], true: Mapping[str, 
             _outline(ax, true[obj][z], TRUE_COLOUR)
             if obj in segmented[source]:
                 _outline(ax, segmented[source][obj][z], SEGMENTED_COLOUR)
-            ax.set_title(f"{source}: {obj}" if i == 0 else obj, fontsize=8)
+            if i == 0:
+                ax.set_title(source, fontsize=8)
+        axes[i, 0].set_ylabel(f"{obj} ({channel})", fontsize=8)
         scale_bar(axes[i, 0], voxel_size_zyx[2], true[obj].shape[2])
-    fig.suptitle(f"{title} (z = {z}; cyan: true instances, yellow: segmented from the panel's image)", fontsize=9)
+    fig.suptitle(f"{title}, z = {z}: true instances in cyan, segmented from the panel's image in yellow "
+                 "(drawn on top: where both agree only yellow shows)", fontsize=9)
     fig.tight_layout()
     return fig
 
