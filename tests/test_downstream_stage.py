@@ -1,6 +1,8 @@
 """Stage 08_downstream (vstain.evaluate.downstream_stage) on a small simulated processed set: a
 perfect model (the clean truth), a model whose channels are shifted in X, and one FOV without labels."""
 
+import shutil
+
 import matplotlib
 import numpy as np
 import pandas as pd
@@ -149,3 +151,18 @@ def test_segment_sources_skips_unlabelled_channels():
     seg = ds.segment_sources({"full": f["truth"], "no membrane": no_mem, "no dna": no_dna}, PX)
     assert set(seg) == {"full", "no membrane"} and set(seg["no membrane"]) == {"nuclei"}
     assert np.array_equal(seg["full"]["nuclei"], seg["no membrane"]["nuclei"])
+
+
+def test_a_run_without_labels_gives_empty_tables_and_says_so(run, tmp_path):
+    """Real data: no FOV has true labels; the stage still scores the noise ceiling and says why the
+    segmentation is missing."""
+    root, dirs, _ = run
+    shutil.copytree(root / "03", tmp_path / "03")
+    manifest = pd.read_csv(tmp_path / "03" / dataset.MANIFEST_CSV, dtype={"fov_id": str})
+    manifest.assign(labels_path="").to_csv(tmp_path / "03" / dataset.MANIFEST_CSV, index=False)
+    t = ds.run_downstream(tmp_path / "03", dirs, PX)
+    assert t["instances"].empty and t["plausibility"].empty and len(t["ceiling"]) == 9
+    s = ds.summarise(t["instances"], [ds.TRUTH, *MODELS])
+    cmp = ds.compare_models(t["instances"], MODELS)
+    assert s.empty and cmp.empty
+    assert ds.narrative(s, cmp, t["plausibility"], *MODELS).startswith("No FOV of this split carries true")

@@ -187,6 +187,8 @@ def compare_models(instances: pd.DataFrame, models: Sequence[str], n_resamples: 
     """Paired differences ``b - a`` of every pair of ``models`` on every object and metric of
     :data:`METRICS` (:func:`vstain.evaluate.stats.compare`: paired bootstrap and Wilcoxon over FOVs;
     ``better`` names a winner only with enough FOVs)."""
+    if instances.empty:  # no FOV with true labels
+        return pd.DataFrame()
     long = instances[instances["metric"].isin(METRICS)].rename(columns={"source": "model"})
     frames = [compare(long, a, b, higher_is_better=HIGHER_IS_BETTER, by=("object", "metric"),
                       n_resamples=n_resamples, confidence=confidence, seed=seed) for a, b in combinations(models, 2)]
@@ -197,6 +199,8 @@ def display_table(summary: pd.DataFrame, by: str = "object", metrics: Sequence[s
     """A summary as strings ``"0.93 [0.91, 0.95] (n = 4)"``: rows ``(<by>, source)``, one column per
     metric (or, with one metric, per source and rows ``<by>``), one number of decimals per column
     and ``by`` value so that no two sources' numbers merge."""
+    if summary.empty:
+        return pd.DataFrame()
     metrics = list(metrics or dict.fromkeys(summary["metric"]))
     s = summary[summary["metric"].isin(metrics)]
     digits = {k: order_digits(pd.concat([g["estimate"], g["ci_low"], g["ci_high"]]).tolist() + [0.0])
