@@ -38,7 +38,7 @@ $(MATHJAX): | $(STAMP)
 	rm -rf $$tmp
 
 # The unit tests, the quick book opened in Chromium (tests/test_book.py), then every notebook
-# with its quick defaults under nbval (in file order: 01 -> 08); tests/test_smoke_full.py runs
+# with its quick defaults under nbval (in file order: 01 -> 09); tests/test_smoke_full.py runs
 # `make smoke-full`'s pipeline (the full profile's method settings on tiny data). One pytest run: its summary line
 # and exit status are make's.
 test: $(STAMP) $(CHROMIUM) $(MATHJAX)
@@ -73,7 +73,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_wgan.py --optimizer adam --critic-channels-last
 
 # JupyterLab from the project's environment, opened on the notebooks (their defaults are the quick
-# profile: run them in order, 01 -> 07). LAB_ARGS passes options, e.g. LAB_ARGS="--no-browser --port 8899".
+# profile: run them in order, 01 -> 09). LAB_ARGS passes options, e.g. LAB_ARGS="--no-browser --port 8899".
 # As root (a container), Jupyter needs --allow-root.
 LAB_ARGS ?=
 LAB_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .channels import (ALLEN_PACKAGE, ALLEN_PIXEL_SIZE_ZYX, ALLEN_REGISTRY, CHANNEL_COLUMNS, DEFAULT_GENE_MAP,
-                       DEFAULT_STRUCTURES, TARGETS)
+                       DEFAULT_STRUCTURES, LABEL_CHANNELS, TARGETS)
 from .volumes import read_ome
 
 ALLEN_DTYPES = ("uint16",)  # the Allen FOVs (and the simulator's) are 16-bit camera counts
@@ -314,7 +314,9 @@ def assemble(vol: np.ndarray, row, path="",
 class FOV:
     """One field of view. ``bf`` ``[1, Z, Y, X]``, ``target`` ``[6, Z, Y, X]`` (NaN = not carried),
     ``truth`` the simulator's clean ``[6, Z, Y, X]`` (None for real data), ``focus_z`` the true
-    in-focus slice range ``[lo, hi)`` (None for real data), ``pixel_size`` ``(z, y, x)`` µm."""
+    in-focus slice range ``[lo, hi)`` (None for real data), ``pixel_size`` ``(z, y, x)`` µm,
+    ``labels`` the simulator's true instances, uint16 ``[2, Z, Y, X]`` in
+    :data:`~vstain.channels.LABEL_CHANNELS` order (None for real data)."""
 
     fov_id: str
     gene: str
@@ -326,6 +328,7 @@ class FOV:
     focus_z: tuple[int, int] | None = None
     fov_path: str = ""
     cells: int = 1
+    labels: np.ndarray | None = None
 
 
 def _has(row, col: str) -> bool:
@@ -334,8 +337,8 @@ def _has(row, col: str) -> bool:
 
 def load_fov(pkg, row, cache_dir: str | os.PathLike, dtypes: Sequence[str] | None = ALLEN_DTYPES) -> FOV:
     """Fetch and assemble the FOV of one :func:`fov_table` row (with the simulator's extras
-    ``truth_path``, ``focus_z_lo``, ``focus_z_hi`` where the row has them); ``dtypes`` as in
-    :func:`assemble`."""
+    ``truth_path``, ``truth_labels_path``, ``focus_z_lo``, ``focus_z_hi`` where the row has them);
+    ``dtypes`` as in :func:`assemble`."""
     path = fetch(pkg, row["fov_path"], cache_dir)
     vol, pixel_size, _ = read_ome(path)
     bf, target = assemble(vol, row, path, dtypes)
@@ -343,16 +346,22 @@ def load_fov(pkg, row, cache_dir: str | os.PathLike, dtypes: Sequence[str] | Non
         warnings.warn(f"{path}: no physical pixel sizes in the OME metadata; assuming the Allen "
                       f"{ALLEN_PIXEL_SIZE_ZYX} µm (z, y, x)")
         pixel_size = ALLEN_PIXEL_SIZE_ZYX
-    truth = focus = None
+    truth = focus = labels = None
     if _has(row, "truth_path"):
         tpath = fetch(pkg, row["truth_path"], cache_dir)
         truth = read_ome(tpath)[0].astype(np.float32)
         if truth.shape != target.shape:
             raise ValueError(f"{tpath}: truth of shape {truth.shape} does not match the FOV's target {target.shape}")
+    if _has(row, "truth_labels_path"):
+        lpath = fetch(pkg, row["truth_labels_path"], cache_dir)
+        labels = read_ome(lpath)[0]
+        if labels.dtype != np.uint16 or labels.shape != (len(LABEL_CHANNELS), *target.shape[1:]):
+            raise ValueError(f"{lpath}: true labels must be uint16 {[len(LABEL_CHANNELS), *target.shape[1:]]} "
+                             f"({list(LABEL_CHANNELS)}), got {labels.dtype} {list(labels.shape)}")
     if _has(row, "focus_z_lo") and _has(row, "focus_z_hi"):
         focus = (int(row["focus_z_lo"]), int(row["focus_z_hi"]))
     return FOV(row["fov_id"], row["gene"], row["structure"], bf, target, pixel_size, truth, focus,
-               row["fov_path"], int(row.get("cells", 1)))
+               row["fov_path"], int(row.get("cells", 1)), labels)
 
 
 def load_fovs(registry: str | os.PathLike = ALLEN_REGISTRY, package: str = ALLEN_PACKAGE, n_per_structure: int = 3,

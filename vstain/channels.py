@@ -16,6 +16,9 @@ TARGET_LABELS: dict[str, str] = {
     "actomyosin": "Actomyosin bundles",  # the thesis' "myofibrils"
     "nucleoli": "Nucleoli",
 }
+# The channels of the simulator's true instance labels (uint16 ``[2, Z, Y, X]``, 0 = background):
+# cell k and its nucleus share the id k.
+LABEL_CHANNELS: tuple[str, ...] = ("cells", "nuclei")
 # Gene (metadata column `structure_name`) -> target channel of the FP-tagged structure.
 DEFAULT_GENE_MAP: dict[str, str] = {
     "TOMM20": "mito",

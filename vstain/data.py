@@ -2,7 +2,8 @@
 the simulator's local registry) and write them for the next stages.
 
 Output: ``fovs.csv`` and, per FOV, ``fovs/<id>.tif`` ``[7, Z, Y, X]`` (brightfield + six targets,
-NaN where not carried) and, on simulated data, ``truth/<id>.tif`` (the clean ``[6, Z, Y, X]``).
+NaN where not carried) and, on simulated data, ``truth/<id>.tif`` (the clean ``[6, Z, Y, X]``) and
+``labels/<id>.tif`` (the true instances, uint16 ``[2, Z, Y, X]``: cells, nuclei).
 """
 from __future__ import annotations
 
@@ -16,23 +17,25 @@ import numpy as np
 import pandas as pd
 
 from .allen import FOV, check_structures, load_fovs
-from .channels import ALLEN_PACKAGE, ALLEN_REGISTRY, DEFAULT_GENE_MAP, DEFAULT_STRUCTURES, TARGETS
+from .channels import ALLEN_PACKAGE, ALLEN_REGISTRY, DEFAULT_GENE_MAP, DEFAULT_STRUCTURES, LABEL_CHANNELS, TARGETS
 from .simulate import SimConfig, write_registry
-from .volumes import read_volume, write_volume
+from .volumes import read_labels, read_volume, resolve_paths, write_labels, write_volume
 
 SOURCES = ("synthetic", "allen")
 FOVS_CSV = "fovs.csv"
 VOXEL_COLUMNS = ("pixel_size_z", "pixel_size_y", "pixel_size_x")
+FILE_COLUMNS = ("path", "truth_path", "labels_path")  # relative to the stage; "" where a FOV has no such file
 
 
 def center_crop_yx(fov: FOV, crop_yx: Sequence[int]) -> FOV:
-    """The central ``(Y, X)`` voxels of a FOV (all slices, all channels, the truth too)."""
+    """The central ``(Y, X)`` voxels of a FOV (all slices, all channels, the truth and labels too)."""
     ny, nx = fov.bf.shape[-2:]
     cy, cx = (int(c) for c in crop_yx)
     if not (0 < cy <= ny and 0 < cx <= nx):
         raise ValueError(f"crop_yx {tuple(crop_yx)} does not fit FOV {fov.fov_id} of {ny} x {nx} (Y, X) voxels")
     sl = (Ellipsis, slice((ny - cy) // 2, (ny - cy) // 2 + cy), slice((nx - cx) // 2, (nx - cx) // 2 + cx))
-    return replace(fov, bf=fov.bf[sl], target=fov.target[sl], truth=None if fov.truth is None else fov.truth[sl])
+    return replace(fov, bf=fov.bf[sl], target=fov.target[sl], truth=None if fov.truth is None else fov.truth[sl],
+                   labels=None if fov.labels is None else fov.labels[sl])
 
 
 def run_data_stage(out_dir: str | os.PathLike, source: str = "synthetic", registry: str | None = None,
@@ -58,14 +61,14 @@ def run_data_stage(out_dir: str | os.PathLike, source: str = "synthetic", regist
 
     Returns:
         The table written to ``fovs.csv``: ``fov_id, gene, structure, path, truth_path,
-        focus_z_lo, focus_z_hi, pixel_size_z, pixel_size_y, pixel_size_x, fov_path, cells``
+        labels_path, focus_z_lo, focus_z_hi, pixel_size_z, pixel_size_y, pixel_size_x, fov_path, cells``
         (paths relative to ``out_dir``).
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     check_structures(structures, gene_map, n_per_structure)
     out = Path(out_dir)
-    for sub in ("fovs", "truth"):
+    for sub in ("fovs", "truth", "labels"):
         shutil.rmtree(out / sub, ignore_errors=True)
     if source == "synthetic":
         if registry is not None:
@@ -86,12 +89,16 @@ def run_data_stage(out_dir: str | os.PathLike, source: str = "synthetic", regist
             f = center_crop_yx(f, crop_yx)
         rel = f"fovs/{f.fov_id}.tif"
         write_volume(out / rel, np.concatenate([f.bf, f.target]), ["brightfield", *TARGETS])
-        trel = ""
+        trel = lrel = ""
         if f.truth is not None:
             trel = f"truth/{f.fov_id}.tif"
             write_volume(out / trel, f.truth, list(TARGETS))
+        if f.labels is not None:
+            lrel = f"labels/{f.fov_id}.tif"
+            write_labels(out / lrel, f.labels, LABEL_CHANNELS)
         lo, hi = f.focus_z if f.focus_z else (None, None)
         rows.append({"fov_id": f.fov_id, "gene": f.gene, "structure": f.structure, "path": rel, "truth_path": trel,
+                     "labels_path": lrel,
                      "focus_z_lo": lo, "focus_z_hi": hi, "pixel_size_z": f.pixel_size[0],
                      "pixel_size_y": f.pixel_size[1], "pixel_size_x": f.pixel_size[2],
                      "fov_path": f.fov_path, "cells": f.cells})
@@ -101,17 +108,17 @@ def run_data_stage(out_dir: str | os.PathLike, source: str = "synthetic", regist
 
 
 def read_fovs(stage: str | os.PathLike) -> pd.DataFrame:
-    """The ``01_data`` table with ``path``/``truth_path`` made absolute ("" where no truth)."""
+    """The ``01_data`` table with :data:`FILE_COLUMNS` made absolute ("" where a FOV has no clean
+    truth or no true labels, as on real data) and the true focus range as ``Int64`` (NA where
+    unknown). Stages 02 and 03 read the FOVs through this table."""
     stage = Path(stage)
     f = stage / FOVS_CSV
     if not f.exists():
         raise FileNotFoundError(f"no {FOVS_CSV} at {stage}: run notebooks/01_data.ipynb first")
-    df = pd.read_csv(f, dtype={"fov_id": str, "truth_path": str}, keep_default_na=True)
-    df["truth_path"] = df["truth_path"].fillna("")
-    df["path"] = [str(stage / p) for p in df["path"]]
-    df["truth_path"] = [str(stage / p) if p else "" for p in df["truth_path"]]
+    df = resolve_paths(pd.read_csv(f, dtype={"fov_id": str, "truth_path": str, "labels_path": str}), stage,
+                       FILE_COLUMNS)
     for c in ("focus_z_lo", "focus_z_hi"):
-        df[c] = df[c].astype("Int64")
+        df[c] = df[c].astype("Int64") if c in df else pd.Series(pd.NA, index=df.index, dtype="Int64")
     return df
 
 
@@ -119,12 +126,13 @@ def read_stage_fov(row) -> FOV:
     """One written FOV of :func:`read_fovs` (a row with absolute paths) as a :class:`FOV`."""
     vol = read_volume(row["path"])
     truth = read_volume(row["truth_path"]) if row["truth_path"] else None
+    labels = read_labels(row["labels_path"]) if row.get("labels_path", "") else None
     focus = None
     if not (pd.isna(row["focus_z_lo"]) or pd.isna(row["focus_z_hi"])):
         focus = (int(row["focus_z_lo"]), int(row["focus_z_hi"]))
     pixel_size = (float(row["pixel_size_z"]), float(row["pixel_size_y"]), float(row["pixel_size_x"]))
     return FOV(str(row["fov_id"]), row["gene"], row["structure"], vol[:1], vol[1:], pixel_size, truth, focus,
-               row.get("fov_path", ""), int(row.get("cells", 1)))
+               row.get("fov_path", ""), int(row.get("cells", 1)), labels)
 
 
 def stage_summary(fovs: pd.DataFrame, voxels_per_fov: int = 4000, seed: int = 0):

@@ -4,7 +4,9 @@ A processed FOV is one float32 OME-TIFF of shape ``[7, Z, Y, X]``: channel 0 the
 brightfield (z-scored per FOV), channels 1-6 the targets in :data:`vstain.channels.TARGETS` order
 (denoised, z-scored per channel and FOV, NaN where the FOV carries no label). On simulated data a
 second file ``<fov_id>_truth.tif`` holds the clean six-channel truth ``[6, Z, Y, X]``, normalised
-the same way. ``manifest.csv`` lists ``fov_id, gene, structure, split, path, truth_path``.
+the same way, and a third ``<fov_id>_labels.tif`` the true instances, uint16 ``[2, Z, Y, X]``
+(cells, nuclei; cropped to the same focus window, never normalised). ``manifest.csv`` lists
+``fov_id, gene, structure, split, path, truth_path, labels_path`` (empty where a FOV has no such file).
 """
 from __future__ import annotations
 
@@ -17,11 +19,12 @@ import tifffile
 import torch
 from torch.utils.data import Dataset
 
-from .channels import TARGETS
-from .volumes import read_volume, write_volume
+from .channels import LABEL_CHANNELS, TARGETS
+from .volumes import read_labels, read_volume, resolve_paths, write_labels, write_volume
 
 SPLITS = ("train", "val", "test")
 MANIFEST_CSV = "manifest.csv"
+MANIFEST_COLUMNS = ("fov_id", "gene", "structure", "path", "truth_path", "labels_path")  # plus split
 
 
 def zscore(a: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -74,16 +77,14 @@ def open_volume(path: str | Path, channels: int | None = None) -> np.ndarray:
 
 
 def read_manifest(stage: str | Path) -> pd.DataFrame:
-    """The processed set's manifest, with ``path``/``truth_path`` made absolute."""
+    """The processed set's manifest, with ``path``/``truth_path``/``labels_path`` made absolute
+    ("" where a FOV has no clean truth or no true labels)."""
     stage = Path(stage)
     f = stage / MANIFEST_CSV
     if not f.exists():
         raise FileNotFoundError(f"no processed-set manifest at {f}: run notebooks/03_denoising.ipynb first")
-    df = pd.read_csv(f, dtype={"fov_id": str})
-    df["path"] = [str(stage / p) for p in df["path"]]
-    if "truth_path" in df:
-        df["truth_path"] = [str(stage / p) if isinstance(p, str) and p else "" for p in df["truth_path"].fillna("")]
-    return df
+    df = pd.read_csv(f, dtype={"fov_id": str, "truth_path": str, "labels_path": str})
+    return resolve_paths(df, stage, ("path", "truth_path", "labels_path"))
 
 
 def load_fov(row) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -97,6 +98,13 @@ def load_fov(row) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     if isinstance(tp, str) and tp:
         truth = read_volume(tp)
     return vol[:1], vol[1:], truth
+
+
+def load_labels(row) -> np.ndarray | None:
+    """The true instances of one processed FOV, uint16 ``[2, Z, Y, X]`` (:data:`LABEL_CHANNELS`:
+    cells, nuclei), or ``None`` where the FOV has none (real data)."""
+    lp = row.get("labels_path", "") if hasattr(row, "get") else ""
+    return read_labels(lp) if isinstance(lp, str) and lp else None
 
 
 class ProcessedCrops(Dataset):
@@ -161,11 +169,11 @@ def write_processed_fov(stage: str | Path, record: dict) -> dict:
     Args:
         stage: the processed set's folder.
         record: ``fov_id, gene, structure, bf [Z,Y,X], target [6,Z,Y,X]`` (NaN = no label) and
-            optionally ``truth [6,Z,Y,X]``.
+            optionally ``truth [6,Z,Y,X]`` and ``labels`` (uint16 ``[2,Z,Y,X]``, written as they are).
 
     Returns:
-        its manifest row (``fov_id, gene, structure, path, truth_path``; paths relative to ``stage``)
-        for :func:`write_manifest`.
+        its manifest row (:data:`MANIFEST_COLUMNS`; paths relative to ``stage``) for
+        :func:`write_manifest`.
     """
     stage = Path(stage)
     fid = str(record["fov_id"])
@@ -177,13 +185,18 @@ def write_processed_fov(stage: str | Path, record: dict) -> dict:
     if record.get("truth") is not None:
         trel = f"processed/{fid}_truth.tif"
         write_volume(stage / trel, np.stack([zscore(c) for c in record["truth"]]), list(TARGETS))
-    return {"fov_id": fid, "gene": record["gene"], "structure": record["structure"], "path": rel, "truth_path": trel}
+    lrel = ""
+    if record.get("labels") is not None:
+        lrel = f"processed/{fid}_labels.tif"
+        write_labels(stage / lrel, record["labels"], LABEL_CHANNELS)
+    return {"fov_id": fid, "gene": record["gene"], "structure": record["structure"], "path": rel, "truth_path": trel,
+            "labels_path": lrel}
 
 
 def write_manifest(stage: str | Path, rows: list[dict], seed: int = 0, fractions=(0.7, 0.15, 0.15)) -> pd.DataFrame:
     """Split the written FOVs by FOV, stratified by structure (:func:`split_fovs`), write
     ``manifest.csv`` and return it. ``rows`` are :func:`write_processed_fov`'s."""
-    df = pd.DataFrame(rows, columns=["fov_id", "gene", "structure", "path", "truth_path"])
+    df = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
     if df.empty:
         raise ValueError(f"no processed FOV to list in the manifest of {stage}")
     df.insert(3, "split", split_fovs(df, fractions, seed))

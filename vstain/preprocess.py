@@ -25,6 +25,7 @@ import pandas as pd
 
 from . import classical, denoise, focus
 from .channels import TARGET_LABELS, TARGETS
+from .data import read_fovs
 from .dataset import open_volume, write_manifest, write_processed_fov
 from .evaluate.stats import n_fovs, paired_difference
 from .volumes import read_volume, write_volume
@@ -38,19 +39,6 @@ GALLERY_TIF = "gallery.tif"
 GALLERY_CSV = "gallery.csv"
 GALLERY_METHODS = ("noisy", "n2v", "bm3d", "nlm", "truth")
 BASELINES = ("bm3d", "nlm")
-
-
-def read_fovs(stage01: str | Path) -> pd.DataFrame:
-    """``01_data/fovs.csv`` with ``path``/``truth_path`` made absolute ("" where there is no truth)."""
-    stage01 = Path(stage01)
-    f = stage01 / "fovs.csv"
-    if not f.exists():
-        raise FileNotFoundError(f"no fovs.csv in {stage01}: run notebooks/01_data.ipynb first")
-    df = pd.read_csv(f, dtype={"fov_id": str})
-    df["path"] = [str(stage01 / p) for p in df["path"]]
-    tp = df["truth_path"].fillna("") if "truth_path" in df else pd.Series("", index=df.index)
-    df["truth_path"] = [str(stage01 / p) if isinstance(p, str) and p else "" for p in tp]
-    return df
 
 
 def _true_center(row) -> float:
@@ -163,13 +151,14 @@ def read_focus(stage02: str | Path) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- stage 03
 
 
-def read_window(path: str | Path, lo: int, hi: int, fov_id: str) -> np.ndarray:
-    """Slices ``[lo, hi)`` of a ``[C, Z, Y, X]`` volume file as ``[C, hi - lo, Y, X]`` float32, read
-    without the rest of the volume where the file can be memory-mapped."""
+def read_window(path: str | Path, lo: int, hi: int, fov_id: str, dtype=np.float32) -> np.ndarray:
+    """Slices ``[lo, hi)`` of a ``[C, Z, Y, X]`` volume file as ``[C, hi - lo, Y, X]``, read without
+    the rest of the volume where the file can be memory-mapped. ``dtype``: float32 for images,
+    ``None`` to keep the file's (instance labels stay uint16: cropped, never interpolated)."""
     vol = open_volume(path)
     if hi > vol.shape[1] or lo < 0:
         raise ValueError(f"FOV {fov_id}: focus window [{lo}, {hi}) does not fit its {vol.shape[1]} slices ({path})")
-    return np.array(vol[:, lo:hi], dtype=np.float32)
+    return np.array(vol[:, lo:hi], dtype=dtype)
 
 
 def focus_windows(stage01: str | Path, stage02: str | Path) -> tuple[pd.DataFrame, dict[str, list[str]]]:
@@ -290,6 +279,7 @@ def run_denoise_stage(
     for fid, r in fovs.iterrows():
         vol = read_window(r["path"], r["z_lo"], r["z_hi"], fid)
         truth = read_window(r["truth_path"], r["z_lo"], r["z_hi"], fid) if r["truth_path"] else None
+        labels = read_window(r["labels_path"], r["z_lo"], r["z_hi"], fid, None) if r["labels_path"] else None
         target = np.full(vol[1:].shape, np.nan, np.float32)
         for c, name in enumerate(TARGETS):
             if fid not in carriers[name]:
@@ -307,8 +297,8 @@ def run_denoise_stage(
                         gallery[c, j] = ests[method][zc]
                 gal_rows.append({"channel": name, "fov_id": fid, "z": zc})
         rows.append(write_processed_fov(out, {"fov_id": fid, "gene": r["gene"], "structure": r["structure"],
-                                              "bf": vol[0], "target": target, "truth": truth}))
-        del vol, truth, target
+                                              "bf": vol[0], "target": target, "truth": truth, "labels": labels}))
+        del vol, truth, target, labels
     manifest = write_manifest(out, rows, seed=seed, fractions=split_fractions)
     order = {name: i for i, name in enumerate(TARGETS)}
     ev = pd.DataFrame(evals, columns=["fov_id", "structure", "channel", "method", "psnr", "ssim"])

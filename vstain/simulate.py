@@ -42,7 +42,7 @@ from scipy.spatial import cKDTree
 
 from . import optics
 from .allen import publish_local
-from .channels import ALLEN_PACKAGE, CHANNEL_COLUMNS, DEFAULT_GENE_MAP, TARGETS
+from .channels import ALLEN_PACKAGE, CHANNEL_COLUMNS, DEFAULT_GENE_MAP, LABEL_CHANNELS, TARGETS
 from .volumes import write_ome
 
 STRUCTURES: tuple[str, ...] = ("mito", "envelope", "actomyosin", "nucleoli")
@@ -546,8 +546,8 @@ def write_registry(out_dir: str | Path, n_per_structure: int, cfg: SimConfig | N
             write_ome(folder / key, np.stack([fov[c] for c in order]),
                       [CHANNEL_NAMES[c] for c in order], cfg.pixel_size)
             write_ome(folder / tkey, fov["truth"], list(TARGETS), cfg.pixel_size)
-            write_ome(folder / lkey, np.stack([fov["labels"]["cells"], fov["labels"]["nuclei"]]),
-                      ["cells", "nuclei"], cfg.pixel_size)
+            write_ome(folder / lkey, np.stack([fov["labels"][c] for c in LABEL_CHANNELS]), list(LABEL_CHANNELS),
+                      cfg.pixel_size)
             outlier_rng = np.random.default_rng([seed, fov_id, 1])
             for j, c in enumerate(fov["cells"].itertuples()):
                 rows.append({

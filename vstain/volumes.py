@@ -1,5 +1,6 @@
 """Volumes on disk: OME-TIFF stacks read as ``[C, Z, Y, X]`` with their pixel sizes and channel
-names, float32 volumes written between stages, and file hashes.
+names, float32 volumes (and uint16 instance labels) written between stages, the file columns of a
+stage's table, and file hashes.
 
 Every stage reads and writes its images through this module (the Allen loader, the simulator, the
 processed set, the model stages, the prediction command); it imports nothing of the project.
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import tifffile
 
 _UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "m": 1e6}
@@ -116,6 +118,32 @@ def write_volume(path: str | Path, vol: np.ndarray, channel_names: list[str] | N
     tifffile.imwrite(path, np.ascontiguousarray(vol, dtype=np.float32), ome=True, metadata=meta)
 
 
+def write_labels(path: str | Path, labels: np.ndarray, channel_names: Sequence[str]) -> None:
+    """Instance labels ``[C, Z, Y, X]`` (0 = background) as a uint16 OME-TIFF; labels that do not
+    fit uint16 (negative, above 65535 or not integers) are an error, never wrapped or rounded."""
+    labels = np.asarray(labels)
+    if labels.ndim != 4 or labels.shape[0] != len(channel_names):
+        raise ValueError(f"{path}: labels must be [{len(channel_names)}, Z, Y, X] ({list(channel_names)}), "
+                         f"got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer) or (labels.size and (labels.min() < 0 or labels.max() > 65535)):
+        raise ValueError(f"{path}: labels must be integers in [0, 65535] (uint16), got dtype {labels.dtype}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, np.ascontiguousarray(labels, dtype=np.uint16), ome=True,
+                     metadata={"axes": "CZYX", "Channel": {"Name": list(channel_names)}})
+
+
+def read_labels(path: str | Path) -> np.ndarray:
+    """The uint16 ``[C, Z, Y, X]`` instance labels written by :func:`write_labels` (or the simulator)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"label file {path} does not exist")
+    labels = tifffile.imread(path)
+    if labels.dtype != np.uint16 or labels.ndim != 4:
+        raise ValueError(f"{path}: expected uint16 [C, Z, Y, X] instance labels, got {labels.dtype} {labels.shape}")
+    return labels
+
+
 def read_volume(path: str | Path) -> np.ndarray:
     """A ``[C, Z, Y, X]`` float32 volume written by :func:`write_volume`."""
     path = Path(path)
@@ -125,6 +153,19 @@ def read_volume(path: str | Path) -> np.ndarray:
     if vol.ndim != 4:
         raise ValueError(f"{path}: expected a [C, Z, Y, X] volume, got shape {vol.shape}")
     return vol
+
+
+def resolve_paths(df: pd.DataFrame, stage: str | os.PathLike, columns: Sequence[str]) -> pd.DataFrame:
+    """A stage table's file columns (paths relative to ``stage``) made absolute, in place.
+
+    A FOV without such a file (an empty or missing cell, e.g. no clean truth or no true labels on
+    real data) gets ``""``, and so does every row when the table lacks the column (a run written
+    before the column existed). Returns ``df``.
+    """
+    for col in columns:
+        rel = df[col].fillna("") if col in df else pd.Series("", index=df.index)
+        df[col] = [str(Path(stage) / p) if isinstance(p, str) and p else "" for p in rel]
+    return df
 
 
 def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

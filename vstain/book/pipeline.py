@@ -5,7 +5,7 @@
 1. loads ``profiles/<profile>.yaml`` (laid over its ``base`` profile, if it names one) and checks
    every key against the parameters each notebook declares (:mod:`vstain.book.profiles`); a key
    that the target notebook does not declare is an error naming the profile, the notebook and the key;
-2. runs the notebooks of ``_toc.yml`` with papermill in dependency order (``01_...`` to ``07_...``),
+2. runs the notebooks of ``_toc.yml`` with papermill in dependency order (``01_...`` to ``09_...``),
    from the project root, with ``run_dir: runs/<profile>`` injected, writing the executed notebooks
    into the profile's staged book (``runs/<profile>/book_src/``);
 3. skips a notebook whose inputs did not change since its last successful run: its source, its
