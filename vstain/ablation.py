@@ -247,7 +247,8 @@ def findings_paragraph(comparisons: pd.DataFrame, channels=("nucleoli", "mito"),
         parts = [f"{FACTORS[r['variant']]} ({'raises' if r['diff'] > 0 else 'lowers'} it by "
                  f"{stats.format_ci(r['diff'], r['ci_low'], r['ci_high'], int(r['n']))})" for r in hits]
         rest = len(cells) - len(hits)
-        tail = f"; the other {rest} show no detectable difference with {stats.n_fovs(n)}" if rest else ""
+        tail = (f"; the other {rest} variant{'s show' if rest > 1 else ' shows'} no detectable difference with "
+                f"{stats.n_fovs(n)}" if rest else "")
         sentences.append(f"{name}: {label} against the clean truth moves beyond its {confidence:.0%} interval with "
                          f"{'; '.join(parts)}{tail}.")
     return " ".join(sentences)
