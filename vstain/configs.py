@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from .models import CriticConfig, GeneratorConfig
+from .channels import TARGETS
+from .dataset import SAMPLINGS, check_channels
+from .losses import PIXEL_LOSSES
+from .models import NORMS, CriticConfig, GeneratorConfig
 
 OPTIMIZERS = ("rmsprop", "adam")
 DEVICES = ("cpu", "gpu", "cuda", "mps", "auto")
@@ -73,6 +76,15 @@ class UNetConfig(DictConfig):
         torch_compile: ``torch.compile`` the generator (fuses instance norm and LeakyReLU; costs a
             minute or so of compilation at the start).
         num_workers: DataLoader worker processes (0: load in the training process).
+        loss: the masked pixel loss, a key of :data:`vstain.losses.PIXEL_LOSSES`: ``"l1"``
+            (thesis 3.2.1), ``"mse"`` or ``"l1+mse"``.
+        norm: the generator's normalisation, ``"instance"`` (thesis 3.1.1) or ``"batch"``.
+        sampling: how training crops pick their FOV, ``"uniform"`` or ``"balanced"`` (each tagged
+            structure equally often, :class:`vstain.dataset.ProcessedCrops`).
+        channels: the target channels the model predicts and trains on, as
+            :data:`vstain.channels.TARGETS` names (default empty: all six, one joint model). A
+            subset trains only on the FOVs that carry every one of them (one model per structure,
+            as Ounkomol et al. 2018).
     """
 
     base_width: int = 64  # thesis 3.1.1
@@ -96,6 +108,10 @@ class UNetConfig(DictConfig):
     channels_last: bool = False
     torch_compile: bool = False
     num_workers: int = 0
+    loss: str = "l1"  # thesis 3.2.1: masked L1
+    norm: str = "instance"  # thesis 3.1.1: InstanceNorm3d
+    sampling: str = "uniform"  # every training FOV equally often
+    channels: tuple[str, ...] = ()  # all six targets: one joint model (thesis)
 
     def __post_init__(self):
         self.crop = tuple(int(c) for c in self.crop)
@@ -106,11 +122,24 @@ class UNetConfig(DictConfig):
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.loss not in PIXEL_LOSSES:
+            raise ValueError(f"loss must be one of {tuple(PIXEL_LOSSES)}, got {self.loss!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {tuple(NORMS)}, got {self.norm!r}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        self.channels = check_channels(self.channels)
         self.check_run_fields(("base_width", "batch_size", "samples", "val_samples", "max_steps", "val_every",
                                "ckpt_every", "devices"))
 
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The channels the model predicts, in its output order."""
+        return self.channels or TARGETS
+
     def generator_config(self) -> GeneratorConfig:
-        return GeneratorConfig(base_width=self.base_width, negative_slope=self.negative_slope)
+        return GeneratorConfig(base_width=self.base_width, negative_slope=self.negative_slope,
+                               out_channels=len(self.targets), norm=self.norm)
 
 
 

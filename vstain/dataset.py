@@ -23,6 +23,7 @@ from .channels import LABEL_CHANNELS, TARGETS
 from .volumes import read_labels, read_volume, resolve_paths, write_labels, write_volume
 
 SPLITS = ("train", "val", "test")
+SAMPLINGS = ("uniform", "balanced")
 MANIFEST_CSV = "manifest.csv"
 MANIFEST_COLUMNS = ("fov_id", "gene", "structure", "path", "truth_path", "labels_path")  # plus split
 
@@ -76,6 +77,22 @@ def open_volume(path: str | Path, channels: int | None = None) -> np.ndarray:
     return vol
 
 
+def check_channels(channels) -> tuple[str, ...]:
+    """``channels`` as a tuple of distinct :data:`vstain.channels.TARGETS` names (empty: all six)."""
+    channels = tuple(channels or ())
+    bad = [c for c in channels if c not in TARGETS]
+    if bad or len(set(channels)) != len(channels):
+        raise ValueError(f"channels must be distinct names of {TARGETS}, got {list(channels)}")
+    return channels
+
+
+def labelled_targets(path: str | Path) -> set[str]:
+    """The target channels a processed FOV carries a label for (its first voxel is not NaN: the
+    processed set writes a channel whole or all NaN). Reads one voxel per channel."""
+    vol = open_volume(path, 1 + len(TARGETS))
+    return {name for c, name in enumerate(TARGETS, 1) if np.isfinite(vol[c, 0, 0, 0])}
+
+
 def read_manifest(stage: str | Path) -> pd.DataFrame:
     """The processed set's manifest, with ``path``/``truth_path``/``labels_path`` made absolute
     ("" where a FOV has no clean truth or no true labels)."""
@@ -120,17 +137,30 @@ class ProcessedCrops(Dataset):
             with the same target.
         seed: base seed; crop ``i`` of epoch ``e`` is drawn from ``(seed, e, i)``, so a resumed run
             sees the same crops as an uninterrupted one.
+        sampling: ``"uniform"`` (default: every FOV equally often) or ``"balanced"`` (a tagged
+            structure first, each equally often, then one of its FOVs: on a set with unequal FOV
+            counts per structure, each tagged structure is labelled in the same share of crops).
+        channels: the target channels returned, as :data:`vstain.channels.TARGETS` names, in that
+            order (default: all six). Only FOVs that carry a label for every one of them are used.
 
-    Returns ``(x [1,z,y,x], y [6,z,y,x])`` float32 tensors; ``y`` holds NaN for missing labels.
+    Returns ``(x [1,z,y,x], y [C,z,y,x])`` float32 tensors (``C`` = 6 by default); ``y`` holds NaN
+    for missing labels.
     """
 
-    def __init__(self, stage, split="train", crop=(16, 64, 64), samples=64, flips=True, seed=0):
+    def __init__(self, stage, split="train", crop=(16, 64, 64), samples=64, flips=True, seed=0,
+                 sampling: str = "uniform", channels: tuple[str, ...] = ()):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        self.channels = check_channels(channels)
         df = read_manifest(stage)
         df = df[df["split"] == split]
+        if channels:
+            df = df[[all(c in labelled_targets(p) for c in self.channels) for p in df["path"]]]
         if df.empty:
-            raise ValueError(f"the processed set at {stage} has no FOV in split '{split}'")
+            only = f" with labels for {list(self.channels)}" if channels else ""
+            raise ValueError(f"the processed set at {stage} has no FOV{only} in split '{split}'")
         # each crop maps its FOV's file and lets it go: a split larger than RAM (the full profile) is
         # read crop by crop, and the pages a crop touched leave the process with it
         self.paths, self.ids = df["path"].tolist(), df["fov_id"].tolist()
@@ -142,6 +172,10 @@ class ProcessedCrops(Dataset):
                 raise ValueError(f"crop {self.crop} does not fit FOV {fid} of shape {shape} (Z, Y, X)")
             self.shapes.append(shape)
         self.samples, self.flips, self.seed, self.epoch = int(samples), flips, int(seed), 0
+        self.sampling = sampling
+        # FOV indices per tagged structure, for balanced sampling
+        self.groups = [np.flatnonzero(df["structure"].to_numpy() == s) for s in sorted(set(df["structure"]))]
+        self.index = [1 + TARGETS.index(c) for c in self.channels] if self.channels else slice(1, None)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -151,7 +185,10 @@ class ProcessedCrops(Dataset):
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng((self.seed, self.epoch, int(i)))
-        k = rng.integers(len(self.paths))
+        if self.sampling == "balanced":
+            k = rng.choice(self.groups[rng.integers(len(self.groups))])
+        else:
+            k = rng.integers(len(self.paths))
         start = [rng.integers(0, s - c + 1) for c, s in zip(self.crop, self.shapes[k])]
         sl = tuple(slice(s, s + c) for s, c in zip(start, self.crop))
         c = open_volume(self.paths[k])[(slice(None), *sl)]
@@ -160,7 +197,7 @@ class ProcessedCrops(Dataset):
                 if rng.random() < 0.5:
                     c = np.flip(c, axis=ax)
         c = torch.from_numpy(np.array(c, dtype=np.float32))
-        return c[:1], c[1:]
+        return c[:1], c[self.index]
 
 
 def write_processed_fov(stage: str | Path, record: dict) -> dict:

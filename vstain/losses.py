@@ -4,6 +4,8 @@ Targets are ``N C Z Y X`` with NaN in the channels a FOV does not carry.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -23,19 +25,40 @@ def mask_pair(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return pred * valid, torch.nan_to_num(target, nan=0.0)
 
 
-def masked_l1(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean absolute error over the labelled voxels only (thesis 3.2.1).
+def _masked_mean(pred: Tensor, target: Tensor, error: Callable[[Tensor], Tensor], name: str) -> Tensor:
+    """Mean of ``error(pred - target)`` over the labelled voxels only.
 
-    The prediction is zeroed where the target is NaN and the target's NaN become 0; the loss is
+    The prediction is zeroed where the target is NaN and the target's NaN become 0; the error is
     computed without reduction, masked, and averaged over the valid voxels, so missing channels
     neither count nor receive gradient.
     """
     valid = valid_mask(target)
     n = valid.sum()
     if n == 0:
-        raise ValueError("masked_l1: the target carries no labelled voxel (all NaN)")
+        raise ValueError(f"{name}: the target carries no labelled voxel (all NaN)")
     p, t = mask_pair(pred, target)
-    return ((p - t).abs() * valid).sum() / n
+    return (error(p - t) * valid).sum() / n
+
+
+def masked_l1(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean absolute error over the labelled voxels only (thesis 3.2.1)."""
+    return _masked_mean(pred, target, torch.abs, "masked_l1")
+
+
+def masked_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error over the labelled voxels only (the loss of Ounkomol et al. 2018, masked
+    as :func:`masked_l1`)."""
+    return _masked_mean(pred, target, torch.square, "masked_mse")
+
+
+def masked_l1_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Masked L1 plus masked MSE, unweighted (both in units of the z-scored target)."""
+    return masked_l1(pred, target) + masked_mse(pred, target)
+
+
+# The generator's pixel losses by name (``UNetConfig.loss``); "l1" is the thesis' (3.2.1).
+PIXEL_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "l1": masked_l1, "mse": masked_mse, "l1+mse": masked_l1_mse}
 
 
 def wasserstein_estimate(d_real: Tensor, d_fake: Tensor) -> Tensor:

@@ -28,16 +28,17 @@ LOSSES_CSV = "losses.csv"
 MODEL_JSON = "model.json"
 
 
-def prepare_out_dir(out_dir, config: dict, resumable_keys) -> bool:
+def prepare_out_dir(out_dir, config: dict, resumable_keys, defaults: dict | None = None) -> bool:
     """Decide whether ``out_dir`` holds a run to resume. If its ``model.json`` records a config
     that differs from ``config`` in anything but ``resumable_keys``, the old checkpoints and logs
-    are removed (with a warning) and training starts afresh. Returns True when a ``last.ckpt``
-    will be resumed."""
+    are removed (with a warning) and training starts afresh. Keys the recorded config lacks (added
+    to the config class since it was written) count as their value in ``defaults``. Returns True
+    when a ``last.ckpt`` will be resumed."""
     out_dir = Path(out_dir)
     mj = out_dir / MODEL_JSON
     last = out_dir / CHECKPOINTS / LAST
     if mj.exists():
-        old = json.loads(mj.read_text()).get("config", {})
+        old = {**(defaults or {}), **json.loads(mj.read_text()).get("config", {})}
         diff = sorted(k for k in set(old) | set(config) if k not in resumable_keys and old.get(k) != config.get(k))
         if diff:
             warnings.warn(f"{out_dir}: configuration changed in {diff}; discarding the old checkpoints and logs")
@@ -104,9 +105,10 @@ def write_losses(out_dir, columns=None) -> pd.DataFrame:
 
 
 def write_predictions(generator, stage_in, out_dir, splits=("val", "test"), max_voxels=None,
-                      roi_size=None, overlap=None) -> pd.DataFrame:
+                      roi_size=None, overlap=None, channel_names=TARGETS) -> pd.DataFrame:
     """Predict every FOV of ``splits`` of the processed set with :func:`vstain.infer.predict_volume`
-    and write ``out_dir/predictions/<fov_id>.tif`` (float32 ``[6, Z, Y, X]``).
+    and write ``out_dir/predictions/<fov_id>.tif`` (float32 ``[C, Z, Y, X]``, ``C`` = 6 or the
+    ``channel_names`` a single-structure model predicts).
 
     Returns a table ``fov_id, split, structure, path`` (relative to ``out_dir``), ``mode``
     (``whole``/``tiled``) and ``seconds``.
@@ -122,7 +124,7 @@ def write_predictions(generator, stage_in, out_dir, splits=("val", "test"), max_
         t = time.perf_counter()
         pred = predict_volume(generator, x, max_voxels=max_voxels, roi_size=roi_size, overlap=overlap)
         rel = f"predictions/{r['fov_id']}.tif"
-        write_volume(out_dir / rel, pred, list(TARGETS))
+        write_volume(out_dir / rel, pred, list(channel_names))
         rows.append({"fov_id": r["fov_id"], "split": r["split"], "structure": r["structure"], "path": rel,
                      "mode": plan(x.shape[1:], max_voxels), "seconds": round(time.perf_counter() - t, 3)})
     return pd.DataFrame(rows)

@@ -40,16 +40,23 @@ class InstanceNorm3d(nn.InstanceNorm3d):
         return super().forward(x)
 
 
-class ConvBlock(nn.Sequential):
-    """Two identical sub-blocks ``Conv3d(k=3, s=1, p=1) -> InstanceNorm3d -> LeakyReLU`` (thesis 3.1.1)."""
+# The generator's normalisation layers: instance norm (thesis 3.1.1) or batch norm (Ounkomol et
+# al. 2018's 3D U-Net), which an ablation swaps in. Batch norm learns an affine map per channel and
+# normalises by running statistics at inference.
+NORMS = {"instance": InstanceNorm3d, "batch": nn.BatchNorm3d}
 
-    def __init__(self, in_channels: int, out_channels: int, negative_slope: float):
+
+class ConvBlock(nn.Sequential):
+    """Two identical sub-blocks ``Conv3d(k=3, s=1, p=1) -> norm -> LeakyReLU`` (thesis 3.1.1:
+    InstanceNorm3d; ``norm`` is a key of :data:`NORMS`)."""
+
+    def __init__(self, in_channels: int, out_channels: int, negative_slope: float, norm: str = "instance"):
         super().__init__(
             nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=1, padding=1),
-            InstanceNorm3d(out_channels),
+            NORMS[norm](out_channels),
             nn.LeakyReLU(negative_slope),
             nn.Conv3d(out_channels, out_channels, kernel_size=3, stride=1, padding=1),
-            InstanceNorm3d(out_channels),
+            NORMS[norm](out_channels),
             nn.LeakyReLU(negative_slope),
         )
 
@@ -65,10 +72,10 @@ class UpCat(nn.Module):
     """Decoder level: ``ConvTranspose3d(k=2, s=2)`` doubles each axis and halves the channels,
     the encoder's skip is concatenated, and a :class:`ConvBlock` merges the two."""
 
-    def __init__(self, in_channels: int, out_channels: int, negative_slope: float):
+    def __init__(self, in_channels: int, out_channels: int, negative_slope: float, norm: str = "instance"):
         super().__init__()
         self.up = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2)
-        self.conv = ConvBlock(2 * out_channels, out_channels, negative_slope)
+        self.conv = ConvBlock(2 * out_channels, out_channels, negative_slope, norm)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
         return self.conv(torch.cat([self.up(x), skip], dim=1))
@@ -99,17 +106,22 @@ class GeneratorConfig:
         in_channels: input channels (1: brightfield).
         out_channels: predicted fluorescence channels (6: :data:`vstain.channels.TARGETS`).
         negative_slope: LeakyReLU slope, in [0, 1) (thesis 3.2.2: 0.05).
+        norm: ``"instance"`` (thesis 3.1.1, no affine parameters) or ``"batch"`` (BatchNorm3d,
+            as Ounkomol et al. 2018; a batch of one crop then normalises by that crop alone).
     """
 
     base_width: int = 64  # thesis 3.1.1: 64/128/256 filters, bottleneck 512
     in_channels: int = 1  # brightfield
     out_channels: int = 6  # thesis 3.1.1: the six fluorescent channels
     negative_slope: float = 0.05  # thesis 3.2.2: LeakyReLU slope chosen by search
+    norm: str = "instance"  # thesis 3.1.1
 
     def __post_init__(self):
         _check_positive(self, "base_width", "in_channels", "out_channels")
         if not 0 <= self.negative_slope < 1:
             raise ValueError(f"negative_slope must be in [0, 1), got {self.negative_slope}")
+        if self.norm not in NORMS:
+            raise ValueError(f"GeneratorConfig.norm must be one of {tuple(NORMS)}, got {self.norm!r}")
 
 
 class Generator(nn.Module):
@@ -125,17 +137,17 @@ class Generator(nn.Module):
     def __init__(self, cfg: GeneratorConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or GeneratorConfig()
-        w, s = cfg.base_width, cfg.negative_slope
-        self.enc1 = ConvBlock(cfg.in_channels, w, s)
+        w, s, n = cfg.base_width, cfg.negative_slope, cfg.norm
+        self.enc1 = ConvBlock(cfg.in_channels, w, s, n)
         self.down1 = Down(w)
-        self.enc2 = ConvBlock(w, 2 * w, s)
+        self.enc2 = ConvBlock(w, 2 * w, s, n)
         self.down2 = Down(2 * w)
-        self.enc3 = ConvBlock(2 * w, 4 * w, s)
+        self.enc3 = ConvBlock(2 * w, 4 * w, s, n)
         self.down3 = Down(4 * w)
-        self.bottleneck = ConvBlock(4 * w, 8 * w, s)
-        self.up3 = UpCat(8 * w, 4 * w, s)
-        self.up2 = UpCat(4 * w, 2 * w, s)
-        self.up1 = UpCat(2 * w, w, s)
+        self.bottleneck = ConvBlock(4 * w, 8 * w, s, n)
+        self.up3 = UpCat(8 * w, 4 * w, s, n)
+        self.up2 = UpCat(4 * w, 2 * w, s, n)
+        self.up1 = UpCat(2 * w, w, s, n)
         self.head = nn.Conv3d(w, cfg.out_channels, kernel_size=3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from .configs import UNetConfig
-from .losses import masked_l1
+from .losses import PIXEL_LOSSES, masked_l1
 from .modelfiles import prepare_out_dir, run_config, save_model_json, write_losses, write_predictions
 from .models import Generator, num_params
 from .trainer import CropDataModule, ResumingTrainer, make_optimizer, make_trainer, set_threads
@@ -35,7 +35,9 @@ class UNetModule(L.LightningModule):
         config: a :class:`UNetConfig` or its dict (as stored in checkpoints).
 
     Logs ``train_l1`` every step and ``val_l1`` (mean over the validation crops) at each validation;
-    with several processes both are means over the processes (``sync_dist``).
+    with several processes both are means over the processes (``sync_dist``). With a loss other than
+    the masked L1 (``config.loss``) the loss trained on is logged as ``train_loss`` and ``train_l1``
+    stays the masked L1 of the same batch, so the curves of all losses compare.
     """
 
     def __init__(self, config: UNetConfig | dict | None = None):
@@ -57,9 +59,13 @@ class UNetModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = masked_l1(self.generator(self._prep(x)), y)
-        self.log("train_l1", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x.shape[0],
+        pred = self.generator(self._prep(x))
+        loss = PIXEL_LOSSES[self.cfg.loss](pred, y)
+        l1 = loss if self.cfg.loss == "l1" else masked_l1(pred.detach(), y)
+        self.log("train_l1", l1, on_step=True, on_epoch=False, prog_bar=True, batch_size=x.shape[0],
                  sync_dist=True)
+        if self.cfg.loss != "l1":
+            self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=x.shape[0], sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -86,7 +92,7 @@ def fit_unet(cfg: UNetConfig, stage_in, out_dir, progress: bool = True,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
-        prepare_out_dir(out_dir, run_config(cfg.to_dict(), stage_in), RESUMABLE_KEYS)
+        prepare_out_dir(out_dir, run_config(cfg.to_dict(), stage_in), RESUMABLE_KEYS, UNetConfig().to_dict())
         save_model_json(out_dir, run_config(cfg.to_dict(), stage_in), model="unet",
                         generator=asdict(cfg.generator_config()))
     set_threads(cfg)
@@ -94,7 +100,8 @@ def fit_unet(cfg: UNetConfig, stage_in, out_dir, progress: bool = True,
                            ckpt_every=cfg.ckpt_every, val_every=cfg.val_every, seed=cfg.seed, progress=progress,
                            callbacks=callbacks)
     module = UNetModule(cfg)  # built after seeding: the initial weights depend on cfg.seed only
-    dm = CropDataModule(stage_in, cfg.crop, cfg.batch_size, cfg.samples, cfg.seed, cfg.val_samples, cfg.num_workers)
+    dm = CropDataModule(stage_in, cfg.crop, cfg.batch_size, cfg.samples, cfg.seed, cfg.val_samples, cfg.num_workers,
+                        cfg.sampling, cfg.channels)
     trainer.fit(module, datamodule=dm)
     return module, trainer
 
@@ -123,11 +130,11 @@ def run_unet_stage(stage_in, out_dir, cfg: UNetConfig, splits=("val", "test"), m
     start, end = trainer.start_step, trainer.end_step
     if not trainer.is_global_zero:
         return StageResult(pd.DataFrame(), pd.DataFrame(), module.generator.eval(), cfg, end, start, train_s)
-    losses = write_losses(out_dir, columns=["train_l1", "val_l1"])
+    losses = write_losses(out_dir, columns=["train_l1", "val_l1"] + (["train_loss"] if cfg.loss != "l1" else []))
     # predict on the training accelerator when it is a GPU (whole FOVs are slow on a CPU at width 64)
     on_gpu = cfg.device in ("gpu", "cuda", "auto") and torch.cuda.is_available()
     gen = module.generator.to("cuda" if on_gpu else "cpu").to(memory_format=torch.contiguous_format).eval()
-    preds = write_predictions(gen, stage_in, out_dir, splits=splits, max_voxels=max_voxels)
+    preds = write_predictions(gen, stage_in, out_dir, splits=splits, max_voxels=max_voxels, channel_names=cfg.targets)
     gen = gen.to("cpu")
     save_model_json(out_dir, run_config(cfg.to_dict(), stage_in), model="unet",
                     generator=asdict(cfg.generator_config()), num_params=num_params(gen), global_step=end,

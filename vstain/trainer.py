@@ -50,18 +50,25 @@ class CropDataModule(L.LightningDataModule):
         seed: base seed.
         val_samples: validation crops (fixed: epoch 0, no flips, seed ``seed + 1``).
         num_workers: DataLoader workers.
+        sampling: how training crops pick their FOV (``"uniform"`` or ``"balanced"``; validation
+            crops are always uniform).
+        channels: target channels returned (default: all six); see :class:`vstain.dataset.ProcessedCrops`.
     """
 
-    def __init__(self, stage_in, crop, batch_size, samples, seed=0, val_samples=8, num_workers=0):
+    def __init__(self, stage_in, crop, batch_size, samples, seed=0, val_samples=8, num_workers=0,
+                 sampling: str = "uniform", channels: tuple[str, ...] = ()):
         super().__init__()
         self.stage_in, self.crop, self.batch_size = Path(stage_in), tuple(crop), int(batch_size)
         self.samples, self.seed, self.val_samples, self.num_workers = int(samples), int(seed), int(val_samples), int(num_workers)
+        self.sampling, self.channels = sampling, tuple(channels)
         self.train_set = self.val_set = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            self.train_set = dataset.ProcessedCrops(self.stage_in, "train", self.crop, self.samples, flips=True, seed=self.seed)
-            self.val_set = dataset.ProcessedCrops(self.stage_in, "val", self.crop, self.val_samples, flips=False, seed=self.seed + 1)
+            self.train_set = dataset.ProcessedCrops(self.stage_in, "train", self.crop, self.samples, flips=True,
+                                                    seed=self.seed, sampling=self.sampling, channels=self.channels)
+            self.val_set = dataset.ProcessedCrops(self.stage_in, "val", self.crop, self.val_samples, flips=False,
+                                                  seed=self.seed + 1, channels=self.channels)
 
     def set_epoch(self, epoch: int) -> None:
         if self.train_set is not None:

@@ -145,11 +145,14 @@ def read_labels(path: str | Path) -> np.ndarray:
 
 
 def read_volume(path: str | Path) -> np.ndarray:
-    """A ``[C, Z, Y, X]`` float32 volume written by :func:`write_volume`."""
+    """A ``[C, Z, Y, X]`` float32 volume written by :func:`write_volume` (a one-channel volume,
+    which tifffile reads as ``[Z, Y, X]``, gets its ``C`` axis back)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"volume file {path} does not exist")
     vol = tifffile.imread(path).astype(np.float32, copy=False)
+    if vol.ndim == 3:
+        vol = vol[None]
     if vol.ndim != 4:
         raise ValueError(f"{path}: expected a [C, Z, Y, X] volume, got shape {vol.shape}")
     return vol

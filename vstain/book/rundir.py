@@ -57,6 +57,13 @@ def require(run_dir: str | os.PathLike, stage: str) -> Path:
     return d
 
 
+def optional(run_dir: str | os.PathLike, stage: str) -> Path | None:
+    """The folder of a finished upstream stage that a notebook can do without, or None when that
+    stage has not finished."""
+    d = resolve(run_dir) / stage
+    return d if (d / MANIFEST).exists() else None
+
+
 def _versions() -> dict[str, str]:
     """Installed versions of the packages a stage may use, read from metadata (no imports)."""
     from importlib.metadata import PackageNotFoundError, version
