@@ -251,9 +251,9 @@ def test_project_toc_lists_every_notebook(tmp_path):
 
 
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
-def test_wgan_generator_matches_the_unet_it_starts_from(path):
+def test_wgan_generator_matches_the_unet_it_starts_from(path, tmp_path):
     """05 loads 04's checkpoint when init_from_unet: both must build the same generator."""
-    stages = pipeline.stages_from_toc(ROOT / "_toc.yml", ROOT)
+    stages = _profile_stages(path, tmp_path)
     params = pipeline.resolve_parameters(pipeline.load_profile(path), stages, f"runs/{path.stem}")
     defaults = {s.stem: {k: ast.literal_eval(v["default"]) for k, v in papermill.inspect_notebook(str(s.source)).items()}
                 for s in stages if s.stem in ("04_unet", "05_wgan")}

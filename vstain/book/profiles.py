@@ -18,8 +18,8 @@ A profile may instead ``extend`` another with more notebooks (``study`` extends 
 
     extends: book                                  # the book's notebooks and values, in runs/book
     part: "The study's longer experiments"         # the caption of the added notebooks in its book
-    notebooks: [notebooks/04b_ablation]            # toc entries of the added notebooks
-    04b_ablation:
+    notebooks: [notebooks/03b_ablation]            # toc entries of the added notebooks
+    03b_ablation:
       steps: 300                                   # reason
 
 It runs in the extended profile's run directory with every one of its values, so after ``make book``
@@ -76,7 +76,7 @@ class Profile:
     base: str | None = None  # the profile this one changes the scale of
     extends: str | None = None  # the profile this one adds notebooks to (same run directory)
     part: str = ""  # caption of the added notebooks in the book's table of contents
-    notebooks: tuple[str, ...] = ()  # toc entries of the added notebooks, e.g. "notebooks/04b_ablation"
+    notebooks: tuple[str, ...] = ()  # toc entries of the added notebooks, e.g. "notebooks/03b_ablation"
 
 
 def _read_sections(path: Path) -> tuple[str | None, dict[str, dict[str, Any]]]:
@@ -169,7 +169,7 @@ def _load_extending(path: Path, base_name: str | None, own: dict[str, Any], seen
         raise ProfileError(f"{where}: a profile that extends '{extends}' takes its values as they are: "
                            "no 'base' and no 'all:' section")
     if not isinstance(notebooks, list) or not notebooks or not all(isinstance(n, str) for n in notebooks):
-        raise ProfileError(f"{where}: 'notebooks' must list the toc entries it adds, e.g. [notebooks/04b_ablation]")
+        raise ProfileError(f"{where}: 'notebooks' must list the toc entries it adds, e.g. [notebooks/03b_ablation]")
     added = {Path(n).name for n in notebooks}
     for section in own:
         if section not in added:

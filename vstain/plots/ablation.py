@@ -1,4 +1,4 @@
-"""Figures of the U-Net ablation (notebook 04b): each variant's effect on each channel, as the
+"""Figures of the U-Net ablation (notebook 03b): each variant's effect on each channel, as the
 paired difference to the baseline with its interval (:func:`vstain.ablation.compare_to_baseline`).
 Returns a matplotlib Figure and never saves or shows it."""
 from __future__ import annotations
