@@ -182,7 +182,10 @@ def sweep_summary(values: pd.DataFrame, scores: pd.DataFrame, models: list[str],
         d, dlo, dhi, _ = f1_bootstrap([per_fov[control], per_fov[m]], None, n_resamples, confidence, seed)
         rows.append(_row("f1clf", ref.iloc[0] if len(ref) else "target", m, est, lo, hi, len(fovs), d, dlo, dhi,
                          float("nan"), confidence))
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    order = [(m, r) for r in ("truth", "target") for m in DISTORTION] + [(m, r) for m in PERCEPTION for r in ("target", "truth")]
+    key = [order.index((m, r)) * len(models) + models.index(k) for m, r, k in zip(out["metric"], out["reference"], out["model"])]
+    return out.assign(_o=key).sort_values("_o").drop(columns="_o").reset_index(drop=True)
 
 
 def _row(metric, ref, model, est, lo, hi, n, d, dlo, dhi, p, confidence) -> dict:
