@@ -76,7 +76,7 @@ def test_identical_seeds_make_every_decided_difference_a_finding():
     t = seeds.seed_comparison(values_table(seed_sd=0.0), None, "U-Net", "U-Net s1", ["small"], n_resamples=R)
     assert (t.loc[t["kind"] == "seed", "seed_reach"] == 0).all()
     assert t.loc[t["kind"] == "model", "finding"].all()
-    assert "in **0 of 6** cells" in seeds.seed_verdict(t)
+    assert "(U-Net s1 against U-Net, n = 9 FOVs) in **0 of 6** cells" in seeds.seed_verdict(t)
 
 
 def test_bad_input_is_named():

@@ -135,8 +135,8 @@ def seed_verdict(table: pd.DataFrame, confidence: float = 0.95) -> str:
     k = sum(decided(r, confidence) for _, r in seed_rows.iterrows())
     reach = seed_rows.groupby("metric")["seed_reach"].median()
     reach_text = ", ".join(f"{COLUMN_LABELS[m]} {reach[m]:.3g}" for m in COLUMNS if m in reach and np.isfinite(reach[m]))
-    lines = [f"The two seeds of the {ref} ({seed_model} against {ref}, {n_fovs(seed_rows['n'])}) differ by an "
-             f"interval that excludes 0 in **{k} of {len(seed_rows)}** cells (channel × column)"
+    lines = [f"The paired intervals call a winner between the two seeds of the {ref} ({seed_model} against {ref}, "
+             f"{n_fovs(seed_rows['n'])}) in **{k} of {len(seed_rows)}** cells (channel × column)"
              + (": an interval that excludes 0 alone does not show that two methods differ."
                 if k else "; a change of seed alone did not produce a winner here.")
              + (f" The seed spread (largest difference its interval allows; median over channels) is {reach_text}."

@@ -121,8 +121,7 @@ def seed_forest_plot(table: pd.DataFrame, labels: dict[str, str] | None = None,
             name = labels.get(metric, metric)
             hib = bool(cells["higher_is_better"].iloc[0]) if len(cells) else True
             ax.set(title=f"{b} vs {a}: {name}",
-                   xlabel=f"paired difference in {name}, turned so right = {b} (or {seed_name}) better"
-                          + ("" if hib else "\n(lower is better)"))
+                   xlabel=f"paired difference in {name}\n(right: {b} or {seed_name} better" + (")" if hib else "; lower is better)"))
             ax.set_yticks(range(len(channels)))
             ax.set_yticklabels(channels[::-1])
             ax.set_ylim(-0.7, len(channels) - 0.4)
