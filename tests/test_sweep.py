@@ -98,6 +98,10 @@ def test_verdict_without_a_realism_gain():
     values.loc[values["metric"] == "perceptual", "value"] = 0.5
     assert "**changes neither pixel fidelity nor realism detectably** with n = 8 FOVs" in \
         sweep.sweep_verdict(sweep.sweep_summary(values, scores, MODELS, n_resamples=R), MODELS)
+    few = values[values["fov_id"].isin(["f0", "f1", "f2", "f3"])]
+    assert "**cannot be decided** with n = 4 FOVs (a paired interval decides from 6 on)" in \
+        sweep.sweep_verdict(sweep.sweep_summary(few, scores[scores["fov_id"].isin(["f0", "f1", "f2", "f3"])], MODELS,
+                                                n_resamples=R), MODELS)
 
 
 def test_perception_distortion_plane():
@@ -163,3 +167,12 @@ def test_sweep_trains_each_weight_once_and_resumes(stage_in, tmp_path):
     assert not values.duplicated(["model", "fov_id", "channel", "metric", "reference"]).any()
     truth = values[(values["metric"] == "pcc") & (values["reference"] == "truth")]
     assert len(truth) == 2 * n_test * 6 and set(scores["model"]) == {C.REAL, "λ = 0", "λ = 0.5"}
+
+
+def test_sweep_table_shows_each_measure_per_weight():
+    values, scores = synthetic()
+    shown = sweep.sweep_table(sweep.sweep_summary(values, scores, MODELS, n_resamples=R), MODELS)
+    assert list(shown.index) == MODELS
+    assert list(shown.columns) == ["PCC vs truth", "SSIM vs truth", "PCC vs target", "F1clf", "perceptual distance",
+                                   "coherent sharpness"]
+    assert shown.loc["λ = 0.5", "F1clf"] == "1.00 [1.00, 1.00] (n = 8)" and shown.iloc[0, 0].endswith("(n = 8)")

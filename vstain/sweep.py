@@ -25,7 +25,7 @@ from .evaluate.classifier import REAL, score_models
 from .evaluate.comparison import f1_bootstrap, fov_confusions
 from .evaluate.metrics import evaluate_predictions
 from .evaluate.sharpness import sharpness_table
-from .evaluate.stats import decided, format_ci, n_fovs, paired_difference
+from .evaluate.stats import decided, format_ci, min_pairs, n_fovs, paired_difference
 from .modelfiles import init_checkpoint, run_config
 from .wgan import run_wgan_stage
 
@@ -209,7 +209,8 @@ def sweep_verdict(summary: pd.DataFrame, models: list[str]) -> str:
     Fidelity is PCC and SSIM against the clean truth where there is one (else the measured
     targets); realism is F1clf, the perceptual distance and the coherent sharpness. The answer
     "trades pixel fidelity for realism" needs a decided loss in a fidelity measure *and* a decided
-    gain in a realism measure; otherwise it says which of the two was seen, or neither, with n."""
+    gain in a realism measure; otherwise it says which of the two was seen, or neither, with n
+    (or that fewer FOVs than :func:`vstain.evaluate.stats.min_pairs` cannot decide)."""
     if summary.empty or len(models) < 2:
         raise ValueError("sweep_verdict needs sweep_summary()'s table and the control plus at least one weight")
     fid_ref = "truth" if (summary["reference"] == "truth").any() else "target"
@@ -237,8 +238,22 @@ def sweep_verdict(summary: pd.DataFrame, models: list[str]) -> str:
         answer = f"**costs pixel fidelity without a detectable gain in realism** (lower {', '.join(worse_fid)})"
     elif better_real:
         answer = f"**gains realism without a detectable loss of pixel fidelity** (better {', '.join(better_real)})"
+    elif summary["n"].max() < min_pairs():
+        answer = f"**cannot be decided** with {n_fovs(summary['n'])} (a paired interval decides from {min_pairs()} on)"
     else:
         answer = f"**changes neither pixel fidelity nor realism detectably** with {n_fovs(summary['n'])}"
     lines += ["", f"Raising the adversarial weight to the largest value of the sweep ({top}) {answer}, against the "
                   f"L1-only fine-tune of the same length."]
     return "\n".join(lines)
+
+
+def sweep_table(summary: pd.DataFrame, models: list[str]) -> pd.DataFrame:
+    """:func:`sweep_summary` as strings, one row per model (weight order) and one column per measure:
+    ``"0.71 [0.69, 0.73] (n = 24)"``."""
+    cols = {}
+    for (metric, ref), g in summary.groupby(["metric", "reference"], sort=False):
+        name = MEASURES[metric][1] + (f" vs {ref}" if metric in DISTORTION else "")
+        at = g.set_index("model")
+        cols[name] = [format_ci(*at.loc[m, ["estimate", "ci_low", "ci_high"]], int(at.loc[m, "n"])) if m in at.index
+                      else "–" for m in models]
+    return pd.DataFrame(cols, index=pd.Index(models, name="weight"))

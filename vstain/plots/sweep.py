@@ -13,7 +13,7 @@ CMAP = "viridis"
 
 
 def perception_distortion(summary: pd.DataFrame, models: list[str], distortion_reference: str | None = None,
-                          panel_size: tuple[float, float] = (3.8, 3.2)) -> plt.Figure:
+                          panel_size: tuple[float, float] = (4.3, 3.2)) -> plt.Figure:
     """Perception against distortion, one panel per (distortion, perception) pair: x is ``1 - PCC``
     or ``1 - SSIM`` (right: more distortion), y F1clf, the perceptual distance or the coherent
     sharpness, each arrow pointing to more realism. One point per model with its interval in both
