@@ -38,7 +38,7 @@ def fov_values(pixel_long: pd.DataFrame, scores: pd.DataFrame | None = None) -> 
     return pd.concat(frames, ignore_index=True)
 
 
-def _fov_confusions(scores: pd.DataFrame, model: str, fovs) -> np.ndarray:
+def fov_confusions(scores: pd.DataFrame, model: str, fovs) -> np.ndarray:
     """``[F, 6, 6]`` confusion counts of one model's patches, one matrix per FOV of ``fovs``."""
     s = scores[scores["model"] == model]
     out = np.zeros((len(fovs), len(TARGETS), len(TARGETS)), np.int64)
@@ -48,16 +48,22 @@ def _fov_confusions(scores: pd.DataFrame, model: str, fovs) -> np.ndarray:
     return out
 
 
-def _f1_of(counts: np.ndarray, c: int) -> np.ndarray:
-    """F1 of class ``c`` from confusion counts ``[..., 6, 6]`` (NaN where the class never occurs)."""
+def _f1_of(counts: np.ndarray, c: int | None) -> np.ndarray:
+    """F1 of class ``c`` from confusion counts ``[..., 6, 6]`` (NaN where the class never occurs);
+    ``c=None``: the macro F1, the mean F1 of the classes that occur (NaN if none does)."""
+    if c is None:
+        per = np.stack([_f1_of(counts, k) for k in range(counts.shape[-1])], -1)
+        n = np.isfinite(per).sum(-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > 0, np.nansum(per, -1) / n, np.nan)
     tp = counts[..., c, c].astype(float)
     den = counts[..., c, :].sum(-1) + counts[..., :, c].sum(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, 2 * tp / den, np.nan)
 
 
-def f1_bootstrap(per_fov: list[np.ndarray], c: int, n_resamples: int, confidence: float, seed: int):
-    """F1 of class ``c`` for one or two models (``per_fov``: their ``[F, 6, 6]`` confusions over the
+def f1_bootstrap(per_fov: list[np.ndarray], c: int | None, n_resamples: int, confidence: float, seed: int):
+    """F1 of class ``c`` (``None``: the macro F1 over the classes that occur) for one or two models (``per_fov``: their ``[F, 6, 6]`` confusions over the
     same FOVs) with a percentile interval over resampled FOVs (a FOV's patches move together), at
     :func:`vstain.evaluate.stats.bootstrap_level`. One model: ``(estimate, lo, hi)``; two: the same
     for the difference second minus first, on the same resampled FOVs."""
@@ -93,7 +99,7 @@ def model_summary(values: pd.DataFrame, scores: pd.DataFrame | None, models: lis
         for model in models:
             if not (scores["model"] == model).any():
                 continue
-            per_fov = _fov_confusions(scores, model, fovs)
+            per_fov = fov_confusions(scores, model, fovs)
             for channel in scores.loc[scores["model"] == model, "channel"].unique():
                 est, lo, hi, _ = f1_bootstrap([per_fov], TARGETS.index(channel), n_resamples, confidence, seed)
                 rows.append({"channel": channel, "model": model, "metric": "f1clf", "estimate": est,
@@ -118,7 +124,7 @@ def pairwise(values: pd.DataFrame, scores: pd.DataFrame | None, models: list[str
             continue
         fovs = [f for f in dict.fromkeys(scores["fov_id"])
                 if {a, b} <= set(scores.loc[scores["fov_id"] == f, "model"])]
-        per_fov = [_fov_confusions(scores, m, fovs) for m in (a, b)]
+        per_fov = [fov_confusions(scores, m, fovs) for m in (a, b)]
         rows = []
         for channel in TARGETS:
             if not (scores["channel"] == channel).any() or not fovs:
