@@ -299,3 +299,19 @@ def test_staged_notebooks_collapse_code_but_imports_and_parameters(tiny_book):
     assert got == [[], [], ["parameters"], ["injected-parameters"], ["hide-input"], ["remove-input"],
                    ["raises-exception"], ["hide-cell"], ["remove-output", "hide-input"], []]
     assert [c.metadata.get("tags", []) for c in nbformat.read(stored, 4).cells][4] == []
+
+
+def test_study_seed_run_differs_from_the_book_unet_only_in_its_seed(tmp_path):
+    """04c_unet_seed must train the book's U-Net again with another seed: every value the book sets
+    for 04_unet, the study sets the same for 04c_unet_seed, and the notebooks' defaults agree."""
+    study = ROOT / "profiles" / "study.yaml"
+    params = pipeline.resolve_parameters(pipeline.load_profile(study), _profile_stages(study, tmp_path), "runs/book")
+    stages = {s.stem: s for s in _profile_stages(study, tmp_path)}
+    defaults = {stem: {k: ast.literal_eval(v["default"]) for k, v in papermill.inspect_notebook(str(stages[stem].source)).items()}
+                for stem in ("04_unet", "04c_unet_seed", "07c_adversarial_sweep")}
+    unet = {**defaults["04_unet"], **params["04_unet"]}
+    seed = {**defaults["04c_unet_seed"], **params["04c_unet_seed"]}
+    assert {k: v for k, v in seed.items() if k != "seed"} == {k: unet[k] for k in seed if k != "seed"}
+    assert seed["seed"] != unet["seed"]
+    sweep = {**defaults["07c_adversarial_sweep"], **params["07c_adversarial_sweep"]}
+    assert sweep["base_width"] == unet["base_width"]  # every fine-tune starts from the book's U-Net
