@@ -38,7 +38,9 @@ $(MATHJAX): | $(STAMP)
 	rm -rf $$tmp
 
 # The unit tests, the quick book opened in Chromium (tests/test_book.py), then every notebook
-# with its quick defaults under nbval (in file order: 01 -> 09); tests/test_smoke_full.py runs
+# with its quick defaults under nbval (in file order: the study's notebooks too), except those the
+# quick book already ran at these defaults into runs/quick in the same session (tests/conftest.py);
+# tests/test_smoke_full.py runs
 # `make smoke-full`'s pipeline (the full profile's method settings on tiny data). One pytest run: its summary line
 # and exit status are make's.
 test: $(STAMP) $(CHROMIUM) $(MATHJAX)

@@ -78,6 +78,28 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
+# Stems of the notebooks that tests/test_book.py's quick book executed in this session, from an
+# empty run directory, at the quick profile (the notebooks' own defaults, see
+# test_pipeline.test_quick_profile_is_the_notebook_defaults): the nbval pass skips their cells
+# instead of training the same chain a second time. Filled only when the whole chain ran.
+QUICK_BOOK_EXECUTED: set[str] = set()
+
+
+class _SkipNotebooksTheQuickBookRan:
+    """Skips an nbval cell of a notebook in :data:`QUICK_BOOK_EXECUTED`, before nbval starts its kernel."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item):
+        path = Path(str(item.fspath))
+        if path.suffix == ".ipynb" and path.stem in QUICK_BOOK_EXECUTED:
+            pytest.skip(f"{path.name} ran at its defaults in this session's quick book (tests/test_book.py)")
+
+
+def pytest_configure(config):
+    # registered as a plugin: a conftest's own runtest hooks reach only the items of its folder
+    config.pluginmanager.register(_SkipNotebooksTheQuickBookRan(), "vstain-skip-notebooks-the-quick-book-ran")
+
+
 def pytest_collection_modifyitems(session, config, items):
     """When the notebooks run under nbval, start them from an empty ``runs/quick``: otherwise
     04/05 would resume a finished checkpoint and train zero steps, and nbval would not test
