@@ -86,6 +86,17 @@ def test_summary_and_verdict_see_the_trade():
     text = sweep.sweep_verdict(s, MODELS)
     assert "(λ = 0.5) **trades pixel fidelity for realism**: lower PCC vs truth" in text
     assert "- **λ = 0.05**: PCC vs truth -0.098 [-0.102, -0.093] (n = 8), worse; SSIM vs truth" in text and "n = 8 FOVs" in text
+    assert "For scale: the largest change is" in text and "Every change is small" not in text
+
+
+def test_verdict_says_when_every_change_is_small():
+    """A decided but tiny change (0.1% of the control) is called a direction, not a practical trade."""
+    values, scores = synthetic(pcc_drop=0.0008, f1_gain=False)
+    values.loc[values["metric"] == "perceptual", "value"] = 0.5 - 0.0004 * values["model"].map(MODELS.index)
+    summary = sweep.sweep_summary(values, scores, MODELS, n_resamples=R)
+    text = sweep.sweep_verdict(summary[summary["metric"] != "f1clf"], MODELS)  # F1clf: random here
+    assert "**gains realism without a detectable loss of pixel fidelity**" in text  # decided, though tiny
+    assert "Every change is small, though: the largest change is" in text and "07b_seed_spread" in text
 
 
 def test_verdict_without_a_realism_gain():

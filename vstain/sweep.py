@@ -202,6 +202,9 @@ def _change(r) -> str:
     return f"{text}, {'better' if (r['diff'] > 0) == r['higher_is_better'] else 'worse'}"
 
 
+SMALL_CHANGE = 0.01  # a change below 1% of the control's value is called small in the verdict
+
+
 def sweep_verdict(summary: pd.DataFrame, models: list[str]) -> str:
     """Whether raising the adversarial weight trades pixel fidelity for realism here: per weight its
     paired change from the control in every measure, then the answer for the largest weight.
@@ -243,8 +246,23 @@ def sweep_verdict(summary: pd.DataFrame, models: list[str]) -> str:
     else:
         answer = f"**changes neither pixel fidelity nor realism detectably** with {n_fovs(summary['n'])}"
     lines += ["", f"Raising the adversarial weight to the largest value of the sweep ({top}) {answer}, against the "
-                  f"L1-only fine-tune of the same length."]
+                  f"L1-only fine-tune of the same length. {_size(summary[summary['model'] == top])}"]
     return "\n".join(lines)
+
+
+def _size(rows: pd.DataFrame) -> str:
+    """How large the largest paired change of one weight is, relative to the control's value: a
+    decided change can still be too small to matter (a fine-tune too short to move the U-Net)."""
+    control = (rows["estimate"] - rows["diff"]).abs().clip(lower=1e-12)
+    rel = rows["diff"].abs() / control
+    r = rows.loc[rel.idxmax()]
+    name = MEASURES[r["metric"]][1] + (f" vs {r['reference']}" if r["metric"] in DISTORTION else "")
+    size = f"the largest change is {name} {r['diff']:+.2g}, {rel.max():.1%} of the control's value"
+    if rel.max() < SMALL_CHANGE:
+        return (f"Every change is small, though: {size}. The fine-tunes barely moved the U-Net, so the sweep shows "
+                "a direction, not a trade-off of practical size; set it against the difference two seeds of the "
+                "U-Net make (07b_seed_spread).")
+    return f"For scale: {size}."
 
 
 def sweep_table(summary: pd.DataFrame, models: list[str]) -> pd.DataFrame:
