@@ -20,19 +20,9 @@ SHAPE = (11, 20, 23)  # odd, unequal Z, Y, X
 
 
 def records(counts: dict[str, int], seed=0):
-    """FOVs per tagged structure (``counts``), each with DNA, membrane and its structure labelled."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for s, n in counts.items():
-        for i in range(n):
-            bf = rng.normal(size=SHAPE).astype(np.float32)
-            tgt = np.full((6, *SHAPE), np.nan, np.float32)
-            for c, name in enumerate(TARGETS):
-                if name in ("dna", "membrane", s):
-                    tgt[c] = np.tanh(bf * (c + 1) / 3) + 0.1 * rng.normal(size=SHAPE)
-            truth = np.stack([np.tanh(bf * (c + 1) / 3) for c in range(6)])
-            out.append(dict(fov_id=f"{s}{i}", gene="G", structure=s, bf=bf, target=tgt, truth=truth))
-    return out
+    """FOVs per tagged structure (``counts``), each with DNA, membrane and its structure labelled,
+    and a clean truth of all six channels."""
+    return tiny_records(seed=seed, counts=counts, shape=SHAPE, clean_truth=True)
 
 
 def write_set(stage, counts, splits):

@@ -76,9 +76,10 @@ def test_perceptual_distance_is_zero_for_identical_and_bounded():
     assert np.allclose(dist["b"], d, atol=1e-6)
 
 
-def _blob_set(tmp_path, shape=(8, 24, 26)):
-    """Three FOVs per structure of random blobs; predictions equal to the targets."""
-    rng = np.random.default_rng(0)
+def blob_records(shape=(8, 24, 26), seed=0) -> list[dict]:
+    """Three FOVs per tagged structure of random blobs (clean truth), each target the truth with
+    the channels the FOV does not carry set to NaN."""
+    rng = np.random.default_rng(seed)
     recs = []
     for s in ("mito", "envelope", "actomyosin", "nucleoli"):
         for i in range(3):
@@ -87,8 +88,13 @@ def _blob_set(tmp_path, shape=(8, 24, 26)):
             target[[c for c, t in enumerate(TARGETS) if t not in ("dna", "membrane", s)]] = np.nan
             recs.append({"fov_id": f"{s}{i}", "gene": s, "structure": s, "bf": rng.normal(size=shape),
                          "target": target, "truth": truth})
+    return recs
+
+
+def _blob_set(tmp_path, shape=(8, 24, 26)):
+    """Three FOVs per structure of random blobs; predictions equal to the targets."""
     stage = tmp_path / "03_denoising"
-    df = write_processed(stage, recs)
+    df = write_processed(stage, blob_records(shape))
     d = tmp_path / "same" / "predictions"
     for _, r in df[df["split"] != "train"].iterrows():
         vol = np.nan_to_num(C.read_volume(stage / r["path"])[1:], nan=0.0)

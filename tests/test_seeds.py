@@ -10,6 +10,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
+from test_classifier import blob_records  # noqa: E402
 from vstain.channels import TARGETS  # noqa: E402
 from vstain.dataset import write_processed  # noqa: E402
 from vstain.evaluate import classifier as C  # noqa: E402
@@ -107,17 +108,8 @@ def test_seed_forest_plot_puts_the_seed_beside_each_model(table):
 
 def _blob_set(tmp_path, shape=(8, 24, 26)):
     """Three FOVs per structure of random blobs; a model that predicts the target (NaN as 0)."""
-    rng = np.random.default_rng(0)
-    recs = []
-    for s in ("mito", "envelope", "actomyosin", "nucleoli"):
-        for i in range(3):
-            truth = (rng.random((6, *shape)) > 0.97).astype(np.float32) + 0.01 * rng.normal(size=(6, *shape))
-            target = truth.copy()
-            target[[c for c, t in enumerate(TARGETS) if t not in ("dna", "membrane", s)]] = np.nan
-            recs.append({"fov_id": f"{s}{i}", "gene": s, "structure": s, "bf": rng.normal(size=shape),
-                         "target": target, "truth": truth})
     stage = tmp_path / "03_denoising"
-    df = write_processed(stage, recs)
+    df = write_processed(stage, blob_records(shape))
     d = tmp_path / "copy"
     for _, r in df[df["split"] == "test"].iterrows():
         write_volume(d / f"{r['fov_id']}.tif", np.nan_to_num(C.read_volume(stage / r["path"])[1:], nan=0.0))

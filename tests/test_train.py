@@ -17,19 +17,22 @@ from vstain.volumes import read_volume
 SHAPE = (12, 24, 28)  # odd, unequal Z, Y, X
 
 
-def tiny_records(n_per=3, seed=0):
-    """Two structures x n_per FOVs; each target is a smooth function of the brightfield, and each
-    FOV carries DNA, membrane and its own structure (NaN elsewhere)."""
+def tiny_records(n_per=3, seed=0, counts=None, shape=SHAPE, clean_truth=False):
+    """FOVs per tagged structure (``counts``; default mito and envelope, ``n_per`` each); each target
+    is a smooth function of the brightfield plus noise, and each FOV carries DNA, membrane and its
+    own structure (NaN elsewhere). The truth is the target with NaN as 0, or with ``clean_truth``
+    the noise-free function in all six channels."""
     rng = np.random.default_rng(seed)
     recs = []
-    for s in ("mito", "envelope"):
-        for i in range(n_per):
-            bf = rng.normal(size=SHAPE).astype(np.float32)
-            tgt = np.full((6, *SHAPE), np.nan, np.float32)
+    for s, n in (counts or {"mito": n_per, "envelope": n_per}).items():
+        for i in range(n):
+            bf = rng.normal(size=shape).astype(np.float32)
+            tgt = np.full((6, *shape), np.nan, np.float32)
             for c, name in enumerate(TARGETS):
                 if name in ("dna", "membrane", s):
-                    tgt[c] = np.tanh(bf * (c + 1) / 3) + 0.1 * rng.normal(size=SHAPE)
-            recs.append(dict(fov_id=f"{s}{i}", gene="G", structure=s, bf=bf, target=tgt, truth=np.nan_to_num(tgt)))
+                    tgt[c] = np.tanh(bf * (c + 1) / 3) + 0.1 * rng.normal(size=shape)
+            truth = np.stack([np.tanh(bf * (c + 1) / 3) for c in range(6)]) if clean_truth else np.nan_to_num(tgt)
+            recs.append(dict(fov_id=f"{s}{i}", gene="G", structure=s, bf=bf, target=tgt, truth=truth))
     return recs
 
 
