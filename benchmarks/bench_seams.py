@@ -3,7 +3,7 @@ not a test (pytest never collects it).
 
 Predicts one volume with a seeded, randomly initialised generator in one pass and in tiles with
 both normalisations of :func:`vstain.infer.predict_volume` (``norm="tile"``: each tile's own
-statistics, Gaussian blending; ``norm="volume"``: whole-volume statistics, tile cores kept) and
+statistics, Gaussian blending; ``norm="volume"``: layer by layer with whole-volume statistics) and
 prints, per mode, the seam figures of :func:`vstain.infer.seam_figures` (per-channel correlation
 with the one-pass prediction, max / mean absolute difference, also relative to the channel's
 largest value, and the ratio of the mean difference on tile-border planes to that elsewhere) and
@@ -11,21 +11,25 @@ the wall times. The input is a simulated brightfield FOV (:func:`vstain.simulate
 z-scored as the processed set is.
 
 ``--big`` predicts a real-size 64x624x924 FOV at the thesis' width 64 under the default memory
-budget (tiled, ``--modes`` picks the normalisation) and prints its time and the process's peak
-resident memory; no one-pass comparison (it would not fit the budget).
+budget (tiled, ``--modes`` picks the normalisation) and prints its time, the process's peak
+resident memory (the whole process: input, output and, with both modes, the earlier mode) and the
+scratch files' peak size; no one-pass comparison (it would not fit the budget).
 
 Usage::
 
     nice -n 19 python benchmarks/bench_seams.py                      # 32x384x384, width 16, 128x128 tiles
     python benchmarks/bench_seams.py --quick                         # seconds: checks that the script runs
-    nice -n 19 python benchmarks/bench_seams.py --big --modes volume # ~830 TFLOP: 1-4 h on 2 cores
-    nice -n 19 python benchmarks/bench_seams.py --big --modes tile   # ~120 TFLOP: 10-35 min on 2 cores
+    nice -n 19 python benchmarks/bench_seams.py --big --modes volume # one pass of ~67 TFLOP + ~100 GB disk traffic
+    nice -n 19 python benchmarks/bench_seams.py --big --modes tile   # ~120 TFLOP (tile overlap 0.25)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import tempfile
+import threading
 import time
 import warnings
 
@@ -40,7 +44,8 @@ p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--size", type=str, default="32x384x384", help="volume ZxYxX (the thesis' crop)")
 p.add_argument("--width", type=int, default=16, help="generator base width (book profile 16, thesis 64)")
 p.add_argument("--roi", type=int, nargs=2, default=[128, 128], help="tile Y X; tiles keep the whole Z range")
-p.add_argument("--overlap", type=float, default=0.25, help="fraction of a tile shared with a neighbour")
+p.add_argument("--overlap", type=float, default=0.25, help="norm=tile: fraction of a tile shared with a neighbour")
+p.add_argument("--workdir", type=str, default=None, help="norm=volume: folder for the scratch files")
 p.add_argument("--modes", nargs="+", default=list(NORMS), choices=NORMS, help="tile normalisations to measure")
 p.add_argument("--seed", type=int, default=0, help="seed of the generator's weights and of the simulated FOV")
 p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -71,6 +76,26 @@ def timed_predict(gen, x, **kw) -> tuple[np.ndarray, float]:
     return out, time.perf_counter() - t
 
 
+class DiskPeak(threading.Thread):
+    """Polls the bytes allocated under ``folder`` (sparse scratch files count what is written) and
+    keeps the largest total seen."""
+
+    def __init__(self, folder: str, every: float = 0.5):
+        super().__init__(daemon=True)
+        self.folder, self.every, self.peak, self.done = folder, every, 0, threading.Event()
+
+    def run(self):
+        while not self.done.wait(self.every):
+            total = 0
+            for root, _, files in os.walk(self.folder):
+                for f in files:
+                    try:
+                        total += os.stat(os.path.join(root, f)).st_blocks * 512
+                    except FileNotFoundError:
+                        pass
+            self.peak = max(self.peak, total)
+
+
 torch.manual_seed(args.seed)
 gen = Generator(GeneratorConfig(base_width=args.width)).eval()
 t = time.perf_counter()
@@ -84,10 +109,19 @@ if args.big:
     max_voxels = default_max_voxels(gen)
     roi = default_roi(zyx, max_voxels)
     for norm in args.modes:
-        out, dt = timed_predict(gen, x, max_voxels=max_voxels, overlap=args.overlap, norm=norm)
+        workdir = tempfile.mkdtemp(prefix="bench-seams-", dir=args.workdir)
+        disk = DiskPeak(workdir)
+        disk.start()
+        kw = {"workdir": workdir, "progress": True} if norm == "volume" else {"overlap": args.overlap}
+        out, dt = timed_predict(gen, x, max_voxels=max_voxels, norm=norm, **kw)
+        disk.done.set()
+        disk.join()
+        os.rmdir(workdir)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-        results["modes"][norm] = {"roi": list(roi), "seconds": round(dt, 1), "peak_rss_gib": round(peak, 2)}
-        print(f"{norm:6s} tiles {roi}: {dt:.0f} s, peak RSS {peak:.2f} GiB (process so far)")
+        results["modes"][norm] = {"roi": list(roi), "seconds": round(dt, 1), "peak_rss_gib": round(peak, 2),
+                                  "peak_scratch_gib": round(disk.peak / 2**30, 2)}
+        print(f"{norm:6s} tiles {roi}: {dt:.0f} s, peak RSS {peak:.2f} GiB (process so far), "
+              f"scratch files at most {disk.peak / 2**30:.2f} GiB")
 else:
     roi = (zyx[0], *args.roi)
     whole, t_whole = timed_predict(gen, x, max_voxels=np.iinfo(np.int64).max)
@@ -96,12 +130,13 @@ else:
     print(f"{'mode':6s} {'corr min':>9s} {'max|d|':>8s} {'max rel':>8s} {'mean rel':>9s} {'border/int':>10s} "
           f"{'seconds':>8s} {'x whole':>7s}")
     for norm in args.modes:
-        tiled, dt = timed_predict(gen, x, max_voxels=0, roi_size=roi, overlap=args.overlap, norm=norm)
+        overlap = args.overlap if norm == "tile" else None  # whole-volume statistics need no overlap
+        tiled, dt = timed_predict(gen, x, max_voxels=0, roi_size=roi, overlap=overlap, norm=norm)
         f = seam_figures(whole, tiled, tile_borders(zyx, roi, args.overlap, norm))
         results["modes"][norm] = {**{k: v.tolist() for k, v in f.items()}, "seconds": round(dt, 2)}
         print(f"{norm:6s} {f['corr'].min():9.6f} {f['max_abs'].max():8.1e} {f['max_rel'].max():8.1e} "
               f"{f['mean_rel'].max():9.1e} {f['border_ratio'].max():10.3f} {dt:8.1f} {dt / t_whole:7.1f}")
-    print(f"(per channel, worst of {len(whole)}; tiles {roi}, overlap {args.overlap}; "
+    print(f"(per channel, worst of {len(whole)}; tiles {roi}, overlap {args.overlap} for tile; "
           f"relative to the channel's largest |value| in the one-pass prediction)")
 
 if args.json:

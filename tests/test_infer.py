@@ -6,8 +6,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from vstain.infer import (RECEPTIVE_RADIUS, axis_tiles, default_roi, measure_seams, plan, predict_tiled,
-                          predict_volume, tile_borders)
+from vstain import layerwise
+from vstain.infer import default_roi, measure_seams, plan, predict_volume, tile_borders
+from vstain.layerwise import predict_layerwise, scratch_bytes, tile_bounds
 from vstain.models import Generator, GeneratorConfig
 
 MIN_CORR, MAX_BORDER_RATIO = 0.999, 1.2  # seamless: tiled ~ one pass, no excess difference at tile borders
@@ -52,104 +53,85 @@ def test_tile_mode_agrees_roughly_with_whole_volume(gen):
     assert np.corrcoef(tiled.ravel(), whole.ravel())[0, 1] > 0.99
 
 
-@pytest.mark.parametrize("size, tile, overlap", [(256, 128, 0.875), (200, 64, 0.25), (104, 40, 0.5), (96, 96, 0.25),
-                                                 (48, 8, 0.0), (72, 32, 0.3), (48, 40, 0.25), (1000, 176, 0.25)])
-def test_axis_tiles_partition_the_axis_on_the_8_grid(size, tile, overlap):
-    tiles = axis_tiles(size, tile, overlap)
-    starts, los, his = (np.array(v) for v in zip(*tiles))
-    assert starts[0] == 0 and starts[-1] == size - tile and (np.diff(starts) > 0).all()
-    assert los[0] == 0 and his[-1] == size and (los[1:] == his[:-1]).all() and (his > los).all()
-    assert (starts % 8 == 0).all() and (los % 8 == 0).all()
-    halo = np.ceil(overlap * tile / 2)  # every core this far inside its tile, but on the volume's faces
-    assert (los[1:] - starts[1:] >= halo).all() and (starts[:-1] + tile - his[:-1] >= halo).all()
-
-
-def test_axis_tiles_rejects_an_overlap_that_leaves_no_core():
-    with pytest.raises(ValueError, match="overlap=0.9 leaves a tile of 16 voxels no core"):
-        axis_tiles(72, 16, 0.9)
+@pytest.mark.parametrize("size, tile", [(256, 128), (200, 64), (104, 40), (96, 96), (48, 8), (72, 32), (928, 176), (16, 3)])
+def test_tile_bounds_partition_the_axis_on_the_8_grid(size, tile):
+    bounds = np.array(tile_bounds(size, tile))
+    assert bounds[0] == 0 and bounds[-1] == size and (np.diff(bounds) > 0).all() and (bounds % 8 == 0).all()
+    assert np.diff(bounds).max() <= max(tile, 8) + 8  # near-equal tiles of about `tile` voxels, on the 8-grid
+    assert len(bounds) - 1 == -(-size // max(tile, 8))
 
 
 @pytest.fixture(scope="module")
-def exact_case(gen):
-    """X (250, reflect-padded to 256) tiled by 128-voxel tiles whose cores lie >= RECEPTIVE_RADIUS
-    inside them (halo 56, the smallest exact one); Z and Y (13, padded to 16) whole in every tile."""
-    x = structured((8, 13, 250))
-    roi, overlap = (8, 13, 128), 0.875
-    grid = axis_tiles(256, 128, overlap)
-    assert min(lo - s for s, lo, _ in grid[1:]) >= RECEPTIVE_RADIUS
-    assert min(s + 128 - hi for s, _, hi in grid[:-1]) >= RECEPTIVE_RADIUS
-    return x, roi, overlap
+def seam_case():
+    """A volume that fits whole, tiled by Y-X tiles much smaller than it: X (250, padded to 256)
+    in two tiles of 128, Y (61, padded to 64) in four of 16."""
+    return structured((8, 61, 250)), (8, 16, 128)
 
 
-def test_volume_statistics_tile_seamlessly_and_per_tile_statistics_do_not(gen, exact_case):
-    x, roi, overlap = exact_case
-    vol = measure_seams(gen, x, roi, overlap, norm="volume")
+def test_volume_statistics_tile_seamlessly_and_per_tile_statistics_do_not(gen, seam_case):
+    x, roi = seam_case
+    vol = measure_seams(gen, x, roi, norm="volume")
     assert vol["corr"].min() > MIN_CORR and vol["border_ratio"].max() < MAX_BORDER_RATIO
-    assert vol["max_rel"].max() < 1e-5  # the one-pass prediction to float32 rounding
-    tile = measure_seams(gen, x, roi, overlap, norm="tile")
+    assert vol["max_rel"].max() < 1e-5  # the one-pass prediction to float32 rounding, borders included
+    tile = measure_seams(gen, x, roi, overlap=0.25, norm="tile")
     assert tile["corr"].min() < MIN_CORR  # per-tile statistics: the tiles disagree
     assert tile["max_rel"].max() > 0.05
 
 
-def whole_statistics(gen, x) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per InstanceNorm layer: per-channel mean and (biased) variance of its input in a one-pass
-    prediction of ``x [1, Z, Y, X]``."""
-    stats = []
-    hooks = [m.register_forward_hook(lambda m, a, o: stats.append(torch.var_mean(a[0][0], (1, 2, 3), correction=0)))
-             for m in gen.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+@pytest.mark.parametrize("zyx, tile", [((10, 37, 43), (24, 32)), ((8, 8, 8), (8, 8)), ((17, 70, 90), (16, 24))])
+def test_layerwise_equals_the_one_pass_prediction(gen, zyx, tile, tmp_path):
+    """Any shape (8x8x8 brings the bottleneck down to one voxel) and tile; the scratch files go."""
+    x = torch.from_numpy(structured(zyx, seed=2))[None]
     with torch.inference_mode():
-        gen(torch.from_numpy(x)[None])
-    for h in hooks:
-        h.remove()
-    return [(mean.double().numpy(), var.double().numpy()) for var, mean in stats]
+        whole = gen.eval()(x)
+        tiled = predict_layerwise(gen, x, tile, workdir=tmp_path)
+    gen.train()
+    assert tiled.shape == whole.shape == (1, 6, *zyx)
+    np.testing.assert_allclose(tiled.numpy(), whole.numpy(), rtol=0, atol=2e-6 * whole.abs().max().item())
+    assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("zyx, roi, overlap, layers", [
-    ((8, 13, 250), (8, 13, 128), 0.875, slice(None)),  # cores >= the receptive radius inside: every layer
-    ((10, 37, 43), (10, 24, 32), 0.25, slice(0, 4)),  # halo 8: the layers that see at most 8 voxels around
-])
-def test_statistics_over_tiles_equal_the_whole_volume_statistics(gen, zyx, roi, overlap, layers):
-    x = structured(zyx, seed=2)
-    expected = whole_statistics(gen, x)
+def test_layerwise_batch_norm_uses_its_running_statistics(tmp_path):
+    torch.manual_seed(1)
+    gen = Generator(GeneratorConfig(base_width=4, norm="batch")).eval()
+    for m in gen.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.normal_(), m.running_var.uniform_(0.5, 2), m.weight.data.normal_()
+    x = torch.from_numpy(structured((9, 40, 50), seed=4))[None]
     with torch.inference_mode():
-        got = predict_tiled(gen, torch.from_numpy(x)[None], roi, overlap).stats
-    assert len(got) == len(expected) == 14
-    for (m, v), (em, ev) in list(zip(got, expected))[layers]:
-        np.testing.assert_allclose(m.numpy(), em, rtol=1e-5, atol=1e-5 * np.sqrt(ev.max()))
-        np.testing.assert_allclose(v.numpy(), ev, rtol=1e-4)
+        whole, tiled = gen(x), predict_layerwise(gen, x, (16, 16), workdir=tmp_path)
+    np.testing.assert_allclose(tiled.numpy(), whole.numpy(), rtol=0, atol=2e-6 * whole.abs().max().item())
 
 
-def test_batches_of_tiles_give_the_same_prediction(gen):
-    x = torch.from_numpy(structured((10, 37, 43), seed=3))[None]
-    with torch.inference_mode():
-        one = predict_tiled(gen, x, (10, 24, 32), 0.25)
-        four = predict_tiled(gen, x, (10, 24, 32), 0.25, sw_batch_size=4)
-    assert [len(a) for a in one.grid] == [1, 3, 2] and one.passes == 15
-    scale = one.prediction.abs().max().item()  # batched convolutions round differently
-    np.testing.assert_allclose(four.prediction.numpy(), one.prediction.numpy(), rtol=1e-5, atol=1e-5 * scale)
+def test_layerwise_refuses_a_disk_too_small_and_other_networks(gen, tmp_path, monkeypatch):
+    x = torch.zeros(1, 1, 8, 64, 64)
+    assert scratch_bytes(gen, (8, 64, 64)) == 2.5 * 4 * 8 * 64 * 64 * 4
+    monkeypatch.setattr(layerwise.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    with pytest.raises(OSError, match=f"needs about .* GiB of scratch space in {tmp_path}, which has 0.0 GiB free"):
+        predict_layerwise(gen, x, (32, 32), workdir=tmp_path)
+    with pytest.raises(TypeError, match="needs a vstain Generator, got Conv3d"):
+        predict_layerwise(torch.nn.Conv3d(1, 6, 3), x, (32, 32))
 
 
 def test_tile_borders_lie_where_tiles_meet():
-    _, _, x = tile_borders((8, 13, 250), (8, 13, 128), 0.875)  # padded by 3 on each side of X
-    starts, cores, ends = range(16, 129, 16), range(72, 185, 16), range(127, 252, 16)  # axis_tiles(256, 128, .875)
-    assert x.tolist() == sorted({*[s - 3 for s in starts], *[c - 4 for c in cores], *[c - 3 for c in cores],
-                                 *[e - 3 for e in ends if e - 3 < 249]})
+    z, y, x = tile_borders((8, 61, 250), (8, 16, 128))  # padded by 1-2 in Y, 3 on each side of X
+    assert z.size == 0 and y.tolist() == [14, 15, 30, 31, 46, 47] and x.tolist() == [124, 125]
     z, y, x = tile_borders((20, 100, 120), (20, 64, 64), 0.25, norm="tile")  # MONAI: starts 0, 36 and 0, 48, 56
     assert z.size == 0 and y.tolist() == [36, 63] and x.tolist() == [48, 56, 63, 111]
 
 
 def test_predict_volume_says_which_normalisation_it_used(gen):
     x = structured((9, 30, 41))
-    with pytest.warns(UserWarning, match=r"whole-volume statistics \(15 passes over 4 tiles\)"):
-        out = predict_volume(gen, x, max_voxels=0, roi_size=(9, 24, 32), overlap=0.25)
+    with pytest.warns(UserWarning, match=r"layer by layer in Y-X tiles of about 24x32 \(all of Z\)"):
+        out = predict_volume(gen, x, max_voxels=0, roi_size=(9, 24, 32))
     assert out.shape == (6, 9, 30, 41) and out.dtype == np.float32 and gen.training
 
 
-def test_default_tiling_keeps_a_receptive_field_halo_and_matches_the_whole_prediction(gen):
+def test_default_tiling_matches_the_whole_prediction(gen):
     x = structured((8, 13, 250))
     whole = predict_volume(gen, x)
-    with pytest.warns(UserWarning, match=r"halo=56 \(the receptive field\)"):
-        tiled = predict_volume(gen, x, max_voxels=0, roi_size=(8, 16, 128))
+    with pytest.warns(UserWarning, match="whole-volume statistics"):
+        tiled = predict_volume(gen, x, max_voxels=8 * 16 * 64)
     assert np.abs(tiled - whole).max() <= 1e-5 * np.abs(whole).max()
 
 
@@ -172,6 +154,8 @@ def test_rejects_too_small_volume(gen):
         predict_volume(gen, np.zeros((1, 7, 32, 32), np.float32))
 
 
-def test_rejects_unknown_norm(gen):
+def test_rejects_unknown_norm_and_an_overlap_it_would_ignore(gen):
     with pytest.raises(ValueError, match="norm must be one of"):
         predict_volume(gen, np.zeros((1, 8, 8, 8), np.float32), norm="batch")
+    with pytest.raises(ValueError, match="applies to norm='tile' only, got 0.25 with norm='volume'"):
+        predict_volume(gen, np.zeros((1, 8, 8, 8), np.float32), overlap=0.25)

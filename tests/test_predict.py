@@ -127,11 +127,21 @@ def test_focus_window_keeps_n_slices(stage, tmp_path):
 
 
 def test_tiled_prediction_within_a_small_memory_budget(stage, tmp_path):
+    """Over the budget the stack is predicted layer by layer through scratch files, which are
+    removed afterwards, and the result is the one-pass prediction."""
     write_fov(tmp_path / "f.tif", shape=(16, 48, 48))
-    with pytest.warns(UserWarning, match="tiling"):
-        written, failed = predict_files(load_model(stage), [tmp_path / "f.tif"], tmp_path / "o",
-                                        max_memory="1MiB", progress=False)
+    model, scratch = load_model(stage), tmp_path / "scratch"
+    (whole,), _ = predict_files(model, [tmp_path / "f.tif"], tmp_path / "whole", progress=False)
+    with pytest.warns(UserWarning, match="layer by layer"):
+        written, failed = predict_files(model, [tmp_path / "f.tif"], tmp_path / "o", max_memory="1MiB",
+                                        progress=False, scratch=scratch)
     assert len(written) == 1 and not failed
+    one, tiled = read_ome(whole)[0], read_ome(written[0])[0]
+    np.testing.assert_allclose(tiled, one, rtol=0, atol=1e-5 * np.abs(one).max())
+    assert scratch.is_dir() and list(scratch.iterdir()) == []
+    rc = main(["predict", str(stage), str(tmp_path / "f.tif"), "-o", str(tmp_path / "cli"), "-q",
+               "--max-memory", "1MiB", "--scratch", str(scratch)])
+    assert rc == 0 and np.array_equal(read_ome(tmp_path / "cli" / "f_vstain.ome.tif")[0], tiled)
 
 
 def test_bad_model_and_memory_arguments(tmp_path):

@@ -18,7 +18,8 @@ def _predict(args) -> int:
         warnings.simplefilter("always")
         warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
         written, failed = predict_files(model, args.inputs, args.output, args.channel, args.focus_window,
-                                        args.resample, args.tta, args.max_memory, progress=not args.quiet)
+                                        args.resample, args.tta, args.max_memory, progress=not args.quiet,
+                                        scratch=args.scratch)
     for p in written:
         print(f"wrote {p}")
     if failed:
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="average the Y/X flips and write their per-voxel standard deviation as uncertainty channels")
     p.add_argument("--max-memory", default=f"{DEFAULT_BUDGET_BYTES // 2**30}GiB",
                    help="activation memory for one forward pass; larger stacks are tiled (default %(default)s)")
+    p.add_argument("--scratch", default=None, metavar="DIR",
+                   help="folder for the scratch files of stacks over --max-memory, predicted layer by layer "
+                        "(default: the system's temporary folder)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_predict)
     e = sub.add_parser("export", help="write a bioimage.io model package")

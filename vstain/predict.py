@@ -150,8 +150,11 @@ def resample(vol: np.ndarray, shape_zyx) -> np.ndarray:
 
 
 def predict_file(model: Model, path: Path, out_dir: Path, channel=None, focus_window: int | None = None,
-                 do_resample: bool = False, tta: bool = False, max_voxels: int | None = None) -> Path:
-    """Predict one file and write ``out_dir/<stem>_vstain.ome.tif``; returns that path.
+                 do_resample: bool = False, tta: bool = False, max_voxels: int | None = None,
+                 scratch: str | Path | None = None) -> Path:
+    """Predict one file and write ``out_dir/<stem>_vstain.ome.tif``; returns that path. ``scratch``:
+    folder for the layer-by-layer scratch files of a stack over the memory budget (default: the
+    system's temporary folder).
 
     Raises :class:`InputError` naming the file for an input that cannot be predicted.
     """
@@ -184,10 +187,10 @@ def predict_file(model: Model, path: Path, out_dir: Path, channel=None, focus_wi
                          f"allows ({MIN_SIZE} voxels per axis at least)")
     x = zscore(x)
     if tta:
-        mean, std = predict_tta(model.generator, x, max_voxels=max_voxels)
+        mean, std = predict_tta(model.generator, x, max_voxels=max_voxels, workdir=scratch)
         pred, chans = np.concatenate([mean, std]), [*model.channel_names, *(f"{c}_std" for c in model.channel_names)]
     else:
-        pred, chans = predict_volume(model.generator, x, max_voxels=max_voxels), list(model.channel_names)
+        pred, chans = predict_volume(model.generator, x, max_voxels=max_voxels, workdir=scratch), list(model.channel_names)
     if pred.shape[1:] != shape:
         pred = resample(pred, shape)
     out = out_dir / f"{path.name.split('.')[0]}_vstain.ome.tif"
@@ -199,7 +202,8 @@ def predict_file(model: Model, path: Path, out_dir: Path, channel=None, focus_wi
 
 def predict_files(model: Model, inputs: Sequence[str | Path], out_dir: str | Path, channel=None,
                   focus_window: int | None = None, do_resample: bool = False, tta: bool = False,
-                  max_memory: str | int = DEFAULT_BUDGET_BYTES, progress: bool = True):
+                  max_memory: str | int = DEFAULT_BUDGET_BYTES, progress: bool = True,
+                  scratch: str | Path | None = None):
     """Predict every input file (a progress bar over files). Returns ``(written, failed)``:
     the output paths, and ``(input, reason)`` for each file that could not be predicted."""
     out_dir = Path(out_dir)
@@ -211,7 +215,8 @@ def predict_files(model: Model, inputs: Sequence[str | Path], out_dir: str | Pat
         try:
             if not path.exists():
                 raise InputError(f"{path}: no such file or folder")
-            written.append(predict_file(model, path, out_dir, channel, focus_window, do_resample, tta, max_voxels))
+            written.append(predict_file(model, path, out_dir, channel, focus_window, do_resample, tta, max_voxels,
+                                        scratch))
         except InputError as e:
             failed.append((path, str(e)))
     return written, failed
