@@ -11,14 +11,14 @@ the wall times. The input is a simulated brightfield FOV (:func:`vstain.simulate
 z-scored as the processed set is.
 
 ``--big`` predicts a real-size 64x624x924 FOV at the thesis' width 64 under the default memory
-budget (tiled, ``--modes`` picks the normalisation) and prints its time, the process's peak
-resident memory (the whole process: input, output and, with both modes, the earlier mode) and the
-scratch files' peak size; no one-pass comparison (it would not fit the budget).
+budget (tiled, ``--modes`` picks the normalisation) and prints its time, the process's peak resident
+memory during the prediction (Linux; input, network and output included) and the scratch files'
+peak size; no one-pass comparison (it would not fit the budget).
 
 Usage::
 
     nice -n 19 python benchmarks/bench_seams.py                      # 32x384x384, width 16, 128x128 tiles
-    python benchmarks/bench_seams.py --quick                         # seconds: checks that the script runs
+    python benchmarks/bench_seams.py --quick [--big]                 # seconds: checks that the script runs
     nice -n 19 python benchmarks/bench_seams.py --big --modes volume # one pass of ~67 TFLOP + ~100 GB disk traffic
     nice -n 19 python benchmarks/bench_seams.py --big --modes tile   # ~120 TFLOP (tile overlap 0.25)
 """
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import tempfile
 import threading
 import time
@@ -55,7 +54,7 @@ p.add_argument("--json", type=str, default="", help="also write the results to t
 args = p.parse_args()
 if args.quick:
     args.size, args.width, args.roi = "24x96x80", 4, [48, 48]
-if args.big:
+if args.big and not args.quick:
     args.size, args.width = "64x624x924", 64
 if args.threads:
     torch.set_num_threads(args.threads)
@@ -74,6 +73,20 @@ def timed_predict(gen, x, **kw) -> tuple[np.ndarray, float]:
         t = time.perf_counter()
         out = predict_volume(gen, x, **kw)
     return out, time.perf_counter() - t
+
+
+def reset_peak_rss() -> float:
+    """Start a new peak-resident-memory measurement (Linux: writing 5 to /proc/self/clear_refs
+    resets VmHWM) and return the resident memory now, GiB."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return proc_status("VmRSS")
+
+
+def proc_status(key: str) -> float:
+    """A memory figure of /proc/self/status (VmRSS, VmHWM), GiB."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(key + ":")) / 2**20
 
 
 class DiskPeak(threading.Thread):
@@ -106,22 +119,23 @@ results: dict = {"size": list(zyx), "width": args.width, "overlap": args.overlap
                  "threads": torch.get_num_threads(), "torch": torch.__version__, "modes": {}}
 
 if args.big:
-    max_voxels = default_max_voxels(gen)
+    max_voxels = default_max_voxels(gen) if not args.quick else 24 * 48 * 48  # --quick: tiles of 48x48
     roi = default_roi(zyx, max_voxels)
     for norm in args.modes:
         workdir = tempfile.mkdtemp(prefix="bench-seams-", dir=args.workdir)
         disk = DiskPeak(workdir)
         disk.start()
+        before = reset_peak_rss()
         kw = {"workdir": workdir, "progress": True} if norm == "volume" else {"overlap": args.overlap}
         out, dt = timed_predict(gen, x, max_voxels=max_voxels, norm=norm, **kw)
         disk.done.set()
         disk.join()
         os.rmdir(workdir)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-        results["modes"][norm] = {"roi": list(roi), "seconds": round(dt, 1), "peak_rss_gib": round(peak, 2),
-                                  "peak_scratch_gib": round(disk.peak / 2**30, 2)}
-        print(f"{norm:6s} tiles {roi}: {dt:.0f} s, peak RSS {peak:.2f} GiB (process so far), "
-              f"scratch files at most {disk.peak / 2**30:.2f} GiB")
+        peak = proc_status("VmHWM")
+        results["modes"][norm] = {"roi": list(roi), "seconds": round(dt, 1), "rss_before_gib": round(before, 2),
+                                  "peak_rss_gib": round(peak, 2), "peak_scratch_gib": round(disk.peak / 2**30, 2)}
+        print(f"{norm:6s} tiles {roi}: {dt:.0f} s, peak RSS {peak:.2f} GiB during the prediction "
+              f"({before:.2f} GiB before it: input, network), scratch files at most {disk.peak / 2**30:.2f} GiB")
 else:
     roi = (zyx[0], *args.roi)
     whole, t_whole = timed_predict(gen, x, max_voxels=np.iinfo(np.int64).max)

@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from vstain import layerwise
 from vstain.infer import default_roi, measure_seams, plan, predict_volume, tile_borders
-from vstain.layerwise import predict_layerwise, scratch_bytes, tile_bounds
+from vstain.layerwise import Moments, predict_layerwise, scratch_bytes, tile_bounds
 from vstain.models import Generator, GeneratorConfig
 
 MIN_CORR, MAX_BORDER_RATIO = 0.999, 1.2  # seamless: tiled ~ one pass, no excess difference at tile borders
@@ -89,6 +89,19 @@ def test_layerwise_equals_the_one_pass_prediction(gen, zyx, tile, tmp_path):
     assert tiled.shape == whole.shape == (1, 6, *zyx)
     np.testing.assert_allclose(tiled.numpy(), whole.numpy(), rtol=0, atol=2e-6 * whole.abs().max().item())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_moments_of_tiles_are_the_moments_of_the_volume():
+    rng = np.random.default_rng(5)
+    vol = (rng.normal(size=(3, 4, 30, 50)) * [[[[1]]], [[[10]]], [[[0.01]]]] + [[[[0]]], [[[1e3]]], [[[-5]]]])
+    m = Moments(3, "cpu")
+    for y0, y1 in [(0, 7), (7, 8), (8, 30)]:
+        for x0, x1 in [(0, 16), (16, 50)]:
+            m.add(torch.from_numpy(vol[:, :, y0:y1, x0:x1]).float())
+    flat = vol.astype(np.float32).astype(np.float64).reshape(3, -1)
+    assert m.n == flat.shape[1]
+    np.testing.assert_allclose(m.mean.numpy(), flat.mean(1), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(m.var().numpy(), flat.var(1), rtol=1e-5)
 
 
 def test_layerwise_batch_norm_uses_its_running_statistics(tmp_path):
