@@ -1,8 +1,8 @@
 """Seams of tiled prediction: per-tile against whole-volume instance-norm statistics. A flat script,
 not a test (pytest never collects it).
 
-Predicts one volume with a seeded, randomly initialised generator in one pass and in tiles with
-both normalisations of :func:`vstain.infer.predict_volume` (``norm="tile"``: each tile's own
+Predicts one volume with a seeded, randomly initialised generator (or a trained one, ``--model``) in
+one pass and in tiles with both normalisations of :func:`vstain.infer.predict_volume` (``norm="tile"``: each tile's own
 statistics, Gaussian blending; ``norm="volume"``: layer by layer with whole-volume statistics) and
 prints, per mode, the seam figures of :func:`vstain.infer.seam_figures` (per-channel correlation
 with the one-pass prediction, max / mean absolute difference, also relative to the channel's
@@ -18,6 +18,7 @@ peak size; no one-pass comparison (it would not fit the budget).
 Usage::
 
     nice -n 19 python benchmarks/bench_seams.py                      # 32x384x384, width 16, 128x128 tiles
+    python benchmarks/bench_seams.py --model runs/book/04_unet       # the same with the book's trained U-Net
     python benchmarks/bench_seams.py --quick [--big]                 # seconds: checks that the script runs
     nice -n 19 python benchmarks/bench_seams.py --big --modes volume # one pass of ~67 TFLOP + ~100 GB disk traffic
     nice -n 19 python benchmarks/bench_seams.py --big --modes tile   # ~120 TFLOP (tile overlap 0.25)
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from vstain.infer import NORMS, default_max_voxels, default_roi, predict_volume, seam_figures, tile_borders
+from vstain.modelfiles import load_generator
 from vstain.models import Generator, GeneratorConfig
 from vstain.simulate import SimConfig, simulate_fov
 
@@ -47,6 +49,7 @@ p.add_argument("--overlap", type=float, default=0.25, help="norm=tile: fraction 
 p.add_argument("--workdir", type=str, default=None, help="norm=volume: folder for the scratch files")
 p.add_argument("--modes", nargs="+", default=list(NORMS), choices=NORMS, help="tile normalisations to measure")
 p.add_argument("--seed", type=int, default=0, help="seed of the generator's weights and of the simulated FOV")
+p.add_argument("--model", type=str, default="", help="a trained 04_unet / 05_wgan stage folder instead of random weights")
 p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 p.add_argument("--big", action="store_true", help="64x624x924 at width 64 under the default budget: time, peak RSS")
 p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
@@ -110,12 +113,13 @@ class DiskPeak(threading.Thread):
 
 
 torch.manual_seed(args.seed)
-gen = Generator(GeneratorConfig(base_width=args.width)).eval()
+gen = load_generator(args.model) if args.model else Generator(GeneratorConfig(base_width=args.width)).eval()
+args.width = gen.cfg.base_width
 t = time.perf_counter()
 x = brightfield(zyx, args.seed)
 print(f"simulated brightfield {args.size} in {time.perf_counter() - t:.1f} s; generator width {args.width}, "
       f"{torch.get_num_threads()} threads")
-results: dict = {"size": list(zyx), "width": args.width, "overlap": args.overlap, "seed": args.seed,
+results: dict = {"size": list(zyx), "width": args.width, "model": args.model or "random", "overlap": args.overlap, "seed": args.seed,
                  "threads": torch.get_num_threads(), "torch": torch.__version__, "modes": {}}
 
 if args.big:
