@@ -41,7 +41,8 @@ $(MATHJAX): | $(STAMP)
 # with its quick defaults under nbval (in file order: the study's notebooks too), except those the
 # quick book already ran at these defaults into runs/quick in the same session (tests/conftest.py);
 # tests/test_smoke_full.py runs
-# `make smoke-full`'s pipeline (the full profile's method settings on tiny data). One pytest run: its summary line
+# `make smoke-full`'s pipeline (the full profile's method settings on tiny data), started on one thread
+# when collection ends so it overlaps the rest (tests/conftest.py). One pytest run: its summary line
 # and exit status are make's.
 test: $(STAMP) $(CHROMIUM) $(MATHJAX)
 	$(PY) -m pytest -q tests notebooks --nbval-lax

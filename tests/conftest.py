@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -100,9 +102,71 @@ def pytest_configure(config):
     config.pluginmanager.register(_SkipNotebooksTheQuickBookRan(), "vstain-skip-notebooks-the-quick-book-ran")
 
 
+class Background:
+    """A command running in the background, its output going to a log file (a pipe nobody reads
+    would fill and stall it)."""
+
+    def __init__(self, cmd: list[str], cwd: Path, env: dict | None = None):
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="vstain-test-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+
+    def wait(self, timeout: float) -> tuple[int, str]:
+        """Wait for the command; its exit status and output."""
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        finally:
+            self.stop()
+        return rc, Path(self.log.name).read_text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+# Slow runs started as soon as collection ends, so that they share the two cores with the unit
+# tests instead of running after them: test name -> Background. A test declares its run with
+# @in_background(start), is moved after the other tests (but before the notebooks), takes its run
+# with take_background and waits for it; a run no test took is stopped when the session ends.
+BACKGROUND: dict[str, Background] = {}
+
+
+def in_background(start):
+    """Declare that a test's slow run is ``start()`` (a :class:`Background`), started when collection ends."""
+    def mark(test):
+        test.background = start
+        return test
+    return mark
+
+
+def take_background(name: str, start) -> Background:
+    """The run started for test ``name`` at collection, or a new one (the test was run on its own)."""
+    return BACKGROUND.pop(name, None) or start()
+
+
+def _background(item):
+    return getattr(getattr(item, "function", None), "background", None)
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        if _background(item) is not None and item.name not in BACKGROUND:
+            BACKGROUND[item.name] = _background(item)()
+
+
+def pytest_sessionfinish(session):
+    for run in BACKGROUND.values():
+        run.stop()
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """When the notebooks run under nbval, start them from an empty ``runs/quick``: otherwise
-    04/05 would resume a finished checkpoint and train zero steps, and nbval would not test
-    training at all."""
+    """Tests that wait for a background run go after the other tests, notebooks last (they run on
+    the quick book's run directory). When the notebooks run under nbval, start them from an empty
+    ``runs/quick``: otherwise 04/05 would resume a finished checkpoint and train zero steps, and
+    nbval would not test training at all."""
+    items.sort(key=lambda item: (str(item.fspath).endswith(".ipynb"), _background(item) is not None))
     if any(str(item.fspath).endswith(".ipynb") for item in items):
         shutil.rmtree(ROOT / "runs" / "quick", ignore_errors=True)

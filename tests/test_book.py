@@ -2,13 +2,15 @@
 in headless Chromium (the slow test; `make test` installs Chromium first)."""
 from __future__ import annotations
 
+import csv
 import re
 import shutil
+import sys
 
 import nbformat
 import pytest
 
-from conftest import QUICK_BOOK_EXECUTED, ROOT
+from conftest import QUICK_BOOK_EXECUTED, ROOT, Background, in_background, take_background
 from vstain.book import browser, pipeline
 
 # Keys the notebooks share (CONTRACT): they must exist with exactly these names.
@@ -87,25 +89,39 @@ def test_results_check_needs_table_confusion_matrices_viewer_and_collapsed_code(
     assert len(browser.check_results_page({"text": "", "tables": [], "loaded": 0})) == 6
 
 
+def start_quick_book() -> Background:
+    """The whole chain at the quick profile from an empty ``runs/quick``, and its HTML, in a
+    subprocess."""
+    shutil.rmtree(QUICK_BOOK, ignore_errors=True)
+    return Background([sys.executable, "-m", "vstain.book.pipeline", "--profile", "quick", "--run-dir", "runs/quick"],
+                      ROOT)
+
+
 @pytest.mark.slow
+@in_background(start_quick_book)
 def test_quick_book_builds_and_every_page_opens():
     """The whole chain at the quick profile from an empty run directory (so 04/05 train rather than
     resume a finished checkpoint), in runs/quick (the notebooks' default run directory) and built
     into runs/quick/book_src/_build/html (never the user's book/_build), then every page opened
-    in headless Chromium. Every notebook then ran at its defaults, so the nbval pass of ``make
-    test`` skips them (conftest.QUICK_BOOK_EXECUTED) and runs the study's notebooks, which the
-    quick book does not hold, on this run."""
+    in headless Chromium. The chain starts when collection ends (conftest.in_background). Every
+    notebook then ran at its defaults, so the nbval pass of ``make test`` skips them
+    (conftest.QUICK_BOOK_EXECUTED) and runs the study's notebooks, which the quick book does not
+    hold, on this run."""
     chromium = chromium_or_fail()
-    shutil.rmtree(QUICK_BOOK, ignore_errors=True)
-    result = pipeline.run("quick", run_dir="runs/quick", log=print)
-    assert [r.status for r in result.stages] == ["ran"] * len(result.stages)
-    QUICK_BOOK_EXECUTED.update(r.stem for r in result.stages)
-    assert result.html == QUICK_BOOK / "book_src" / "_build" / "html"
-    reports = browser.check_book(result.html, chromium=chromium)
+    rc, output = take_background("test_quick_book_builds_and_every_page_opens", start_quick_book).wait(timeout=1800)
+    assert rc == 0, output[-6000:]
+    with open(QUICK_BOOK / "timings.csv") as fh:
+        status = {row["stage"]: row["status"] for row in csv.DictReader(fh)}
+    stems = [s.stem for s in pipeline.stages_from_toc(ROOT / "_toc.yml", ROOT)]
+    assert [status.get(s) for s in stems] == ["ran"] * len(stems), status
+    QUICK_BOOK_EXECUTED.update(stems)
+    html = QUICK_BOOK / "book_src" / "_build" / "html"
+    assert (html / "index.html").exists(), output[-3000:]
+    reports = browser.check_book(html, chromium=chromium)
     bad = {r.page: r.errors for r in reports if r.errors}
     assert not bad, bad
     pages = {r.page for r in reports}
     for entry in pipeline.toc_entries(ROOT / "_toc.yml"):
         assert f"{entry}.html" in pages
-    shots = result.html.parent / "screenshots"
+    shots = html.parent / "screenshots"
     assert len(list(shots.glob("*.png"))) >= len(pipeline.toc_entries(ROOT / "_toc.yml"))

@@ -3,19 +3,19 @@
 The profile lays a few scale keys over ``full`` (vstain.book.profiles.SCALE_KEYS); the fast tests
 check that layering and that nothing else of ``full`` changes; the slow one runs all notebooks and
 builds the HTML in a subprocess, as ``make smoke-full`` does, so its pass or failure shows in
-pytest's summary (~3 min on 2 busy cores).
+pytest's summary (~3 min on 2 cores; started in the background when collection ends).
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, Background, in_background, take_background
 from vstain.book import pipeline, profiles
 from vstain.book.profiles import ProfileError
 
@@ -121,15 +121,22 @@ def test_derived_values_replace_the_base_values_they_name(tmp_path):
 # --------------------------------------------------------------------------------------------
 # The run itself
 # --------------------------------------------------------------------------------------------
+def start_smoke_run() -> Background:
+    """``make smoke-full``'s pipeline in a subprocess on one CPU thread, from an empty run
+    directory: 04/05 would otherwise resume their finished checkpoints and 03 reuse its
+    Noise2Void models, training nothing."""
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return Background([sys.executable, "-m", "vstain.book.pipeline", "--profile", "smoke-full"], ROOT, env)
+
+
 @pytest.mark.slow
+@in_background(start_smoke_run)
 def test_smoke_full_runs_every_notebook():
     """Every notebook at the full profile's method settings, a few steps each, and the HTML
-    (``make smoke-full``). From an empty run directory: 04/05 would otherwise resume their finished
-    checkpoints and 03 reuse its Noise2Void models, training nothing."""
-    shutil.rmtree(RUN_DIR, ignore_errors=True)
-    cmd = [sys.executable, "-m", "vstain.book.pipeline", "--profile", "smoke-full"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (``make smoke-full``), started when collection ends (conftest.in_background)."""
+    rc, output = take_background("test_smoke_full_runs_every_notebook", start_smoke_run).wait(timeout=1800)
+    assert rc == 0, output[-6000:]
     stages = [s.stem for s in pipeline.stages_from_toc(ROOT / "_toc.yml", ROOT)]
     manifests = {s: json.loads((RUN_DIR / s / "manifest.json").read_text()) for s in stages}
     unet, wgan, clf = manifests["04_unet"], manifests["05_wgan"], manifests["06_classifier"]
