@@ -37,13 +37,13 @@ $(MATHJAX): | $(STAMP)
 	else echo "MathJax $(MATHJAX_VERSION) not fetched (npm missing or offline): the book loads it from its CDN"; fi; \
 	rm -rf $$tmp
 
-# The unit tests, the quick book opened in Chromium (tests/test_book.py), then every notebook
-# with its quick defaults under nbval (in file order: the study's notebooks too), except those the
-# quick book already ran at these defaults into runs/quick in the same session (tests/conftest.py);
-# tests/test_smoke_full.py runs
-# `make smoke-full`'s pipeline (the full profile's method settings on tiny data), started on one thread
-# when collection ends so it overlaps the rest (tests/conftest.py). One pytest run: its summary line
-# and exit status are make's.
+# The unit tests; the quick book, run afresh into runs/quick and opened in Chromium
+# (tests/test_book.py); `make smoke-full`'s pipeline (tests/test_smoke_full.py: the full profile's
+# method settings on tiny data); then every notebook with its quick defaults under nbval (the
+# study's notebooks too), except those the quick book already ran at these defaults
+# (tests/conftest.py). The quick book and smoke-full start in the background when collection ends
+# and share the two cores with the unit tests. One pytest run: its summary line and exit status
+# are make's.
 test: $(STAMP) $(CHROMIUM) $(MATHJAX)
 	$(PY) -m pytest -q tests notebooks --nbval-lax
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -103,26 +105,36 @@ def pytest_configure(config):
 
 
 class Background:
-    """A command running in the background, its output going to a log file (a pipe nobody reads
-    would fill and stall it)."""
+    """A command running in the background in its own process group (stopping it stops the
+    kernels and builds it started too), its output going to a log file (a pipe nobody reads would
+    fill and stall it)."""
 
     def __init__(self, cmd: list[str], cwd: Path, env: dict | None = None):
         self.log = tempfile.NamedTemporaryFile("w+", prefix="vstain-test-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
 
-    def wait(self, timeout: float) -> tuple[int, str]:
-        """Wait for the command; its exit status and output."""
+    def wait(self, timeout: float) -> tuple[int | None, str]:
+        """Wait for the command: its exit status (None when it ran past ``timeout`` seconds and was
+        stopped) and its output."""
         try:
             rc = self.proc.wait(timeout=timeout)
-        finally:
-            self.stop()
-        return rc, Path(self.log.name).read_text()
+        except subprocess.TimeoutExpired:
+            rc = None
+        output = Path(self.log.name).read_text()
+        self.stop()
+        return rc, output + ("" if rc is not None else f"\n[stopped after {timeout} s]")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        """Stop the command and everything it started (also what a finished run left behind), and
+        delete the log."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the whole group has ended
+            pass
+        self.proc.wait()
         self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
 
 
 # Slow runs started as soon as collection ends, so that they share the two cores with the unit
@@ -140,18 +152,29 @@ def in_background(start):
     return mark
 
 
-def take_background(name: str, start) -> Background:
-    """The run started for test ``name`` at collection, or a new one (the test was run on its own)."""
-    return BACKGROUND.pop(name, None) or start()
+def take_background(request) -> Background:
+    """The run started at collection for the test of ``request`` (pytest's fixture), or a new one."""
+    return BACKGROUND.pop(request.node.name, None) or request.function.background()
 
 
 def _background(item):
     return getattr(getattr(item, "function", None), "background", None)
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that wait for a background run go after the other tests, notebooks last (they run on
+    the quick book's run directory); a stable sort keeps every other order."""
+    items.sort(key=lambda item: (str(item.fspath).endswith(".ipynb"), _background(item) is not None))
+
+
 def pytest_collection_finish(session):
+    """Once the items are chosen (after -k/-m): when notebooks run under nbval, start them from an
+    empty ``runs/quick`` (otherwise 04/05 would resume a finished checkpoint and train zero steps,
+    and nbval would not test training at all); then start the background runs."""
     if session.config.option.collectonly:
         return
+    if any(str(item.fspath).endswith(".ipynb") for item in session.items):
+        shutil.rmtree(ROOT / "runs" / "quick", ignore_errors=True)
     for item in session.items:
         if _background(item) is not None and item.name not in BACKGROUND:
             BACKGROUND[item.name] = _background(item)()
@@ -160,13 +183,3 @@ def pytest_collection_finish(session):
 def pytest_sessionfinish(session):
     for run in BACKGROUND.values():
         run.stop()
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """Tests that wait for a background run go after the other tests, notebooks last (they run on
-    the quick book's run directory). When the notebooks run under nbval, start them from an empty
-    ``runs/quick``: otherwise 04/05 would resume a finished checkpoint and train zero steps, and
-    nbval would not test training at all."""
-    items.sort(key=lambda item: (str(item.fspath).endswith(".ipynb"), _background(item) is not None))
-    if any(str(item.fspath).endswith(".ipynb") for item in items):
-        shutil.rmtree(ROOT / "runs" / "quick", ignore_errors=True)

@@ -99,7 +99,7 @@ def start_quick_book() -> Background:
 
 @pytest.mark.slow
 @in_background(start_quick_book)
-def test_quick_book_builds_and_every_page_opens():
+def test_quick_book_builds_and_every_page_opens(request):
     """The whole chain at the quick profile from an empty run directory (so 04/05 train rather than
     resume a finished checkpoint), in runs/quick (the notebooks' default run directory) and built
     into runs/quick/book_src/_build/html (never the user's book/_build), then every page opened
@@ -107,9 +107,9 @@ def test_quick_book_builds_and_every_page_opens():
     notebook then ran at its defaults, so the nbval pass of ``make test`` skips them
     (conftest.QUICK_BOOK_EXECUTED) and runs the study's notebooks, which the quick book does not
     hold, on this run."""
-    chromium = chromium_or_fail()
-    rc, output = take_background("test_quick_book_builds_and_every_page_opens", start_quick_book).wait(timeout=1800)
+    rc, output = take_background(request).wait(timeout=1800)  # first: nothing may stop the test before it
     assert rc == 0, output[-6000:]
+    chromium = chromium_or_fail()
     with open(QUICK_BOOK / "timings.csv") as fh:
         status = {row["stage"]: row["status"] for row in csv.DictReader(fh)}
     stems = [s.stem for s in pipeline.stages_from_toc(ROOT / "_toc.yml", ROOT)]

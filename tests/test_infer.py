@@ -1,4 +1,5 @@
 """Whole-FOV inference and its tiled fallback (thesis 3.1.1: one pass, no stitching), and seams."""
+import os
 import warnings
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 from scipy import ndimage
 
 from vstain import layerwise
-from vstain.infer import default_roi, measure_seams, plan, predict_volume, tile_borders
+from vstain.infer import default_roi, layerwise_roi, measure_seams, plan, predict_volume, tile_borders
 from vstain.layerwise import Moments, predict_layerwise, scratch_bytes, tile_bounds
 from vstain.models import Generator, GeneratorConfig
 
@@ -74,8 +75,10 @@ def test_volume_statistics_tile_seamlessly_and_per_tile_statistics_do_not(gen, s
     assert vol["corr"].min() > MIN_CORR and vol["border_ratio"].max() < MAX_BORDER_RATIO
     assert vol["max_rel"].max() < 1e-5  # the one-pass prediction to float32 rounding, borders included
     tile = measure_seams(gen, x, roi, overlap=0.25, norm="tile")
-    assert tile["corr"].min() < MIN_CORR  # per-tile statistics: the tiles disagree
+    assert tile["corr"].min() < MIN_CORR  # per-tile statistics: the tiles disagree (blended: everywhere)
     assert tile["max_rel"].max() > 0.05
+    butted = measure_seams(gen, x, roi, overlap=0.0, norm="tile")  # without overlap: most where they meet
+    assert butted["border_ratio"].max() > MAX_BORDER_RATIO and butted["corr"].min() < MIN_CORR
 
 
 @pytest.mark.parametrize("zyx, tile", [((10, 37, 43), (24, 32)), ((8, 8, 8), (8, 8)), ((17, 70, 90), (16, 24))])
@@ -94,7 +97,7 @@ def test_layerwise_equals_the_one_pass_prediction(gen, zyx, tile, tmp_path):
 def test_moments_of_tiles_are_the_moments_of_the_volume():
     rng = np.random.default_rng(5)
     vol = (rng.normal(size=(3, 4, 30, 50)) * [[[[1]]], [[[10]]], [[[0.01]]]] + [[[[0]]], [[[1e3]]], [[[-5]]]])
-    m = Moments(3, "cpu")
+    m = Moments(3)
     for y0, y1 in [(0, 7), (7, 8), (8, 30)]:
         for x0, x1 in [(0, 16), (16, 50)]:
             m.add(torch.from_numpy(vol[:, :, y0:y1, x0:x1]).float())
@@ -118,12 +121,28 @@ def test_layerwise_batch_norm_uses_its_running_statistics(tmp_path):
 
 def test_layerwise_refuses_a_disk_too_small_and_other_networks(gen, tmp_path, monkeypatch):
     x = torch.zeros(1, 1, 8, 64, 64)
+    with pytest.raises(ValueError, match="eval mode"):
+        predict_layerwise(gen, x, (32, 32), workdir=tmp_path)  # the fixture is in train mode
     assert scratch_bytes(gen, (8, 64, 64)) == 2.5 * 4 * 8 * 64 * 64 * 4
     monkeypatch.setattr(layerwise.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
-    with pytest.raises(OSError, match=f"needs about .* GiB of scratch space in {tmp_path}, which has 0.0 GiB free"):
-        predict_layerwise(gen, x, (32, 32), workdir=tmp_path)
+    with pytest.raises(layerwise.ScratchSpaceError, match=f"needs about .* GiB of scratch space in {tmp_path}, "
+                                                          "which has 0.0 GiB free"):
+        predict_layerwise(gen.eval(), x, (32, 32), workdir=tmp_path)
+    gen.train()
     with pytest.raises(TypeError, match="needs a vstain Generator, got Conv3d"):
         predict_layerwise(torch.nn.Conv3d(1, 6, 3), x, (32, 32))
+
+
+def test_layerwise_leaves_no_file_open_or_behind_after_an_error(gen, tmp_path, monkeypatch):
+    def fail(self, *box):
+        raise RuntimeError("a failure half-way")
+    monkeypatch.setattr(layerwise.Up, "read", fail)  # the decoder: three stores are open by then
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="half-way"):
+        predict_layerwise(gen.eval(), torch.from_numpy(structured((8, 40, 40)))[None], (16, 16), workdir=tmp_path)
+    gen.train()
+    open_files = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                  if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [f for f in open_files if str(tmp_path) in f] and list(tmp_path.iterdir()) == []
 
 
 def test_tile_borders_lie_where_tiles_meet():
@@ -154,6 +173,8 @@ def test_plan_and_default_roi():
     roi = default_roi((64, 624, 924), 32 * 128 * 128)  # keeps the whole Z range
     assert roi[0] == 64 and roi[1] == roi[2] and roi[1] % 8 == 0 and np.prod(roi) <= 32 * 128 * 128
     assert default_roi((12, 20, 30), 10) == (8, 8, 8)  # never below 8, even over budget
+    assert layerwise_roi((200, 624, 924), 200 * 64 * 64) == (200, 64, 64)  # all of Z; the budget sets Y-X
+    assert layerwise_roi((61, 624, 924), 64 * 176 * 176 + 1) == (64, 176, 176)  # Z padded to 64
 
 
 @pytest.mark.parametrize("bad", [np.zeros((16, 16, 16), np.float32), np.zeros((1, 1, 16, 16, 16), np.float32)])
@@ -162,9 +183,10 @@ def test_rejects_wrong_rank(gen, bad):
         predict_volume(gen, bad)
 
 
-def test_rejects_too_small_volume(gen):
+@pytest.mark.parametrize("max_voxels", [None, 0])  # whole and tiled
+def test_rejects_too_small_volume(gen, max_voxels):
     with pytest.raises(ValueError, match="at least 8"):
-        predict_volume(gen, np.zeros((1, 7, 32, 32), np.float32))
+        predict_volume(gen, np.zeros((1, 7, 32, 32), np.float32), max_voxels=max_voxels)
 
 
 def test_rejects_unknown_norm_and_an_overlap_it_would_ignore(gen):

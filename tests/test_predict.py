@@ -12,6 +12,7 @@ import pytest
 import tifffile
 import torch
 
+from vstain import layerwise
 from vstain.__main__ import main
 from vstain.channels import TARGETS
 from vstain.dataset import zscore
@@ -142,6 +143,16 @@ def test_tiled_prediction_within_a_small_memory_budget(stage, tmp_path):
     rc = main(["predict", str(stage), str(tmp_path / "f.tif"), "-o", str(tmp_path / "cli"), "-q",
                "--max-memory", "1MiB", "--scratch", str(scratch)])
     assert rc == 0 and np.array_equal(read_ome(tmp_path / "cli" / "f_vstain.ome.tif")[0], tiled)
+
+
+def test_a_stack_without_scratch_space_is_reported_and_the_batch_goes_on(stage, tmp_path, monkeypatch):
+    write_fov(tmp_path / "big.tif", shape=(16, 48, 48))
+    write_fov(tmp_path / "small.tif", shape=(8, 16, 16))  # fits the budget: no scratch files
+    monkeypatch.setattr(layerwise.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    written, failed = predict_files(load_model(stage), [tmp_path / "big.tif", tmp_path / "small.tif"],
+                                    tmp_path / "o", max_memory="1MiB", progress=False, scratch=tmp_path)
+    assert [p.name for p in written] == ["small_vstain.ome.tif"]
+    assert len(failed) == 1 and "big.tif" in failed[0][1] and "--scratch" in failed[0][1]
 
 
 def test_bad_model_and_memory_arguments(tmp_path):

@@ -132,10 +132,10 @@ def start_smoke_run() -> Background:
 
 @pytest.mark.slow
 @in_background(start_smoke_run)
-def test_smoke_full_runs_every_notebook():
+def test_smoke_full_runs_every_notebook(request):
     """Every notebook at the full profile's method settings, a few steps each, and the HTML
     (``make smoke-full``), started when collection ends (conftest.in_background)."""
-    rc, output = take_background("test_smoke_full_runs_every_notebook", start_smoke_run).wait(timeout=1800)
+    rc, output = take_background(request).wait(timeout=1800)
     assert rc == 0, output[-6000:]
     stages = [s.stem for s in pipeline.stages_from_toc(ROOT / "_toc.yml", ROOT)]
     manifests = {s: json.loads((RUN_DIR / s / "manifest.json").read_text()) for s in stages}

@@ -26,7 +26,7 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 
 from .layerwise import predict_layerwise, tile_bounds
-from .models import MIN_SIZE, SIZE_MULTIPLE
+from .models import MIN_SIZE, SIZE_MULTIPLE, check_size
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,14 @@ def default_roi(shape_zyx, max_voxels: int) -> tuple[int, int, int]:
     z = min(int(shape_zyx[0]), max(MIN_SIZE, max_voxels // (MIN_SIZE * MIN_SIZE)))
     side = int((max_voxels / max(z + (-z % SIZE_MULTIPLE), 1)) ** 0.5) // SIZE_MULTIPLE * SIZE_MULTIPLE
     side = max(MIN_SIZE, side)
+    return (z, min(side, int(shape_zyx[1])), min(side, int(shape_zyx[2])))
+
+
+def layerwise_roi(shape_zyx, max_voxels: int) -> tuple[int, int, int]:
+    """The tile of a layerwise prediction: all of Z (padded to 8) and the largest square Y-X side,
+    a multiple of 8 and at least 8, such that the tile fits ``max_voxels``."""
+    z = int(shape_zyx[0]) + (-int(shape_zyx[0]) % SIZE_MULTIPLE)
+    side = max(MIN_SIZE, int((max_voxels / z) ** 0.5) // SIZE_MULTIPLE * SIZE_MULTIPLE)
     return (z, min(side, int(shape_zyx[1])), min(side, int(shape_zyx[2])))
 
 
@@ -111,6 +119,7 @@ def predict_volume(
     if overlap is not None and (norm != "tile" or not 0 <= overlap < 1):
         raise ValueError(f"overlap must be in [0, 1) and applies to norm='tile' only, got {overlap} with norm={norm!r}")
     shape = tuple(xt.shape[1:])
+    check_size((1, 1, *shape), "brightfield volume")  # tiled or not, every axis at least 8
     if max_voxels is None:
         max_voxels = default_max_voxels(generator)
     param = next(generator.parameters())
@@ -126,6 +135,8 @@ def predict_volume(
                 roi = tuple(roi_size) if roi_size is not None else default_roi(shape, max_voxels)
                 msg = f"predict_volume: volume {shape} exceeds the budget of {max_voxels} voxels; "
                 if norm == "volume":
+                    if roi_size is None:  # tiles span all of Z: the budget sets their Y-X side
+                        roi = layerwise_roi(shape, max_voxels)
                     out = predict_layerwise(generator, xt, roi[1:], workdir, progress)
                     msg += (f"predicting layer by layer in Y-X tiles of about {roi[1]}x{roi[2]} (all of Z) "
                             f"through scratch files, instance norm with whole-volume statistics")

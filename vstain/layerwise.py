@@ -38,19 +38,20 @@ FLOAT = 4  # bytes of a float32
 
 class Moments:
     """Per-channel mean and (biased) variance of a volume seen tile by tile: each tile's own
-    ``var_mean`` merged in float64 by Chan et al.'s pairwise update, so no tile is read twice."""
+    ``var_mean`` merged in float64 on the CPU (any device's tiles) by Chan et al.'s pairwise
+    update, so no tile is read twice."""
 
-    def __init__(self, channels: int, device):
-        self.n, self.mean = 0, torch.zeros(channels, dtype=torch.float64, device=device)
+    def __init__(self, channels: int):
+        self.n, self.mean = 0, torch.zeros(channels, dtype=torch.float64)
         self.m2 = torch.zeros_like(self.mean)  # sum of squared deviations from the mean
 
     def add(self, t: Tensor) -> None:
         """Add a tile ``[C, ...]``."""
-        var, mean = torch.var_mean(t, tuple(range(1, t.dim())), correction=0)
+        var, mean = (v.cpu().double() for v in torch.var_mean(t, tuple(range(1, t.dim())), correction=0))
         k = t[0].numel()
-        delta, n = mean.double() - self.mean, self.n + k
+        delta, n = mean - self.mean, self.n + k
         self.mean += delta * (k / n)
-        self.m2 += var.double() * k + delta * delta * (self.n * k / n)
+        self.m2 += var * k + delta * delta * (self.n * k / n)
         self.n = n
 
     def var(self) -> Tensor:
@@ -65,10 +66,10 @@ class Activate:
     tile.
     """
 
-    def __init__(self, norm: nn.Module, act: nn.Module, moments: Moments):
+    def __init__(self, norm: nn.Module, act: nn.Module, moments: Moments, device):
         self.norm, self.act = norm, act
-        self.mean = moments.mean.float()[:, None, None, None]  # [C, 1, 1, 1]
-        self.inv = torch.rsqrt(moments.var() + norm.eps).float()[:, None, None, None]
+        self.mean = moments.mean.float()[:, None, None, None].to(device)  # [C, 1, 1, 1]
+        self.inv = torch.rsqrt(moments.var() + norm.eps).float()[:, None, None, None].to(device)
 
     def __call__(self, t: Tensor) -> Tensor:
         """Normalise and activate a freshly read tile ``[C, ...]``, in place where possible."""
@@ -110,7 +111,8 @@ class Stored:
         a = t.permute(1, 2, 3, 0).contiguous().cpu().numpy()  # [Z, h, w, C]; no copy when channels-last
         for z, plane in enumerate(a):
             for i, run in enumerate(plane):
-                os.pwrite(self.fd, run, self._offset(z, y0 + i, x0))
+                if os.pwrite(self.fd, run, self._offset(z, y0 + i, x0)) != run.nbytes:
+                    raise OSError(f"short write to {self.path}: is its disk full?")
 
     def read(self, y0, y1, x0, x1) -> Tensor:
         a = np.empty((self.shape[0], y1 - y0, x1 - x0, self.channels), np.float32)
@@ -122,7 +124,10 @@ class Stored:
         return self.activate(t) if self.activate is not None else t
 
     def remove(self) -> None:
-        os.close(self.fd)
+        """Close and delete the file (again: nothing)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         self.path.unlink(missing_ok=True)
 
 
@@ -203,7 +208,12 @@ class _Pass:
     def __init__(self, folder: Path, bounds, device, progress: bool, total: int):
         self.folder, self.bounds, self.device = folder, bounds, device
         self.bar = tqdm(total=total, desc="layerwise", unit="conv", disable=not progress)
-        self.count = 0
+        self.stores: list[Stored] = []  # every file opened, closed by close() even after an error
+
+    def close(self) -> None:
+        for s in self.stores:
+            s.remove()
+        self.bar.close()
 
     def boxes(self, level: int):
         """The Y-X tiles of resolution ``level`` (1/2**level of the padded volume)."""
@@ -218,9 +228,9 @@ class _Pass:
         :class:`Stored` output, or a :class:`Recomputed` one when ``store`` is False, and the moments."""
         out = None
         if store:
-            self.count += 1
-            out = Stored(self.folder / f"{self.count:02d}.f32", conv.out_channels, inputs[0].shape, self.device)
-        moments = Moments(conv.out_channels, self.device)
+            out = Stored(self.folder / f"{len(self.stores):02d}.f32", conv.out_channels, inputs[0].shape, self.device)
+            self.stores.append(out)
+        moments = Moments(conv.out_channels)
         for box in self.boxes(level):
             t = conv3x3(conv, inputs, box)
             moments.add(t)
@@ -234,11 +244,11 @@ class _Pass:
         needed once the first convolution has read them."""
         recompute = all(isinstance(s, Memory) for s in inputs)  # the first layer: 1 channel in, cheap
         a, moments = self.conv(block[0], inputs, level, store=not recompute)
-        a.activate = Activate(block[1], block[2], moments)
+        a.activate = Activate(block[1], block[2], moments, self.device)
         for s in free:
             s.remove()
         b, moments = self.conv(block[3], [a], level)
-        b.activate = Activate(block[4], block[5], moments)
+        b.activate = Activate(block[4], block[5], moments, self.device)
         if isinstance(a, Stored):
             a.remove()
         return b
@@ -248,7 +258,6 @@ class _Pass:
         for y0, y1, x0, x1 in self.boxes(0):
             out[:, :, y0:y1, x0:x1] = conv3x3(conv, [src], (y0, y1, x0, x1)).float().cpu()
         self.bar.update()
-        self.bar.close()
         return out
 
 
@@ -259,36 +268,52 @@ def scratch_bytes(generator: Generator, padded_zyx) -> int:
     return int(2.5 * generator.cfg.base_width * np.prod(padded_zyx) * FLOAT)
 
 
+class ScratchSpaceError(OSError):
+    """The scratch folder's disk has too little room for a layerwise prediction."""
+
+
 def predict_layerwise(generator: Generator, x: Tensor, tile, workdir=None, progress: bool = False) -> Tensor:
-    """Predict ``x [1, 1, Z, Y, X]`` one convolution at a time over Y-X tiles of at most
-    ``tile = (ty, tx)`` voxels (all of Z), with every InstanceNorm using whole-volume statistics.
+    """Predict ``x [1, 1, Z, Y, X]`` one convolution at a time over Y-X tiles of about
+    ``tile = (ty, tx)`` voxels (:func:`tile_bounds`; all of Z), with every InstanceNorm using
+    whole-volume statistics.
 
     The volume is reflect-padded to multiples of 8 as the one-pass prediction pads it. Scratch files
     (:func:`scratch_bytes` at most) go to a temporary folder under ``workdir`` (default: the system's
-    temporary folder) that is removed afterwards. Call under inference mode with ``generator`` in eval
-    mode. Returns ``[1, 6, Z, Y, X]`` float32 on the CPU.
+    temporary folder; where that is in memory, as a tmpfs, pass a disk) that is removed afterwards,
+    after an error too. ``generator`` must be in eval mode. Returns ``[1, 6, Z, Y, X]`` float32 on
+    the CPU.
+
+    Raises:
+        ScratchSpaceError: the disk of ``workdir`` has less free space than :func:`scratch_bytes`.
     """
     if not isinstance(generator, Generator):
         raise TypeError(f"layerwise prediction needs a vstain Generator, got {type(generator).__name__}")
+    if generator.training:
+        raise ValueError("layerwise prediction needs the generator in eval mode (batch norm would use tile statistics)")
+    if any(isinstance(m, nn.InstanceNorm3d) and (m.affine or m.track_running_stats) for m in generator.modules()):
+        raise ValueError("layerwise prediction supports InstanceNorm3d without affine parameters or running statistics")
     xp, crop = pad_to_multiple(x, SIZE_MULTIPLE)  # [1, 1, Z', Y', X']
     padded = tuple(xp.shape[2:])
     root = Path(workdir or tempfile.gettempdir())
     root.mkdir(parents=True, exist_ok=True)
     need, free = scratch_bytes(generator, padded), shutil.disk_usage(root).free
     if need > free:
-        raise OSError(f"layerwise prediction of a {padded} volume needs about {need / 2**30:.1f} GiB of scratch "
-                      f"space in {root}, which has {free / 2**30:.1f} GiB free: pass workdir= a larger disk")
+        raise ScratchSpaceError(f"layerwise prediction of a {padded} volume needs about {need / 2**30:.1f} GiB of "
+                                f"scratch space in {root}, which has {free / 2**30:.1f} GiB free: choose a folder on "
+                                f"a larger disk (workdir=, or --scratch of vstain predict)")
     g, device = generator, next(generator.parameters()).device
     bounds = [tile_bounds(n, int(t)) for n, t in zip(padded[1:], tile)]
-    with tempfile.TemporaryDirectory(prefix="vstain-layerwise-", dir=root) as folder:
+    with torch.inference_mode(), tempfile.TemporaryDirectory(prefix="vstain-layerwise-", dir=root) as folder:
         run = _Pass(Path(folder), bounds, device, progress, total=15)
-        e1 = run.block(g.enc1, [Memory(xp[0], device)], 0)  # [w, Z', Y', X']
-        e2 = run.block(g.enc2, [Down(g.down1, e1)], 1)  # [2w, Z'/2, ...]
-        e3 = run.block(g.enc3, [Down(g.down2, e2)], 2)  # [4w, Z'/4, ...]
-        b = run.block(g.bottleneck, [Down(g.down3, e3)], 3)  # [8w, Z'/8, ...]
-        d3 = run.block(g.up3.conv, [Up(g.up3.up, b), e3], 2, free=(b, e3))  # [4w, Z'/4, ...]
-        d2 = run.block(g.up2.conv, [Up(g.up2.up, d3), e2], 1, free=(d3, e2))  # [2w, Z'/2, ...]
-        d1 = run.block(g.up1.conv, [Up(g.up1.up, d2), e1], 0, free=(d2, e1))  # [w, Z', Y', X']
-        out = run.head(g.head, d1, torch.empty((g.cfg.out_channels, *padded), dtype=torch.float32))
-        d1.remove()
+        try:
+            e1 = run.block(g.enc1, [Memory(xp[0], device)], 0)  # [w, Z', Y', X']
+            e2 = run.block(g.enc2, [Down(g.down1, e1)], 1)  # [2w, Z'/2, ...]
+            e3 = run.block(g.enc3, [Down(g.down2, e2)], 2)  # [4w, Z'/4, ...]
+            b = run.block(g.bottleneck, [Down(g.down3, e3)], 3)  # [8w, Z'/8, ...]
+            d3 = run.block(g.up3.conv, [Up(g.up3.up, b), e3], 2, free=(b, e3))  # [4w, Z'/4, ...]
+            d2 = run.block(g.up2.conv, [Up(g.up2.up, d3), e2], 1, free=(d3, e2))  # [2w, Z'/2, ...]
+            d1 = run.block(g.up1.conv, [Up(g.up1.up, d2), e1], 0, free=(d2, e1))  # [w, Z', Y', X']
+            out = run.head(g.head, d1, torch.empty((g.cfg.out_channels, *padded), dtype=torch.float32))
+        finally:
+            run.close()  # every scratch file closed and deleted, also after an error
     return out[None][crop]

@@ -105,7 +105,7 @@ def write_losses(out_dir, columns=None) -> pd.DataFrame:
 
 
 def write_predictions(generator, stage_in, out_dir, splits=("val", "test"), max_voxels=None,
-                      roi_size=None, overlap=None, channel_names=TARGETS) -> pd.DataFrame:
+                      roi_size=None, channel_names=TARGETS) -> pd.DataFrame:
     """Predict every FOV of ``splits`` of the processed set with :func:`vstain.infer.predict_volume`
     and write ``out_dir/predictions/<fov_id>.tif`` (float32 ``[C, Z, Y, X]``, ``C`` = 6 or the
     ``channel_names`` a single-structure model predicts).
@@ -122,7 +122,7 @@ def write_predictions(generator, stage_in, out_dir, splits=("val", "test"), max_
     for _, r in df.iterrows():
         x, _, _ = dataset.load_fov(r)
         t = time.perf_counter()
-        pred = predict_volume(generator, x, max_voxels=max_voxels, roi_size=roi_size, overlap=overlap)
+        pred = predict_volume(generator, x, max_voxels=max_voxels, roi_size=roi_size)
         rel = f"predictions/{r['fov_id']}.tif"
         write_volume(out_dir / rel, pred, list(channel_names))
         rows.append({"fov_id": r["fov_id"], "split": r["split"], "structure": r["structure"], "path": rel,

@@ -35,6 +35,7 @@ from .channels import TARGETS
 from .data import voxel_size
 from .dataset import zscore
 from .infer import DEFAULT_BUDGET_BYTES, default_max_voxels, predict_volume
+from .layerwise import ScratchSpaceError
 from .modelfiles import MODEL_JSON, load_generator
 from .models import MIN_SIZE
 from .tta import predict_tta
@@ -151,10 +152,10 @@ def resample(vol: np.ndarray, shape_zyx) -> np.ndarray:
 
 def predict_file(model: Model, path: Path, out_dir: Path, channel=None, focus_window: int | None = None,
                  do_resample: bool = False, tta: bool = False, max_voxels: int | None = None,
-                 scratch: str | Path | None = None) -> Path:
+                 scratch: str | Path | None = None, progress: bool = False) -> Path:
     """Predict one file and write ``out_dir/<stem>_vstain.ome.tif``; returns that path. ``scratch``:
     folder for the layer-by-layer scratch files of a stack over the memory budget (default: the
-    system's temporary folder).
+    system's temporary folder); ``progress``: a bar over the layers of such a stack.
 
     Raises :class:`InputError` naming the file for an input that cannot be predicted.
     """
@@ -186,11 +187,15 @@ def predict_file(model: Model, path: Path, out_dir: Path, channel=None, focus_wi
         raise InputError(f"{path}: the stack {tuple(x.shape[1:])} (Z, Y, X) is smaller than the network "
                          f"allows ({MIN_SIZE} voxels per axis at least)")
     x = zscore(x)
-    if tta:
-        mean, std = predict_tta(model.generator, x, max_voxels=max_voxels, workdir=scratch)
-        pred, chans = np.concatenate([mean, std]), [*model.channel_names, *(f"{c}_std" for c in model.channel_names)]
-    else:
-        pred, chans = predict_volume(model.generator, x, max_voxels=max_voxels, workdir=scratch), list(model.channel_names)
+    kw = {"max_voxels": max_voxels, "workdir": scratch, "progress": progress}
+    try:
+        if tta:
+            mean, std = predict_tta(model.generator, x, **kw)
+            pred, chans = np.concatenate([mean, std]), [*model.channel_names, *(f"{c}_std" for c in model.channel_names)]
+        else:
+            pred, chans = predict_volume(model.generator, x, **kw), list(model.channel_names)
+    except ScratchSpaceError as e:
+        raise InputError(f"{path}: {e}") from e
     if pred.shape[1:] != shape:
         pred = resample(pred, shape)
     out = out_dir / f"{path.name.split('.')[0]}_vstain.ome.tif"
@@ -216,7 +221,7 @@ def predict_files(model: Model, inputs: Sequence[str | Path], out_dir: str | Pat
             if not path.exists():
                 raise InputError(f"{path}: no such file or folder")
             written.append(predict_file(model, path, out_dir, channel, focus_window, do_resample, tta, max_voxels,
-                                        scratch))
+                                        scratch, progress))
         except InputError as e:
             failed.append((path, str(e)))
     return written, failed
