@@ -29,13 +29,13 @@ import argparse
 import json
 import os
 import tempfile
-import threading
 import time
 import warnings
 
 import numpy as np
 import torch
 
+from peaks import Peak, folder_bytes
 from vstain.infer import NORMS, default_max_voxels, default_roi, predict_volume, seam_figures, tile_borders
 from vstain.modelfiles import load_generator
 from vstain.models import Generator, GeneratorConfig
@@ -92,26 +92,6 @@ def proc_status(key: str) -> float:
         return next(int(line.split()[1]) for line in fh if line.startswith(key + ":")) / 2**20
 
 
-class DiskPeak(threading.Thread):
-    """Polls the bytes allocated under ``folder`` (sparse scratch files count what is written) and
-    keeps the largest total seen."""
-
-    def __init__(self, folder: str, every: float = 0.5):
-        super().__init__(daemon=True)
-        self.folder, self.every, self.peak, self.done = folder, every, 0, threading.Event()
-
-    def run(self):
-        while not self.done.wait(self.every):
-            total = 0
-            for root, _, files in os.walk(self.folder):
-                for f in files:
-                    try:
-                        total += os.stat(os.path.join(root, f)).st_blocks * 512
-                    except FileNotFoundError:
-                        pass
-            self.peak = max(self.peak, total)
-
-
 torch.manual_seed(args.seed)
 gen = load_generator(args.model) if args.model else Generator(GeneratorConfig(base_width=args.width)).eval()
 args.width = gen.cfg.base_width
@@ -124,16 +104,13 @@ results: dict = {"size": list(zyx), "width": args.width, "model": args.model or 
 
 if args.big:
     max_voxels = default_max_voxels(gen) if not args.quick else 24 * 48 * 48  # --quick: tiles of 48x48
-    roi = default_roi(zyx, max_voxels)
     for norm in args.modes:
+        roi = default_roi(zyx, max_voxels, all_z=norm == "volume")  # the tile predict_volume uses
         workdir = tempfile.mkdtemp(prefix="bench-seams-", dir=args.workdir)
-        disk = DiskPeak(workdir)
-        disk.start()
         before = reset_peak_rss()
         kw = {"workdir": workdir, "progress": True} if norm == "volume" else {"overlap": args.overlap}
-        out, dt = timed_predict(gen, x, max_voxels=max_voxels, norm=norm, **kw)
-        disk.done.set()
-        disk.join()
+        with Peak(lambda: folder_bytes(workdir), every=0.5) as disk:
+            out, dt = timed_predict(gen, x, max_voxels=max_voxels, norm=norm, **kw)
         os.rmdir(workdir)
         peak = proc_status("VmHWM")
         results["modes"][norm] = {"roi": list(roi), "seconds": round(dt, 1), "rss_before_gib": round(before, 2),

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import threading
 import time
 import warnings
 
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from peaks import Peak, rss
 from vstain.infer import default_max_voxels, plan, predict_volume
 from vstain.losses import masked_l1
 from vstain.models import Generator, GeneratorConfig, num_params
@@ -69,30 +69,6 @@ results: dict = {
     "threads": torch.get_num_threads(), "mkldnn": torch.backends.mkldnn.is_available() and not args.no_mkldnn,
     "channels_last": args.channels_last, "compile": args.compile, "quick": args.quick,
 }
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 5 ms)."""
-
-    def __enter__(self):
-        import psutil
-
-        self.proc, self.stop = psutil.Process(), False
-        self.base = self.peak = self.proc.memory_info().rss
-
-        def poll():
-            while not self.stop:
-                self.peak = max(self.peak, self.proc.memory_info().rss)
-                time.sleep(0.005)
-
-        self.thread = threading.Thread(target=poll, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop = True
-        self.thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 # --- 1. dense matmul rate ------------------------------------------------------------------------
@@ -159,7 +135,7 @@ for size in args.infer_sizes:
     mode = plan(zyx, max_voxels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tiling notice; the mode is reported below
-        with PeakRSS() as mem:
+        with Peak(rss) as mem:
             t = time.perf_counter()
             out = predict_volume(gen, vol, max_voxels=max_voxels)
             dt = time.perf_counter() - t

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -135,6 +136,15 @@ class Background:
         self.proc.wait()
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
+
+
+def pipeline_in_background(profile: str, threads: int | None = None) -> Background:
+    """``python -m vstain.book.pipeline --profile <profile>`` from an empty ``runs/<profile>`` (so
+    04/05 train rather than resume a finished checkpoint and 03 trains its Noise2Void models), its
+    HTML included; ``threads``: CPU threads of every process it starts (default: torch's)."""
+    shutil.rmtree(ROOT / "runs" / profile, ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
+    return Background([sys.executable, "-m", "vstain.book.pipeline", "--profile", profile], ROOT, env)
 
 
 # Slow runs started as soon as collection ends, so that they share the two cores with the unit

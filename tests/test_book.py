@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import csv
 import re
-import shutil
-import sys
 
 import nbformat
 import pytest
 
-from conftest import QUICK_BOOK_EXECUTED, ROOT, Background, in_background, take_background
+from conftest import QUICK_BOOK_EXECUTED, ROOT, Background, in_background, pipeline_in_background, take_background
 from vstain.book import browser, pipeline
 
 # Keys the notebooks share (CONTRACT): they must exist with exactly these names.
@@ -90,11 +88,8 @@ def test_results_check_needs_table_confusion_matrices_viewer_and_collapsed_code(
 
 
 def start_quick_book() -> Background:
-    """The whole chain at the quick profile from an empty ``runs/quick``, and its HTML, in a
-    subprocess."""
-    shutil.rmtree(QUICK_BOOK, ignore_errors=True)
-    return Background([sys.executable, "-m", "vstain.book.pipeline", "--profile", "quick", "--run-dir", "runs/quick"],
-                      ROOT)
+    """The whole chain at the quick profile from an empty ``runs/quick``, and its HTML."""
+    return pipeline_in_background("quick")
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 
 from vstain import layerwise
-from vstain.infer import default_roi, layerwise_roi, measure_seams, plan, predict_volume, tile_borders
+from vstain.infer import default_roi, measure_seams, plan, predict_volume, tile_borders
 from vstain.layerwise import Moments, predict_layerwise, scratch_bytes, tile_bounds
 from vstain.models import Generator, GeneratorConfig
 
@@ -173,8 +173,8 @@ def test_plan_and_default_roi():
     roi = default_roi((64, 624, 924), 32 * 128 * 128)  # keeps the whole Z range
     assert roi[0] == 64 and roi[1] == roi[2] and roi[1] % 8 == 0 and np.prod(roi) <= 32 * 128 * 128
     assert default_roi((12, 20, 30), 10) == (8, 8, 8)  # never below 8, even over budget
-    assert layerwise_roi((200, 624, 924), 200 * 64 * 64) == (200, 64, 64)  # all of Z; the budget sets Y-X
-    assert layerwise_roi((61, 624, 924), 64 * 176 * 176 + 1) == (64, 176, 176)  # Z padded to 64
+    assert default_roi((200, 624, 924), 200 * 64 * 64, all_z=True) == (200, 64, 64)  # all of Z; the budget sets Y-X
+    assert default_roi((61, 624, 924), 64 * 176 * 176 + 1, all_z=True) == (64, 176, 176)  # Z padded to 64
 
 
 @pytest.mark.parametrize("bad", [np.zeros((16, 16, 16), np.float32), np.zeros((1, 1, 16, 16, 16), np.float32)])

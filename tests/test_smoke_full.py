@@ -8,14 +8,11 @@ pytest's summary (~3 min on 2 cores; started in the background when collection e
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import sys
 
 import pytest
 import yaml
 
-from conftest import ROOT, Background, in_background, take_background
+from conftest import ROOT, Background, in_background, pipeline_in_background, take_background
 from vstain.book import pipeline, profiles
 from vstain.book.profiles import ProfileError
 
@@ -122,12 +119,9 @@ def test_derived_values_replace_the_base_values_they_name(tmp_path):
 # The run itself
 # --------------------------------------------------------------------------------------------
 def start_smoke_run() -> Background:
-    """``make smoke-full``'s pipeline in a subprocess on one CPU thread, from an empty run
-    directory: 04/05 would otherwise resume their finished checkpoints and 03 reuse its
-    Noise2Void models, training nothing."""
-    shutil.rmtree(RUN_DIR, ignore_errors=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return Background([sys.executable, "-m", "vstain.book.pipeline", "--profile", "smoke-full"], ROOT, env)
+    """``make smoke-full``'s pipeline, from an empty run directory, on one CPU thread (it runs beside
+    the quick book and the unit tests)."""
+    return pipeline_in_background("smoke-full", threads=1)
 
 
 @pytest.mark.slow

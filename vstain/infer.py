@@ -58,20 +58,14 @@ def plan(shape_zyx, max_voxels: int) -> str:
     return "whole" if int(np.prod(padded)) <= max_voxels else "tiled"
 
 
-def default_roi(shape_zyx, max_voxels: int) -> tuple[int, int, int]:
-    """A tile that keeps the whole Z range (capped by the budget) and the largest square Y-X
-    side, a multiple of 8 and at least 8, such that the tile fits ``max_voxels``."""
-    z = min(int(shape_zyx[0]), max(MIN_SIZE, max_voxels // (MIN_SIZE * MIN_SIZE)))
+def default_roi(shape_zyx, max_voxels: int, all_z: bool = False) -> tuple[int, int, int]:
+    """A tile that keeps the whole Z range (capped by the budget; ``all_z``: never capped and padded
+    to 8, as the layerwise prediction's tiles span every plane) and the largest square Y-X side, a
+    multiple of 8 and at least 8, such that the tile fits ``max_voxels``."""
+    z = int(shape_zyx[0])
+    z = z + (-z % SIZE_MULTIPLE) if all_z else min(z, max(MIN_SIZE, max_voxels // (MIN_SIZE * MIN_SIZE)))
     side = int((max_voxels / max(z + (-z % SIZE_MULTIPLE), 1)) ** 0.5) // SIZE_MULTIPLE * SIZE_MULTIPLE
     side = max(MIN_SIZE, side)
-    return (z, min(side, int(shape_zyx[1])), min(side, int(shape_zyx[2])))
-
-
-def layerwise_roi(shape_zyx, max_voxels: int) -> tuple[int, int, int]:
-    """The tile of a layerwise prediction: all of Z (padded to 8) and the largest square Y-X side,
-    a multiple of 8 and at least 8, such that the tile fits ``max_voxels``."""
-    z = int(shape_zyx[0]) + (-int(shape_zyx[0]) % SIZE_MULTIPLE)
-    side = max(MIN_SIZE, int((max_voxels / z) ** 0.5) // SIZE_MULTIPLE * SIZE_MULTIPLE)
     return (z, min(side, int(shape_zyx[1])), min(side, int(shape_zyx[2])))
 
 
@@ -96,8 +90,8 @@ def predict_volume(
         x: brightfield ``[1, Z, Y, X]`` (numpy or tensor), every axis >= 8.
         max_voxels: the largest (padded) input predicted in one pass; default from a 4 GiB
             activation budget for this generator's width (:func:`default_max_voxels`).
-        roi_size: tile size ``(Z, Y, X)`` when tiling; default :func:`default_roi`. With
-            ``norm="volume"`` tiles span all of Z and only the Y and X sides are used.
+        roi_size: tile size ``(Z, Y, X)`` when tiling; default :func:`default_roi` (with
+            ``norm="volume"`` its ``all_z`` tile: tiles span all of Z and only the Y and X sides are used).
         overlap: ``norm="tile"`` only: fraction of overlap between tiles, in [0, 1) (MONAI
             ``overlap``, default 0.25). Whole-volume statistics need no overlap.
         sw_batch_size: ``norm="tile"`` only: tiles per forward pass (MONAI ``sw_batch_size``).
@@ -132,11 +126,9 @@ def predict_volume(
                 log.info("predict_volume: whole volume %s in one pass", shape)
                 out = generator(xt)
             else:
-                roi = tuple(roi_size) if roi_size is not None else default_roi(shape, max_voxels)
+                roi = tuple(roi_size) if roi_size is not None else default_roi(shape, max_voxels, norm == "volume")
                 msg = f"predict_volume: volume {shape} exceeds the budget of {max_voxels} voxels; "
                 if norm == "volume":
-                    if roi_size is None:  # tiles span all of Z: the budget sets their Y-X side
-                        roi = layerwise_roi(shape, max_voxels)
                     out = predict_layerwise(generator, xt, roi[1:], workdir, progress)
                     msg += (f"predicting layer by layer in Y-X tiles of about {roi[1]}x{roi[2]} (all of Z) "
                             f"through scratch files, instance norm with whole-volume statistics")
