@@ -6,15 +6,15 @@ synthetic), makes a 3N set from copies of them under new ids, and runs each stag
 in a fresh process, reporting the process' peak resident set size (``ru_maxrss``) after its imports
 and after the stage:
 
-1. ``02_plls``: :func:`vstain.preprocess.run_focus_stage`;
-2. ``03_denoising``: :func:`vstain.preprocess.run_denoise_stage` (a tiny Noise2Void through careamics,
+1. ``02_plls``: :func:`vstain.preprocess.stages.run_focus_stage`;
+2. ``03_denoising``: :func:`vstain.preprocess.stages.run_denoise_stage` (a tiny Noise2Void through careamics,
    non-local means on one volume per channel, no BM3D) including the processed set;
 3. ``metrics``: :func:`vstain.evaluate.metrics.evaluate_predictions` on the train split, the processed
    clean truth standing in for a model's predictions;
-4. ``classifier_patches``: :func:`vstain.evaluate.classifier.training_pool` and
-   :func:`~vstain.evaluate.classifier.scoring_patches` on the train split (the patches themselves
+4. ``classifier_patches``: :func:`vstain.evaluate.patches.training_pool` and
+   :func:`~vstain.evaluate.patches.scoring_patches` on the train split (the patches themselves
    are kept, so this one may grow with the number of patches);
-5. ``classifier_scores``: :func:`~vstain.evaluate.classifier.score_models` with an untrained
+5. ``classifier_scores``: :func:`~vstain.evaluate.perceptual.score_models` with an untrained
    classifier (the network's answers do not matter here, its memory does).
 
 Usage::
@@ -63,8 +63,8 @@ def run_stage(stage: str, d: Path) -> None:
     """One stage on the set in ``d`` (imports first, so that their memory is reported apart)."""
     import torch
 
-    from vstain import denoise, preprocess
-    from vstain.evaluate import classifier, metrics
+    from vstain.evaluate import classifier, metrics, patches, perceptual
+    from vstain.preprocess import denoise, stages
 
     torch.set_num_threads(1)
     start = rss_mb()
@@ -72,20 +72,20 @@ def run_stage(stage: str, d: Path) -> None:
     preds = {"truth": d / "preds"}
     cfg = classifier.ClassifierConfig(patch=(8, 32, 32), pool_per_class=64)
     if stage == "02_plls":
-        preprocess.run_focus_stage(d / "01_data", d / "02_plls", window=args.window)
+        stages.run_focus_stage(d / "01_data", d / "02_plls", window=args.window)
     elif stage == "03_denoising":
         n2v = denoise.N2VConfig(patch_size=(8, 32, 32), batch_size=8, epochs=2, steps_per_epoch=4, base_width=8,
                                 batch_norm=False, learning_rate=3e-3, masked_pixel_percentage=5.0, n_val_patches=4,
                                 tile_size=(16, 64, 64), tile_overlap=(4, 16, 16))
-        preprocess.run_denoise_stage(d / "01_data", d / "02_plls", d / "03_denoising", n2v, bm3d_max_volumes=0,
+        stages.run_denoise_stage(d / "01_data", d / "02_plls", d / "03_denoising", n2v, bm3d_max_volumes=0,
                                      nlm_max_volumes=1)
     elif stage == "metrics":
         metrics.evaluate_predictions(d / "03_denoising", preds, split="train")
     elif stage == "classifier_patches":
-        classifier.training_pool(d / "03_denoising", cfg, "train")
-        classifier.scoring_patches(d / "03_denoising", "train", cfg, preds)
+        patches.training_pool(d / "03_denoising", cfg, "train")
+        patches.scoring_patches(d / "03_denoising", "train", cfg, preds)
     else:
-        classifier.score_models(classifier.build_classifier(cfg), cfg, d / "03_denoising", preds, split="train")
+        perceptual.score_models(classifier.build_classifier(cfg), cfg, d / "03_denoising", preds, split="train")
     print(json.dumps({"stage": stage, "rss_start_mb": start, "rss_peak_mb": rss_mb(),
                       "seconds": time.perf_counter() - t0}))
 
@@ -94,12 +94,12 @@ def make_sets(work: Path) -> list[Path]:
     """The N set (simulated) and the factor x N set (copies of the N set's files under new ids)."""
     import pandas as pd
 
-    from vstain import data
+    from vstain.data import stage
 
     small, large = work / "n", work / "kn"
     if (large / "01_data" / "fovs.csv").exists():  # made by an earlier run with the same --root
         return [small, large]
-    data.run_data_stage(small / "01_data", source="synthetic", n_per_structure=args.n_per_structure,
+    stage.run_data_stage(small / "01_data", source="synthetic", n_per_structure=args.n_per_structure,
                         shape=args.shape, seed=0)
     fovs = pd.read_csv(small / "01_data" / "fovs.csv", dtype={"fov_id": str})
     rows = []

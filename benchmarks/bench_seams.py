@@ -2,12 +2,12 @@
 not a test (pytest never collects it).
 
 Predicts one volume with a seeded, randomly initialised generator (or a trained one, ``--model``) in
-one pass and in tiles with both normalisations of :func:`vstain.infer.predict_volume` (``norm="tile"``: each tile's own
+one pass and in tiles with both normalisations of :func:`vstain.inference.infer.predict_volume` (``norm="tile"``: each tile's own
 statistics, Gaussian blending; ``norm="volume"``: layer by layer with whole-volume statistics) and
-prints, per mode, the seam figures of :func:`vstain.infer.seam_figures` (per-channel correlation
+prints, per mode, the seam figures of :func:`vstain.inference.infer.seam_figures` (per-channel correlation
 with the one-pass prediction, max / mean absolute difference, also relative to the channel's
 largest value, and the ratio of the mean difference on tile-border planes to that elsewhere) and
-the wall times. The input is a simulated brightfield FOV (:func:`vstain.simulate.simulate_fov`),
+the wall times. The input is a simulated brightfield FOV (:func:`vstain.data.simulate.simulate_fov`),
 z-scored as the processed set is.
 
 ``--big`` predicts a real-size 64x624x924 FOV at the thesis' width 64 under the default memory
@@ -34,12 +34,12 @@ import warnings
 
 import numpy as np
 import torch
-
 from peaks import Peak, folder_bytes
-from vstain.infer import NORMS, default_max_voxels, default_roi, predict_volume, seam_figures, tile_borders
+
+from vstain.data.simulate import SimConfig, simulate_fov
+from vstain.inference.infer import NORMS, default_max_voxels, default_roi, predict_volume, seam_figures, tile_borders
 from vstain.modelfiles import load_generator
 from vstain.models import Generator, GeneratorConfig
-from vstain.simulate import SimConfig, simulate_fov
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--size", type=str, default="32x384x384", help="volume ZxYxX (the thesis' crop)")

@@ -6,7 +6,7 @@ Measures
    profile's width: voxels per second, FLOPs per step counted with
    ``torch.utils.flop_counter.FlopCounterMode``, and the achieved fraction of the matmul rate;
 3. whole-volume inference time and peak resident memory for a 32x384x384 volume and a real-size
-   64x624x924 FOV (tiled by :func:`vstain.infer.predict_volume` when over its memory budget).
+   64x624x924 FOV (tiled by :func:`vstain.inference.infer.predict_volume` when over its memory budget).
 
 Usage::
 
@@ -29,13 +29,13 @@ import warnings
 
 import numpy as np
 import torch
+from peaks import Peak, rss
 from torch.utils.flop_counter import FlopCounterMode
 
-from peaks import Peak, rss
-from vstain.infer import default_max_voxels, plan, predict_volume
+from vstain.inference.infer import default_max_voxels, plan, predict_volume
 from vstain.losses import masked_l1
 from vstain.models import Generator, GeneratorConfig, num_params
-from vstain.trainer import make_optimizer
+from vstain.training.trainer import make_optimizer
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs (seconds)")
@@ -91,7 +91,7 @@ for width in args.widths:
     gen = Generator(GeneratorConfig(base_width=width)).to(memory_format=fmt)
     if args.compile:
         gen.compile()  # in place
-    opt = make_optimizer(gen.parameters(), "adam", lr=2e-4, betas=(0.5, 0.9))  # as vstain.train uses it
+    opt = make_optimizer(gen.parameters(), "adam", lr=2e-4, betas=(0.5, 0.9))  # as vstain.training.unet uses it
     x = torch.randn(args.batch, 1, *args.crop).contiguous(memory_format=fmt)
     y = torch.randn(args.batch, 6, *args.crop)
     y[:, 2:5] = float("nan")  # three unlabelled channels, as in a real FOV

@@ -1,7 +1,7 @@
 """Wall time of one WGAN-GP generator iteration against one U-Net step at the same size.
 
 One generator iteration = ``n_critic`` critic steps (each on a fresh batch) + 1 generator step,
-exactly as :meth:`vstain.wgan.WGAN.training_step` runs them: the critic steps run the generator
+exactly as :meth:`vstain.training.wgan.WGAN.training_step` runs them: the critic steps run the generator
 without a graph, except the last, whose forward (with its graph) the generator step reuses.
 One U-Net step = forward, masked L1, backward, optimiser step.
 
@@ -32,9 +32,9 @@ from torch.utils.flop_counter import flop_registry
 
 from vstain.channels import TARGETS
 from vstain.losses import masked_l1
-from vstain.configs import WGANConfig
-from vstain.trainer import make_optimizer
-from vstain.wgan import WGAN
+from vstain.training.configs import WGANConfig
+from vstain.training.trainer import make_optimizer
+from vstain.training.wgan import WGAN
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--width", type=int, default=16, help="generator and critic base width (thesis 64)")

@@ -5,16 +5,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from test_train import tiny_cfg, tiny_records
-from vstain import ablation, dataset
+
 from vstain.channels import TARGETS
-from vstain.configs import UNetConfig
 from vstain.losses import PIXEL_LOSSES, masked_l1, masked_mse
 from vstain.modelfiles import read_metrics
 from vstain.models import Generator, GeneratorConfig, InstanceNorm3d
-from vstain.train import fit_unet
-from vstain.trainer import make_optimizer
+from vstain.preprocess import processed
+from vstain.studies import ablation
+from vstain.training.configs import UNetConfig
+from vstain.training.trainer import make_optimizer
+from vstain.training.unet import fit_unet
 
 SHAPE = (11, 20, 23)  # odd, unequal Z, Y, X
 
@@ -27,10 +28,10 @@ def records(counts: dict[str, int], seed=0):
 
 def write_set(stage, counts, splits):
     """A processed set whose FOVs get the given ``splits`` in order (no stratified split)."""
-    rows = [dataset.write_processed_fov(stage, r) for r in records(counts)]
+    rows = [processed.write_processed_fov(stage, r) for r in records(counts)]
     df = pd.DataFrame(rows)
     df.insert(3, "split", splits)
-    df.to_csv(stage / dataset.MANIFEST_CSV, index=False)
+    df.to_csv(stage / processed.MANIFEST_CSV, index=False)
     return stage
 
 
@@ -89,35 +90,35 @@ def test_balanced_sampling_draws_each_structure_equally(tmp_path):
     mito = TARGETS.index("mito")
     share = {}
     for sampling in ("uniform", "balanced"):
-        crops = dataset.ProcessedCrops(stage, "train", (8, 8, 8), samples=240, flips=False, sampling=sampling)
+        crops = processed.ProcessedCrops(stage, "train", (8, 8, 8), samples=240, flips=False, sampling=sampling)
         share[sampling] = np.mean([bool(torch.isfinite(crops[i][1][mito]).all()) for i in range(len(crops))])
     assert share["uniform"] == pytest.approx(0.8, abs=0.08)  # 4 of 5 FOVs are mito
     assert share["balanced"] == pytest.approx(0.5, abs=0.1)  # 1 of 2 structures
 
 
 def test_channel_selection_keeps_only_fovs_that_carry_it(four):
-    crops = dataset.ProcessedCrops(four, "train", (8, 16, 16), samples=12, channels=("nucleoli",))
+    crops = processed.ProcessedCrops(four, "train", (8, 16, 16), samples=12, channels=("nucleoli",))
     assert crops.ids == ["nucleoli0"]
     x, y = crops[5]
     assert x.shape == (1, 8, 16, 16) and y.shape == (1, 8, 16, 16) and torch.isfinite(y).all()
-    both = dataset.ProcessedCrops(four, "train", (8, 16, 16), samples=2, channels=("dna", "membrane"))
+    both = processed.ProcessedCrops(four, "train", (8, 16, 16), samples=2, channels=("dna", "membrane"))
     assert len(both.ids) == 4 and both[0][1].shape[0] == 2
     with pytest.raises(ValueError, match=r"no FOV with labels for \['mito', 'nucleoli'\] in split 'train'"):
-        dataset.ProcessedCrops(four, "train", (8, 16, 16), channels=("mito", "nucleoli"))
+        processed.ProcessedCrops(four, "train", (8, 16, 16), channels=("mito", "nucleoli"))
 
 
 # --- the defaults train as before --------------------------------------------------------------
 def test_default_training_is_the_plain_masked_l1_loop(tmp_path):
     """With every new option at its default, the Lightning training takes the same steps as a
     plain loop of Adam on the masked L1 over the seeded crops: the same losses, bit for bit."""
-    dataset.write_processed(tmp_path / "stage", tiny_records())
+    processed.write_processed(tmp_path / "stage", tiny_records())
     cfg = tiny_cfg(max_steps=3, val_every=100, ckpt_every=100)
     fit_unet(cfg, tmp_path / "stage", tmp_path / "out", progress=False)
     logged = read_metrics(tmp_path / "out")["train_l1"].dropna().tolist()
     torch.manual_seed(cfg.seed)
     gen = Generator(GeneratorConfig(base_width=cfg.base_width))
     opt = make_optimizer(gen.parameters(), "adam", cfg.lr, cfg.betas)
-    crops = dataset.ProcessedCrops(tmp_path / "stage", "train", cfg.crop, cfg.samples, flips=True, seed=cfg.seed)
+    crops = processed.ProcessedCrops(tmp_path / "stage", "train", cfg.crop, cfg.samples, flips=True, seed=cfg.seed)
     ref = []
     for step in range(3):
         xs, ys = zip(*(crops[i] for i in range(step * cfg.batch_size, (step + 1) * cfg.batch_size)))

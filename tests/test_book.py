@@ -7,9 +7,9 @@ import re
 
 import nbformat
 import pytest
-
 from conftest import QUICK_BOOK_EXECUTED, ROOT, Background, in_background, pipeline_in_background, take_background
-from vstain.book import browser, pipeline
+
+from vstain.book import browser, devtools, pipeline
 
 # Keys the notebooks share (CONTRACT): they must exist with exactly these names.
 SHARED_KEYS = {"vstain_thesis2023", "viana2023", "bray2012", "krull2019", "gulrajani2017", "arjovsky2017",
@@ -32,8 +32,8 @@ def cited_keys() -> dict[str, set[str]]:
 
 def chromium_or_fail() -> str:
     try:
-        return browser.find_chromium()
-    except browser.ChromiumNotFound as exc:
+        return devtools.find_chromium()
+    except devtools.ChromiumNotFound as exc:
         pytest.fail(f"{exc} (`make test` installs it)")
 
 

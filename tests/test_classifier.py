@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from vstain.channels import TARGETS
-from vstain.dataset import write_processed
 from vstain.evaluate import classifier as C
-from vstain.volumes import write_volume
+from vstain.evaluate import patches as P
+from vstain.evaluate import perceptual as Q
+from vstain.preprocess.processed import write_processed
+from vstain.volumes import read_volume, write_volume
 
 
 @pytest.mark.parametrize("bad,match", [({"arch": "resnet50"}, "arch"), ({"patch": (3, 16, 16)}, "patch"),
@@ -36,17 +38,17 @@ def test_network_shapes(arch, patch):
 
 def test_grid_and_background_rule():
     shape, patch = (9, 40, 50), (5, 10, 10)
-    assert len(C.grid_starts(shape, patch, patch)) == 1 * 4 * 5
+    assert len(P.grid_starts(shape, patch, patch)) == 1 * 4 * 5
     ref = np.zeros(shape, np.float32)
     ref[2:6, 12:18, 31:38] = 1.0  # one object, inside grid cell y=10, x=30
-    kept = C.foreground_starts(ref, patch, patch, 0.5)
+    kept = P.foreground_starts(ref, patch, patch, 0.5)
     assert kept == [(0, 10, 30)]
-    assert C.foreground_starts(np.zeros(shape), patch, patch, 0.5) == []  # empty: nothing kept
+    assert P.foreground_starts(np.zeros(shape), patch, patch, 0.5) == []  # empty: nothing kept
     # ratio 0 keeps every patch that holds any foreground, and only those
     ref[0, 0, 0] = 1.0
-    assert C.foreground_starts(ref, patch, patch, 0.0) == [(0, 0, 0), (0, 10, 30)]
+    assert P.foreground_starts(ref, patch, patch, 0.0) == [(0, 0, 0), (0, 10, 30)]
     with pytest.raises(ValueError, match="does not fit"):
-        C.grid_starts((4, 40, 50), patch, patch)
+        P.grid_starts((4, 40, 50), patch, patch)
 
 
 def test_confusion_and_f1_by_hand():
@@ -65,13 +67,13 @@ def test_perceptual_distance_is_zero_for_identical_and_bounded():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(4, 8, 16, 16)).astype(np.float32)
     b = rng.normal(size=(4, 8, 16, 16)).astype(np.float32)
-    assert np.allclose(C.perceptual_distance(m, a, a, cfg), 0, atol=1e-6)
-    assert np.allclose(C.perceptual_distance(m, a, 3 * a + 1, cfg), 0, atol=1e-5)  # patches are standardised
-    d = C.perceptual_distance(m, a, b, cfg)
+    assert np.allclose(Q.perceptual_distance(m, a, a, cfg), 0, atol=1e-6)
+    assert np.allclose(Q.perceptual_distance(m, a, 3 * a + 1, cfg), 0, atol=1e-5)  # patches are standardised
+    d = Q.perceptual_distance(m, a, b, cfg)
     assert d.shape == (4,) and (d > 0).all() and (d <= 4).all()
     # the one-pass scorer gives the same classes as predict() and the same distances
-    classes, dist = C.classify_and_compare(m, a, {"b": b}, cfg, batch_size=3)
-    assert (classes[C.REAL] == C.predict(m, a, cfg).argmax(1)).all()
+    classes, dist = Q.classify_and_compare(m, a, {"b": b}, cfg, batch_size=3)
+    assert (classes[P.REAL] == C.predict(m, a, cfg).argmax(1)).all()
     assert (classes["b"] == C.predict(m, b, cfg).argmax(1)).all()
     assert np.allclose(dist["b"], d, atol=1e-6)
 
@@ -97,7 +99,7 @@ def _blob_set(tmp_path, shape=(8, 24, 26)):
     df = write_processed(stage, blob_records(shape))
     d = tmp_path / "same" / "predictions"
     for _, r in df[df["split"] != "train"].iterrows():
-        vol = np.nan_to_num(C.read_volume(stage / r["path"])[1:], nan=0.0)
+        vol = np.nan_to_num(read_volume(stage / r["path"])[1:], nan=0.0)
         write_volume(d / f"{r['fov_id']}.tif", vol)
     return stage, df, d
 
@@ -106,24 +108,24 @@ def test_scores_of_a_copy_equal_the_real_ones(tmp_path):
     stage, df, d = _blob_set(tmp_path)
     cfg = C.ClassifierConfig(patch=(8, 8, 8), widen_factor=0.125)
     m = C.build_classifier(cfg)
-    scores = C.score_models(m, cfg, stage, {"copy": d})
-    real, copy = scores[scores["model"] == C.REAL], scores[scores["model"] == "copy"]
+    scores = Q.score_models(m, cfg, stage, {"copy": d})
+    real, copy = scores[scores["model"] == P.REAL], scores[scores["model"] == "copy"]
     assert len(real) == len(copy) > 0
     assert (real["predicted"].to_numpy() == copy["predicted"].to_numpy()).all()
     assert np.allclose(copy["perceptual"], 0, atol=1e-6)
     # only labelled channels are scored against the target; all six against the truth
     n_test = (df["split"] == "test").sum()
     assert real.groupby("fov_id")["channel"].nunique().max() == 3
-    truth = C.score_models(m, cfg, stage, {"copy": d}, reference="truth")
+    truth = Q.score_models(m, cfg, stage, {"copy": d}, reference="truth")
     assert truth.groupby("fov_id")["channel"].nunique().min() == 6 and truth["fov_id"].nunique() == n_test
-    summ = C.summarise_scores(scores)
-    assert set(summ.index.get_level_values("model")) == {C.REAL, "copy"}
-    assert np.allclose(summ.xs(C.REAL, level="model")["f1clf"], summ.xs("copy", level="model")["f1clf"], equal_nan=True)
+    summ = Q.summarise_scores(scores)
+    assert set(summ.index.get_level_values("model")) == {P.REAL, "copy"}
+    assert np.allclose(summ.xs(P.REAL, level="model")["f1clf"], summ.xs("copy", level="model")["f1clf"], equal_nan=True)
 
 
 def _simulated_set(tmp_path, n_per=3, shape=(24, 64, 64), window=16):
     """A processed set of simulated FOVs (measured channels, not denoised), as 03_denoising writes it."""
-    from vstain.simulate import STRUCTURES, SimConfig, simulate_fov
+    from vstain.data.simulate import STRUCTURES, SimConfig, simulate_fov
 
     cfg = SimConfig(shape=shape)
     recs, k = [], 0

@@ -8,7 +8,7 @@ import pytest
 
 from vstain.channels import TARGETS
 from vstain.evaluate import comparison as C
-from vstain.evaluate.classifier import REAL
+from vstain.evaluate.patches import REAL
 
 MODELS = ["U-Net", "WGAN-GP"]
 

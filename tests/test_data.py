@@ -1,4 +1,4 @@
-"""The Allen-layout loader (vstain.data) against small hand-built local quilt3 registries.
+"""The Allen-layout loader (vstain.data.stage) against small hand-built local quilt3 registries.
 
 Each registry follows the real package: ``metadata.csv`` with one row per cell (so FOVs repeat),
 ``outlier`` flags, per-row 0-based channel columns, and OME-TIFFs under ``fov_path/``. Channel
@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 import tifffile
 
-from vstain import allen, channels, data, volumes
+from vstain import channels, volumes
 from vstain.channels import TARGETS
+from vstain.data import allen, stage
 
 DEFAULT_CH = {"ChannelNumberBrightfield": 0, "ChannelNumberStruct": 1, "ChannelNumber405": 3, "ChannelNumber638": 2}
 # A 7-channel FOV as in the real dataset: blank channels 0, 2, 5 and non-default positions.
@@ -131,13 +132,13 @@ def test_selection_is_seeded_and_per_structure(registry):
 
 
 def test_allen_stage_from_a_local_registry(registry, tmp_path):
-    df = data.run_data_stage(tmp_path, source="allen", registry=registry, n_per_structure=1, seed=3)
-    back = data.read_fovs(tmp_path)
+    df = stage.run_data_stage(tmp_path, source="allen", registry=registry, n_per_structure=1, seed=3)
+    back = stage.read_fovs(tmp_path)
     assert list(back["fov_id"]) == list(df["fov_id"]) and len(df) == 4
     assert set(back.columns) >= {"fov_id", "gene", "structure", "path", "truth_path", "focus_z_lo", "focus_z_hi",
                                  "pixel_size_z", "pixel_size_y", "pixel_size_x"}
     for _, row in back.iterrows():
-        fov = data.read_stage_fov(row)
+        fov = stage.read_stage_fov(row)
         bf, target, truth = fov.bf, fov.target, fov.truth
         assert bf.shape == (1, *SHAPE) and target.shape == (6, *SHAPE) and truth is None
         carried = ~np.isnan(target).all(axis=(1, 2, 3))
@@ -146,11 +147,11 @@ def test_allen_stage_from_a_local_registry(registry, tmp_path):
 
 
 def test_center_crop_yx(registry, tmp_path):
-    df = data.run_data_stage(tmp_path, source="allen", registry=registry, n_per_structure=1, crop_yx=(3, 6))
-    fov = data.read_stage_fov(data.read_fovs(tmp_path).iloc[0])
+    df = stage.run_data_stage(tmp_path, source="allen", registry=registry, n_per_structure=1, crop_yx=(3, 6))
+    fov = stage.read_stage_fov(stage.read_fovs(tmp_path).iloc[0])
     assert fov.bf.shape == (1, SHAPE[0], 3, 6) and fov.target.shape == (6, SHAPE[0], 3, 6) and len(df) == 4
     with pytest.raises(ValueError, match=r"crop_yx \(8, 6\) does not fit FOV 1\d of 7 x 9"):
-        data.run_data_stage(tmp_path, source="allen", registry=registry, n_per_structure=1, crop_yx=(8, 6))
+        stage.run_data_stage(tmp_path, source="allen", registry=registry, n_per_structure=1, crop_yx=(8, 6))
 
 
 def test_plots_draw_a_stage(registry, tmp_path):
@@ -159,11 +160,11 @@ def test_plots_draw_a_stage(registry, tmp_path):
     matplotlib.use("Agg")
     from vstain.plots import data as plots
 
-    data.run_data_stage(tmp_path, source="allen", registry=registry, n_per_structure=1)
-    fovs = data.read_fovs(tmp_path)
-    samples, carried = data.stage_summary(fovs, voxels_per_fov=50)
+    stage.run_data_stage(tmp_path, source="allen", registry=registry, n_per_structure=1)
+    fovs = stage.read_fovs(tmp_path)
+    samples, carried = stage.stage_summary(fovs, voxels_per_fov=50)
     assert carried.shape == (4, 6) and carried.sum() == 12 and set(samples["mito"]) == {"TOMM20"}
-    fov = data.read_stage_fov(fovs.iloc[2])
+    fov = stage.read_stage_fov(fovs.iloc[2])
     figs = [plots.fov_gallery(fov.bf, fov.target, fov.pixel_size, "t", focus_z=(1, 3)),
             plots.intensity_histograms(samples), plots.label_matrix(fovs, carried),
             plots.brightfield_through_focus(fov.bf, fov.pixel_size, "t", n=3)]
@@ -239,7 +240,7 @@ def test_unknown_structure_name(registry):
 
 def test_unknown_structure_fails_before_any_network():
     with pytest.raises(ValueError, match="unknown structure"):
-        data.run_data_stage("unused", source="allen", structures=("XYZ",))
+        stage.run_data_stage("unused", source="allen", structures=("XYZ",))
 
 
 def test_missing_local_registry(tmp_path):
@@ -268,24 +269,24 @@ def test_s3_registry_unreachable(no_network):
 
 def test_bad_source_and_registry_for_synthetic():
     with pytest.raises(ValueError, match="source must be one of"):
-        data.run_data_stage("unused", source="allencell")
+        stage.run_data_stage("unused", source="allencell")
     with pytest.raises(ValueError, match="registry must be None"):
-        data.run_data_stage("unused", source="synthetic", registry="s3://allencell")
+        stage.run_data_stage("unused", source="synthetic", registry="s3://allencell")
 
 
 # ---------------------------------------------------------------------------------------------
 # The default path: simulator -> local registry -> the same loader, with the network blocked
 # ---------------------------------------------------------------------------------------------
 def test_simulated_stage_offline(tmp_path, no_network):
-    pytest.importorskip("vstain.simulate")
+    pytest.importorskip("vstain.data.simulate")
     shape = (21, 38, 45)
-    df = data.run_data_stage(tmp_path, source="synthetic", n_per_structure=1, shape=shape,
+    df = stage.run_data_stage(tmp_path, source="synthetic", n_per_structure=1, shape=shape,
                              pixel_size=(0.6, 0.31, 0.29), seed=1)
     assert sorted(df["gene"]) == sorted(channels.DEFAULT_STRUCTURES)
-    assert (tmp_path / "registry").is_dir() and (tmp_path / data.FOVS_CSV).is_file()
-    back = data.read_fovs(tmp_path)
+    assert (tmp_path / "registry").is_dir() and (tmp_path / stage.FOVS_CSV).is_file()
+    back = stage.read_fovs(tmp_path)
     for _, row in back.iterrows():
-        fov = data.read_stage_fov(row)
+        fov = stage.read_stage_fov(row)
         bf, target, truth = fov.bf, fov.target, fov.truth
         assert bf.shape == (1, *shape) and target.shape == (6, *shape) and truth.shape == (6, *shape)
         carried = ~np.isnan(target).all(axis=(1, 2, 3))

@@ -13,12 +13,13 @@ import pytest
 import torch
 from torch.multiprocessing import ProcessRaisedException
 
-from vstain import dataset, wgan
 from vstain.channels import TARGETS
-from vstain.configs import UNetConfig, WGANConfig
 from vstain.modelfiles import CHECKPOINTS, LAST, read_metrics
-from vstain.train import fit_unet
-from vstain.trainer import SkipSampler, error_message
+from vstain.preprocess import processed
+from vstain.training import wgan
+from vstain.training.configs import UNetConfig, WGANConfig
+from vstain.training.trainer import SkipSampler, error_message
+from vstain.training.unet import fit_unet
 
 SHAPE = (9, 18, 21)  # Z, Y, X: odd and unequal
 WORLD = 2
@@ -37,7 +38,7 @@ def stage(tmp_path_factory):
                     tgt[c] = np.tanh(bf * (c + 1) / 3) + 0.1 * rng.normal(size=SHAPE)
             records.append(dict(fov_id=f"{s}{i}", gene="G", structure=s, bf=bf, target=tgt, truth=None))
     d = tmp_path_factory.mktemp("processed")
-    dataset.write_processed(d, records)
+    processed.write_processed(d, records)
     return d
 
 
@@ -69,7 +70,7 @@ def expected_crops(stage, crop, samples, seed, rank, batches, step=lambda b: b):
     """(step, crop sum) of the crops process ``rank`` must train on in ``batches``, batch size 1:
     index ``rank + WORLD * k`` of each epoch of ``ceil(samples / WORLD)`` batches; ``step(b)`` is
     the optimiser step at which batch ``b`` starts."""
-    ds = dataset.ProcessedCrops(stage, "train", crop, samples, flips=True, seed=seed)
+    ds = processed.ProcessedCrops(stage, "train", crop, samples, flips=True, seed=seed)
     per_epoch = -(-samples // WORLD)
     out = []
     for b in batches:
@@ -103,7 +104,7 @@ def test_sampler_rejects_a_bad_rank():
 def test_divergence_in_a_spawned_process_is_recognised():
     msg = "WGAN training stopped at optimiser step 4 (generator iteration 1): non-finite gp"
     err = ProcessRaisedException(f"\n\n-- Process 1 terminated with the following error:\nTraceback ...\n"
-                                 f"vstain.wgan.TrainingDiverged: {msg}\n", 1, 4242)
+                                 f"vstain.training.wgan.TrainingDiverged: {msg}\n", 1, 4242)
     assert error_message(err, wgan.TrainingDiverged) == msg
     assert error_message(wgan.TrainingDiverged(msg), wgan.TrainingDiverged) == msg
     assert error_message(ProcessRaisedException("ValueError: other", 0, 1), wgan.TrainingDiverged) is None

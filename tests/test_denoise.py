@@ -1,12 +1,13 @@
-"""Noise2Void through careamics (vstain.denoise), the BM3D and NLM baselines and the scores
-(vstain.classical), and the processed set."""
+"""Noise2Void through careamics (vstain.preprocess.denoise), the BM3D and NLM baselines and the scores
+(vstain.preprocess.classical), and the processed set."""
 import numpy as np
 import pandas as pd
 import pytest
 
-from vstain import classical, denoise, preprocess
 from vstain.channels import TARGETS
-from vstain.dataset import ProcessedCrops, load_fov, read_manifest, write_processed
+from vstain.evaluate import denoising
+from vstain.preprocess import classical, denoise, stages
+from vstain.preprocess.processed import ProcessedCrops, load_fov, read_manifest, write_processed
 
 TINY = dict(patch_size=(8, 16, 16), batch_size=4, epochs=1, steps_per_epoch=3, base_width=8,
             n_val_patches=2, tile_size=(8, 16, 16), tile_overlap=(2, 4, 4))
@@ -127,13 +128,14 @@ def identity_n2v(stacks, channel, work_dir, cfg, device="cpu", precision="32-tru
 def test_denoise_stage_caps_bm3d_volumes(tmp_path, monkeypatch, cap):
     """``bm3d_max_volumes`` bounds BM3D's volumes per channel (N2V faked: this tests the bookkeeping)."""
     from test_focus import write_stage01
-    from vstain import preprocess
+
+    from vstain.preprocess import stages
 
     monkeypatch.setattr(denoise, "train_n2v", identity_n2v)
     stage01 = write_stage01(tmp_path / "01_data", n_per_structure=3, shape=(24, 24, 24))
-    preprocess.run_focus_stage(stage01, tmp_path / "02_plls", window=4)
+    stages.run_focus_stage(stage01, tmp_path / "02_plls", window=4)
     out = tmp_path / "03_denoising"
-    res = preprocess.run_denoise_stage(stage01, tmp_path / "02_plls", out, denoise.N2VConfig(**TINY),
+    res = stages.run_denoise_stage(stage01, tmp_path / "02_plls", out, denoise.N2VConfig(**TINY),
                                        bm3d_max_volumes=cap, nlm_max_volumes=1)
     ev, tm = res["eval"], res["time"]
     per_channel = ev[ev["method"] == "bm3d"].groupby("channel").size()
@@ -142,15 +144,15 @@ def test_denoise_stage_caps_bm3d_volumes(tmp_path, monkeypatch, cap):
     bm = tm[tm["method"] == "bm3d"].set_index("channel")
     assert len(bm) == (len(carried) if cap else 0) and (bm["n_volumes"] <= cap).all()
     assert (tm[tm["method"] == "nlm"]["n_volumes"] == 1).all()
-    gallery = preprocess.read_volume(out / preprocess.GALLERY_TIF)
-    assert gallery.shape[1] == len(preprocess.GALLERY_METHODS)
-    j = preprocess.GALLERY_METHODS.index("bm3d")
+    gallery = stages.read_volume(out / stages.GALLERY_TIF)
+    assert gallery.shape[1] == len(stages.GALLERY_METHODS)
+    j = stages.GALLERY_METHODS.index("bm3d")
     assert np.isfinite(gallery[:, j]).any() == bool(cap)
-    summary = preprocess.denoise_summary(ev, tm)
-    claim = preprocess.thesis_claim(summary, ev)
+    summary = denoising.denoise_summary(ev, tm)
+    claim = denoising.thesis_claim(summary, ev)
     assert ("BM3D" in claim) and (("cannot be checked" in claim) == (cap == 0))
     with pytest.raises(ValueError, match="bm3d_max_volumes"):
-        preprocess.run_denoise_stage(stage01, tmp_path / "02_plls", out, denoise.N2VConfig(**TINY),
+        stages.run_denoise_stage(stage01, tmp_path / "02_plls", out, denoise.N2VConfig(**TINY),
                                      bm3d_max_volumes=-1)
 
 
@@ -218,13 +220,14 @@ def test_processed_set_with_an_entirely_nan_channel(tmp_path):
 @pytest.mark.slow
 def test_denoise_stage_end_to_end_on_simulated_fovs(tmp_path):
     from test_focus import write_stage01
-    from vstain import preprocess
+
+    from vstain.preprocess import stages
 
     stage01 = write_stage01(tmp_path / "01_data", n_per_structure=3, shape=(24, 32, 36))
-    preprocess.run_focus_stage(stage01, tmp_path / "02_plls", window=8)
+    stages.run_focus_stage(stage01, tmp_path / "02_plls", window=8)
     cfg = denoise.N2VConfig(**{**TINY, "tile_size": (8, 32, 32), "tile_overlap": (0, 8, 8)})
     out = tmp_path / "03_denoising"
-    res = preprocess.run_denoise_stage(stage01, tmp_path / "02_plls", out, cfg, nlm_max_volumes=1)
+    res = stages.run_denoise_stage(stage01, tmp_path / "02_plls", out, cfg, nlm_max_volumes=1)
     man = read_manifest(out)
     assert len(man) == 12 and pd.crosstab(man["structure"], man["split"]).min().min() >= 1
     bf, tgt, truth = load_fov(man.iloc[0])
@@ -236,11 +239,11 @@ def test_denoise_stage_end_to_end_on_simulated_fovs(tmp_path):
     assert ev[["psnr", "ssim"]].notna().all().all()
     assert (ev[ev["method"] == "nlm"].groupby("channel").size() == 1).all()
     assert (ev[ev["method"] == "bm3d"].groupby("channel").size() == 1).all()  # bm3d_max_volumes default 1
-    summary = preprocess.denoise_summary(ev, res["time"])
-    claim = preprocess.thesis_claim(summary, ev)
+    summary = denoising.denoise_summary(ev, res["time"])
+    claim = denoising.thesis_claim(summary, ev)
     assert "thesis' claim" in claim and "BM3D" in claim and "non-local means" in claim
     assert sorted(p.name for p in (out / "n2v").iterdir()) == sorted(TARGETS)
-    again = preprocess.run_denoise_stage(stage01, tmp_path / "02_plls", out, cfg, nlm_max_volumes=1)
+    again = stages.run_denoise_stage(stage01, tmp_path / "02_plls", out, cfg, nlm_max_volumes=1)
     assert again["time"].query("method == 'n2v'")["reused"].all()
 
 
@@ -260,6 +263,6 @@ def _eval_table(n, n2v_minus_base, n2v_minus_noisy=3.0, seed=0):
 @pytest.mark.parametrize("n, gap, verdict", [(8, 0.0, "holds"), (8, -3.0, "does not hold"),
                                              (1, 0.0, "cannot be decided with n = 1 volume per channel")])
 def test_channel_claims_decide_from_paired_intervals(n, gap, verdict):
-    sentences, claim = preprocess.channel_claims(_eval_table(n, gap))
+    sentences, claim = denoising.channel_claims(_eval_table(n, gap))
     assert claim == verdict
     assert sentences[0].startswith("DNA: N2V ") and "against the noisy input" in sentences[0]

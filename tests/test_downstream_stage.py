@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vstain import dataset
 from vstain.channels import LABEL_CHANNELS, TARGETS
+from vstain.data.simulate import SimConfig, simulate_fov
 from vstain.evaluate import downstream_stage as ds
 from vstain.evaluate.stats import format_ci
-from vstain.simulate import SimConfig, simulate_fov
+from vstain.preprocess import processed
 from vstain.volumes import read_volume, write_volume
 
 matplotlib.use("Agg")
@@ -34,7 +34,7 @@ def run(tmp_path_factory):
         records.append({"fov_id": f"f{seed}", "gene": "TOMM20", "structure": "mito", "bf": f["brightfield"],
                         "target": target, "truth": f["truth"],
                         "labels": np.stack([f["labels"][c] for c in LABEL_CHANNELS])})
-    manifest = dataset.write_processed(root / "03", records, seed=0, fractions=(0.2, 0.2, 0.6))
+    manifest = processed.write_processed(root / "03", records, seed=0, fractions=(0.2, 0.2, 0.6))
     dirs = {m: root / m for m in MODELS}
     for fid in manifest["fov_id"]:
         truth = read_volume(root / "03" / "processed" / f"{fid}_truth.tif")
@@ -69,7 +69,7 @@ def test_tables_per_fov(run):
 
 def test_a_fov_without_labels_or_truth(run):
     root, dirs, _ = run
-    row = dataset.read_manifest(root / "03").iloc[0].copy()
+    row = processed.read_manifest(root / "03").iloc[0].copy()
     row["labels_path"] = ""
     t = ds.fov_tables(row, dirs, PX)
     assert t["instances"].empty and t["plausibility"].empty and len(t["ceiling"]) == 3
@@ -79,7 +79,7 @@ def test_a_fov_without_labels_or_truth(run):
 
 def test_a_prediction_of_another_shape_is_an_error(run, tmp_path):
     root, dirs, _ = run
-    row = dataset.read_manifest(root / "03").iloc[0]
+    row = processed.read_manifest(root / "03").iloc[0]
     write_volume(tmp_path / f"{row['fov_id']}.tif", np.zeros((6, 24, 46, 52), np.float32))
     with pytest.raises(ValueError, match=r"does not match the processed FOV \(6, 25, 46, 52\)"):
         ds.fov_tables(row, {"bad": tmp_path}, PX)
@@ -133,7 +133,7 @@ def test_figures(run):
     from vstain.plots import downstream as plots
 
     root, dirs, t = run
-    row = dataset.read_manifest(root / "03").iloc[0]
+    row = processed.read_manifest(root / "03").iloc[0]
     volumes, labels = ds.fov_volumes(row, dirs)
     segmented = ds.segment_sources(volumes, PX)
     fig = plots.segmentation_outlines(volumes, ds.true_instances(labels), segmented, PX, "FOV")
@@ -158,8 +158,8 @@ def test_a_run_without_labels_gives_empty_tables_and_says_so(run, tmp_path):
     segmentation is missing."""
     root, dirs, _ = run
     shutil.copytree(root / "03", tmp_path / "03")
-    manifest = pd.read_csv(tmp_path / "03" / dataset.MANIFEST_CSV, dtype={"fov_id": str})
-    manifest.assign(labels_path="").to_csv(tmp_path / "03" / dataset.MANIFEST_CSV, index=False)
+    manifest = pd.read_csv(tmp_path / "03" / processed.MANIFEST_CSV, dtype={"fov_id": str})
+    manifest.assign(labels_path="").to_csv(tmp_path / "03" / processed.MANIFEST_CSV, index=False)
     t = ds.run_downstream(tmp_path / "03", dirs, PX)
     assert t["instances"].empty and t["plausibility"].empty and len(t["ceiling"]) == 9
     s = ds.summarise(t["instances"], [ds.TRUTH, *MODELS])

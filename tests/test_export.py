@@ -1,4 +1,4 @@
-"""bioimage.io export (vstain.export) and flip test-time augmentation (vstain.tta).
+"""bioimage.io export (vstain.inference.export) and flip test-time augmentation (vstain.inference.tta).
 
 A width-4 generator is saved as a model stage folder exactly as training leaves it (``model.json``
 and ``checkpoints/last.ckpt`` with ``generator.*`` keys, ``01_data`` with the voxel size), exported
@@ -18,13 +18,13 @@ import torch
 from bioimageio.core import create_prediction_pipeline, predict
 from bioimageio.spec import load_model_description
 
-from vstain import export
 from vstain.channels import TARGETS
-from vstain.dataset import write_processed, zscore
-from vstain.infer import predict_volume
-from vstain.models import Generator, GeneratorConfig
+from vstain.inference import export
+from vstain.inference.infer import predict_volume
+from vstain.inference.tta import predict_tta
 from vstain.modelfiles import load_generator
-from vstain.tta import predict_tta
+from vstain.models import Generator, GeneratorConfig
+from vstain.preprocess.processed import write_processed, zscore
 from vstain.volumes import read_volume
 
 VOXEL = (0.29, 0.108, 0.108)

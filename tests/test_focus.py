@@ -1,9 +1,9 @@
-"""PLLS and the in-focus window (vstain.focus)."""
+"""PLLS and the in-focus window (vstain.preprocess.focus)."""
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from vstain import focus
+from vstain.preprocess import focus
 
 
 def power_law_noise(shape, a, seed):
@@ -104,8 +104,8 @@ def test_short_stack_error_names_fov_and_sizes():
 
 def write_stage01(folder, n_per_structure=3, shape=(24, 40, 44), seed=0):
     """A tiny 01_data stage from the simulator, in the contract's layout."""
-    from vstain import simulate
     from vstain.channels import DEFAULT_GENE_MAP, TARGETS
+    from vstain.data import simulate
     from vstain.volumes import write_volume
 
     genes = {s: g for g, s in reversed(list(DEFAULT_GENE_MAP.items()))}
@@ -133,18 +133,18 @@ def write_stage01(folder, n_per_structure=3, shape=(24, 40, 44), seed=0):
 
 @pytest.mark.parametrize("shape,window", [((24, 40, 44), 12), ((27, 48, 36), 14)])
 def test_focus_stage_finds_the_true_range_on_simulated_fovs(tmp_path, shape, window):
-    from vstain import preprocess
+    from vstain.preprocess import stages
 
     stage01 = write_stage01(tmp_path / "01_data", n_per_structure=1, shape=shape)
-    df = preprocess.run_focus_stage(stage01, tmp_path / "02_plls", window=window)
+    df = stages.run_focus_stage(stage01, tmp_path / "02_plls", window=window)
     assert (tmp_path / "02_plls" / "focus.csv").exists() and (tmp_path / "02_plls" / "focus_curves.csv").exists()
     assert (df["z_hi"] - df["z_lo"] == window).all()
     assert (df["extremum_plls"] == "min").all()  # noisy simulated DNA: steepest slope in focus
-    errors = preprocess.focus_errors(df).set_index("method")
+    errors = stages.focus_errors(df).set_index("method")
     assert errors.loc["plls", "max_abs_error"] <= 2 and errors.loc["nvar", "max_abs_error"] <= 2
     assert (df["overlap"] >= 0.9).all()
     with pytest.raises(ValueError, match="FOV 0: the stack has"):
-        preprocess.run_focus_stage(stage01, tmp_path / "short", window=shape[0] + 1)
+        stages.run_focus_stage(stage01, tmp_path / "short", window=shape[0] + 1)
 
 
 @pytest.mark.parametrize("n_z, center, rng, offset, expected", [

@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from vstain import layerwise
-from vstain.infer import default_roi, measure_seams, plan, predict_volume, tile_borders
-from vstain.layerwise import Moments, predict_layerwise, scratch_bytes, tile_bounds
+from vstain.inference import layerwise
+from vstain.inference.infer import default_roi, measure_seams, plan, predict_volume, tile_borders
+from vstain.inference.layerwise import Moments, predict_layerwise, scratch_bytes, tile_bounds
 from vstain.models import Generator, GeneratorConfig
 
 MIN_CORR, MAX_BORDER_RATIO = 0.999, 1.2  # seamless: tiled ~ one pass, no excess difference at tile borders

@@ -7,60 +7,61 @@ import pytest
 import tifffile
 from test_denoise import TINY, identity_n2v
 
-from vstain import data, dataset, denoise, preprocess
 from vstain.channels import ALLEN_PACKAGE, LABEL_CHANNELS
+from vstain.data import stage
+from vstain.preprocess import denoise, processed, stages
 from vstain.volumes import read_labels, write_labels
 
 SHAPE, CROP_YX, WINDOW = (25, 40, 38), (33, 35), 9  # odd, unequal; the crop is off-centre by half a voxel
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory):
+def staged(tmp_path_factory):
     """01 -> 02 -> 03 on three simulated FOVs (N2V replaced by the identity), FOV "1" stripped of
     its labels in fovs.csv as a real-data FOV would be."""
     root = tmp_path_factory.mktemp("labels")
-    data.run_data_stage(root / "01", n_per_structure=3, shape=SHAPE, structures=("TOMM20",), crop_yx=CROP_YX, seed=2)
-    fovs = pd.read_csv(root / "01" / data.FOVS_CSV, dtype={"fov_id": str})
+    stage.run_data_stage(root / "01", n_per_structure=3, shape=SHAPE, structures=("TOMM20",), crop_yx=CROP_YX, seed=2)
+    fovs = pd.read_csv(root / "01" / stage.FOVS_CSV, dtype={"fov_id": str})
     fovs.loc[fovs["fov_id"] == "1", "labels_path"] = ""
-    fovs.to_csv(root / "01" / data.FOVS_CSV, index=False)
-    preprocess.run_focus_stage(root / "01", root / "02", window=WINDOW)
+    fovs.to_csv(root / "01" / stage.FOVS_CSV, index=False)
+    stages.run_focus_stage(root / "01", root / "02", window=WINDOW)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(denoise, "train_n2v", identity_n2v)
-        preprocess.run_denoise_stage(root / "01", root / "02", root / "03", denoise.N2VConfig(**TINY),
+        stages.run_denoise_stage(root / "01", root / "02", root / "03", denoise.N2VConfig(**TINY),
                                      bm3d_max_volumes=0, nlm_max_volumes=0)
     return root
 
 
-def test_labels_survive_the_focus_crop(stages):
-    focus = preprocess.read_focus(stages / "02").set_index("fov_id")
-    manifest = dataset.read_manifest(stages / "03").set_index("fov_id", drop=False)
+def test_labels_survive_the_focus_crop(staged):
+    focus = stages.read_focus(staged / "02").set_index("fov_id")
+    manifest = processed.read_manifest(staged / "03").set_index("fov_id", drop=False)
     y0, x0 = (SHAPE[1] - CROP_YX[0]) // 2, (SHAPE[2] - CROP_YX[1]) // 2
     for fid in ("0", "2"):
         row = manifest.loc[fid]
-        labels = dataset.load_labels(row)
-        bf, _, _ = dataset.load_fov(row)
+        labels = processed.load_labels(row)
+        bf, _, _ = processed.load_fov(row)
         assert labels.dtype == np.uint16 and labels.shape == (len(LABEL_CHANNELS), *bf.shape[1:])
         assert labels.shape[1:] == (WINDOW, *CROP_YX)
-        source = tifffile.imread(stages / "01" / "registry" / ALLEN_PACKAGE / "truth_labels_path" / f"{fid}_labels.ome.tiff")
+        source = tifffile.imread(staged / "01" / "registry" / ALLEN_PACKAGE / "truth_labels_path" / f"{fid}_labels.ome.tiff")
         lo, hi = int(focus.loc[fid, "z_lo"]), int(focus.loc[fid, "z_hi"])
         expected = source[:, lo:hi, y0:y0 + CROP_YX[0], x0:x0 + CROP_YX[1]]
         assert np.array_equal(labels, expected)
         assert labels[0].max() >= 2 and set(np.unique(labels[1])) <= set(np.unique(labels[0]))  # nucleus k in cell k
 
 
-def test_a_fov_without_labels_passes_through(stages):
-    manifest = dataset.read_manifest(stages / "03").set_index("fov_id", drop=False)
-    assert manifest.loc["1", "labels_path"] == "" and dataset.load_labels(manifest.loc["1"]) is None
+def test_a_fov_without_labels_passes_through(staged):
+    manifest = processed.read_manifest(staged / "03").set_index("fov_id", drop=False)
+    assert manifest.loc["1", "labels_path"] == "" and processed.load_labels(manifest.loc["1"]) is None
     assert manifest.loc["1", "truth_path"] != ""  # only the labels were missing
-    fov = data.read_stage_fov(data.read_fovs(stages / "01").set_index("fov_id", drop=False).loc["1"])
+    fov = stage.read_stage_fov(stage.read_fovs(staged / "01").set_index("fov_id", drop=False).loc["1"])
     assert fov.labels is None and fov.truth is not None
 
 
-def test_a_manifest_written_before_labels_reads_as_none(stages, tmp_path):
-    old = pd.read_csv(stages / "03" / dataset.MANIFEST_CSV, dtype={"fov_id": str}).drop(columns="labels_path")
-    old.to_csv(tmp_path / dataset.MANIFEST_CSV, index=False)
-    back = dataset.read_manifest(tmp_path)
-    assert (back["labels_path"] == "").all() and dataset.load_labels(back.iloc[0]) is None
+def test_a_manifest_written_before_labels_reads_as_none(staged, tmp_path):
+    old = pd.read_csv(staged / "03" / processed.MANIFEST_CSV, dtype={"fov_id": str}).drop(columns="labels_path")
+    old.to_csv(tmp_path / processed.MANIFEST_CSV, index=False)
+    back = processed.read_manifest(tmp_path)
+    assert (back["labels_path"] == "").all() and processed.load_labels(back.iloc[0]) is None
 
 
 @pytest.mark.parametrize("labels,match", [

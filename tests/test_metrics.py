@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from vstain.channels import TARGETS
-from vstain.dataset import write_processed
 from vstain.evaluate import metrics
+from vstain.preprocess.processed import write_processed
 from vstain.volumes import write_volume
 
 SHAPES = [(7, 9, 11), (16, 33, 35), (5, 40, 21), (3, 8, 10)]

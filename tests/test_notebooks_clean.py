@@ -9,7 +9,6 @@ import re
 import nbformat
 import papermill
 import pytest
-
 from conftest import ROOT
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))

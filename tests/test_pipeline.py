@@ -11,8 +11,8 @@ import nbformat
 import papermill
 import pytest
 import yaml
-
 from conftest import ROOT, STAGE_BODY, read_json, write_notebook
+
 from vstain.book import pipeline
 from vstain.book.pipeline import NotebookFailed, ProfileError
 

@@ -10,9 +10,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from vstain.channels import TARGETS  # noqa: E402
-from vstain.plots import results, views, wgan  # noqa: E402
-from vstain.plots.models import plot_prediction  # noqa: E402
+from vstain.channels import TARGETS
+from vstain.plots import results, views, wgan
+from vstain.plots.models import plot_prediction
 
 VOXEL = (0.5, 0.3, 0.25)  # anisotropic on purpose: z/x = 2, y/x = 1.2
 NOLABEL = TARGETS.index("envelope")

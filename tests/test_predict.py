@@ -12,13 +12,13 @@ import pytest
 import tifffile
 import torch
 
-from vstain import layerwise
 from vstain.__main__ import main
 from vstain.channels import TARGETS
-from vstain.dataset import zscore
-from vstain.infer import predict_volume
+from vstain.inference import layerwise
+from vstain.inference.infer import predict_volume
+from vstain.inference.predict import InputError, load_model, parse_bytes, predict_file, predict_files, voxel_mismatch
 from vstain.models import Generator, GeneratorConfig
-from vstain.predict import InputError, load_model, parse_bytes, predict_file, predict_files, voxel_mismatch
+from vstain.preprocess.processed import zscore
 from vstain.volumes import read_ome, write_ome
 
 VOXEL = (0.5, 0.3, 0.3)

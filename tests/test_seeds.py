@@ -9,16 +9,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
-
 from test_classifier import blob_records  # noqa: E402
-from vstain.channels import TARGETS  # noqa: E402
-from vstain.dataset import write_processed  # noqa: E402
-from vstain.evaluate import classifier as C  # noqa: E402
-from vstain.evaluate import seeds  # noqa: E402
-from vstain.evaluate.comparison import fov_values  # noqa: E402
-from vstain.evaluate.metrics import evaluate_predictions  # noqa: E402
-from vstain.plots.stats import seed_forest_plot  # noqa: E402
-from vstain.volumes import write_volume  # noqa: E402
+
+from vstain.channels import TARGETS
+from vstain.evaluate import classifier as C
+from vstain.evaluate import patches as P
+from vstain.evaluate import perceptual as Q
+from vstain.evaluate import seeds
+from vstain.evaluate.comparison import fov_values
+from vstain.evaluate.metrics import evaluate_predictions
+from vstain.plots.stats import seed_forest_plot
+from vstain.preprocess.processed import write_processed
+from vstain.volumes import read_volume, write_volume
 
 R = 999
 
@@ -112,7 +114,7 @@ def _blob_set(tmp_path, shape=(8, 24, 26)):
     df = write_processed(stage, blob_records(shape))
     d = tmp_path / "copy"
     for _, r in df[df["split"] == "test"].iterrows():
-        write_volume(d / f"{r['fov_id']}.tif", np.nan_to_num(C.read_volume(stage / r["path"])[1:], nan=0.0))
+        write_volume(d / f"{r['fov_id']}.tif", np.nan_to_num(read_volume(stage / r["path"])[1:], nan=0.0))
     return stage, d
 
 
@@ -121,13 +123,13 @@ def test_with_model_scores_the_second_seed_like_table_41(tmp_path):
     cfg = C.ClassifierConfig(patch=(8, 8, 8), widen_factor=0.125)
     clf = C.build_classifier(cfg)
     pixel = evaluate_predictions(stage, {"U-Net": d})
-    scores = C.score_models(clf, cfg, stage, {"U-Net": d})
+    scores = Q.score_models(clf, cfg, stage, {"U-Net": d})
     pixel2, scores2 = seeds.with_model(pixel, scores, stage, "U-Net s1", d, clf, cfg)
     a, b = (pixel2[pixel2["model"] == m].drop(columns="model").reset_index(drop=True) for m in ("U-Net", "U-Net s1"))
     pd.testing.assert_frame_equal(a, b)
     sa, sb = (scores2[scores2["model"] == m].drop(columns="model").reset_index(drop=True) for m in ("U-Net", "U-Net s1"))
     pd.testing.assert_frame_equal(sa, sb)
-    assert (scores2["model"] == C.REAL).sum() == (scores["model"] == C.REAL).sum()
+    assert (scores2["model"] == P.REAL).sum() == (scores["model"] == P.REAL).sum()
     with pytest.raises(ValueError, match="already in the 07_results tables"):
         seeds.with_model(pixel, scores, stage, "U-Net", d, clf, cfg)
     with pytest.raises(ValueError, match="are not those of the 07_results tables"):
@@ -144,10 +146,10 @@ def test_f1clf_cells_use_the_seeds_patches():
             c = TARGETS.index(ch)
             for k in range(6):
                 wrong = ch == "dna" and rng.random() < 0.5
-                for model in (C.REAL, "U-Net", "U-Net s1", "WGAN"):
+                for model in (P.REAL, "U-Net", "U-Net s1", "WGAN"):
                     pred = TARGETS.index("membrane") if wrong and model in ("U-Net", "U-Net s1") else c
                     rows.append({"model": model, "fov_id": f"f{f}", "channel": ch, "class": c, "predicted": pred,
-                                 "perceptual": 0.0 if model == C.REAL else 0.3 + 0.01 * k})
+                                 "perceptual": 0.0 if model == P.REAL else 0.3 + 0.01 * k})
     scores = pd.DataFrame(rows)
     pixel = values_table(shifts={"WGAN": 0.01}).query("channel != 'mito'").assign(structure="mito")
     t = seeds.seed_comparison(fov_values(pixel, scores), scores, "U-Net", "U-Net s1", ["WGAN"], n_resamples=R)

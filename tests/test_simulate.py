@@ -1,4 +1,4 @@
-"""The simulator (vstain.simulate) and its optics (vstain.optics): shapes, determinism, the cell
+"""The simulator (vstain.data.simulate) and its optics (vstain.data.optics): shapes, determinism, the cell
 model's compartments, the brightfield physics and the Allen-layout registry."""
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 import tifffile
 from scipy import ndimage
 
-from vstain import optics
 from vstain.channels import ALLEN_PACKAGE, TARGETS
-from vstain.simulate import CHANNEL_NAMES, STRUCTURES, SimConfig, simulate_fov, write_registry
+from vstain.data import optics
+from vstain.data.registry import CHANNEL_NAMES, write_registry
+from vstain.data.simulate import STRUCTURES, SimConfig, simulate_fov
 
 SMALL = SimConfig(shape=(29, 70, 83))
 
@@ -265,7 +266,7 @@ def test_ome_files_carry_names_and_pixel_sizes(registry):
 
 
 def test_registry_browses_offline(registry):
-    from vstain.allen import _quilt3
+    from vstain.data.allen import _quilt3
 
     _, _, uri = registry
     assert uri.startswith("file://")

@@ -11,8 +11,8 @@ import json
 
 import pytest
 import yaml
-
 from conftest import ROOT, Background, in_background, pipeline_in_background, take_background
+
 from vstain.book import pipeline, profiles
 from vstain.book.profiles import ProfileError
 

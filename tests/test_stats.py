@@ -13,8 +13,8 @@ import pytest  # noqa: E402
 from matplotlib.container import ErrorbarContainer  # noqa: E402
 from scipy import stats as sps  # noqa: E402
 
-from vstain.evaluate import stats as S  # noqa: E402
-from vstain.plots.stats import forest_plot  # noqa: E402
+from vstain.evaluate import stats as S
+from vstain.plots.stats import forest_plot
 
 HIB = {"ssim": True, "mse": False}
 CHANNELS = ("dna", "mito", "nucleoli")

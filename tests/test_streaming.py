@@ -1,4 +1,4 @@
-"""The FOV stages hold one FOV at a time: Noise2Void reads its patches from disk (vstain.denoise.DiskStack)
+"""The FOV stages hold one FOV at a time: Noise2Void reads its patches from disk (vstain.preprocess.denoise.DiskStack)
 and the peak memory of stages 02, 03, the metrics and the classifier's scores does not grow with the
 number of FOVs (tracemalloc, which counts numpy's arrays)."""
 import pickle
@@ -13,8 +13,8 @@ import torch
 from test_denoise import TINY, blobs, identity_n2v
 from test_focus import write_stage01
 
-from vstain import denoise, preprocess
-from vstain.evaluate import classifier, metrics
+from vstain.evaluate import classifier, metrics, perceptual
+from vstain.preprocess import denoise, stages
 from vstain.volumes import write_volume
 
 
@@ -134,9 +134,9 @@ def peaks(tmp_path_factory):
         for copies in (3, 6):
             d = root / f"x{copies}"
             _replicate(base, d / "01_data", copies)
-            out["02_plls", copies] = _peak(lambda: preprocess.run_focus_stage(d / "01_data", d / "02_plls",
+            out["02_plls", copies] = _peak(lambda: stages.run_focus_stage(d / "01_data", d / "02_plls",
                                                                               window=WINDOW))[0]
-            out["03_denoising", copies] = _peak(lambda: preprocess.run_denoise_stage(
+            out["03_denoising", copies] = _peak(lambda: stages.run_denoise_stage(
                 d / "01_data", d / "02_plls", d / "03", denoise.N2VConfig(**TINY), bm3d_max_volumes=0,
                 nlm_max_volumes=0))[0]
             preds = d / "preds"
@@ -144,10 +144,10 @@ def peaks(tmp_path_factory):
             for f in (d / "03" / "processed").glob("*_truth.tif"):
                 shutil.copyfile(f, preds / f.name.replace("_truth", ""))
             out["metrics", copies] = _peak(lambda: metrics.evaluate_predictions(d / "03", {"m": preds}, "train"))[0]
-            out["training_pool", copies] = _peak(lambda: classifier.training_pool(d / "03", cfg))[0]
-            out["score_models", copies] = _peak(lambda: classifier.score_models(
+            out["training_pool", copies] = _peak(lambda: patches.training_pool(d / "03", cfg))[0]
+            out["score_models", copies] = _peak(lambda: perceptual.score_models(
                 classifier.build_classifier(cfg), cfg, d / "03", {"m": preds}, "train"))[0]
-            peak, (_, patches) = _peak(lambda: classifier.scoring_patches(d / "03", "train", cfg, {"m": preds}))
+            peak, (_, patches) = _peak(lambda: patches.scoring_patches(d / "03", "train", cfg, {"m": preds}))
             out["scoring_patches", copies] = peak - 2 * sum(p.nbytes for p in patches.values())  # FOVs' + joined
     return out
 
@@ -168,7 +168,7 @@ def test_processed_crops_hold_no_volume_between_crops(tmp_path):
     shapes, and a crop is the file's box (Y/X flips off)."""
     from test_denoise import processed_records
 
-    from vstain.dataset import ProcessedCrops, read_manifest, write_processed
+    from vstain.preprocess.processed import ProcessedCrops, read_manifest, write_processed
 
     write_processed(tmp_path, processed_records(4, shape=(9, 33, 31)), seed=0)
     crops = ProcessedCrops(tmp_path, "train", crop=(5, 16, 8), samples=6, flips=False, seed=2)

@@ -12,12 +12,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from vstain import dataset, sweep  # noqa: E402
-from vstain.channels import TARGETS  # noqa: E402
-from vstain.configs import WGANConfig  # noqa: E402
-from vstain.evaluate import classifier as C  # noqa: E402
-from vstain.plots.sweep import perception_distortion  # noqa: E402
-from vstain.volumes import write_volume  # noqa: E402
+from vstain.channels import TARGETS
+from vstain.evaluate import classifier as C
+from vstain.evaluate import patches as P
+from vstain.plots.sweep import perception_distortion
+from vstain.preprocess import processed
+from vstain.studies import sweep
+from vstain.training.configs import WGANConfig
+from vstain.volumes import write_volume
 
 R = 999
 MODELS = [sweep.weight_label(w) for w in (0, 0.05, 0.5)]
@@ -53,8 +55,8 @@ def synthetic(n_fov=8, pcc_drop=0.1, f1_gain=True, seed=0):
         for ch in ("dna", "membrane"):
             c = TARGETS.index(ch)
             for j in range(6):
-                for k, m in enumerate((C.REAL, *MODELS)):
-                    right = 1.0 if (ch != "dna" or m == C.REAL) else (0.4 + 0.3 * (k - 1) if f1_gain else 0.6)
+                for k, m in enumerate((P.REAL, *MODELS)):
+                    right = 1.0 if (ch != "dna" or m == P.REAL) else (0.4 + 0.3 * (k - 1) if f1_gain else 0.6)
                     pred = c if rng.random() < right else TARGETS.index("membrane")
                     patches.append({"model": m, "fov_id": f"f{f}", "channel": ch, "class": c, "predicted": pred})
     return pd.DataFrame(rows), pd.DataFrame(patches)
@@ -142,14 +144,15 @@ def stage_in(tmp_path_factory):
             records.append(dict(fov_id=f"{s}{k}", gene="G", structure=s, bf=rng.normal(size=(10, 20, 22)),
                                 target=tgt, truth=rng.normal(size=(6, 10, 20, 22))))
     stage = tmp_path_factory.mktemp("processed")
-    dataset.write_processed(stage, records)
+    processed.write_processed(stage, records)
     return stage
 
 
 def test_sweep_trains_each_weight_once_and_resumes(stage_in, tmp_path):
     unet = tmp_path / "unet.ckpt"
-    from vstain.models import Generator
     import torch
+
+    from vstain.models import Generator
     gen = Generator(WGANConfig(base_width=2).generator_config())
     torch.save({"state_dict": {f"generator.{k}": v for k, v in gen.state_dict().items()}}, unet)
     cfg = WGANConfig(base_width=2, critic_width=2, batch_size=2, crop=(8, 16, 16), samples=4, val_samples=2,
@@ -159,14 +162,18 @@ def test_sweep_trains_each_weight_once_and_resumes(stage_in, tmp_path):
     assert list(first["weight"]) == [0, 0.5] and list(first["status"]) == ["trained", "trained"]
     assert list(first["iterations"]) == [2, 2] and (first["stopped"] == "").all()
     assert first["median_grad_ratio"].iloc[0] == 0 and first["median_grad_ratio"].iloc[1] > 0
-    n_test = (dataset.read_manifest(stage_in)["split"] == "test").sum()
+    n_test = (processed.read_manifest(stage_in)["split"] == "test").sum()
     for w in (0, 0.5):
         d = sweep.weight_dir(out, w)
         assert len(list((d / "predictions").glob("*.tif"))) == n_test  # the test split only
-        assert json.loads((d / sweep.FINISHED).read_text())["config"]["lambda_adv"] == w
+        meta = json.loads((d / "model.json").read_text())
+        assert meta["config"]["lambda_adv"] == w and meta["complete"]
+        assert not (d / "finished.json").exists()
     again = sweep.run_sweep(stage_in, out, cfg, [0, 0.5])
     assert list(again["status"]) == ["reused", "reused"]
     pd.testing.assert_frame_equal(again.drop(columns="status"), first.drop(columns="status"))
+    threads = sweep.run_sweep(stage_in, out, WGANConfig(**{**cfg.to_dict(), "num_threads": 1}), [0, 0.5])
+    assert list(threads["status"]) == ["reused", "reused"]  # a resumable key retrains nothing
     longer = sweep.run_sweep(stage_in, out, WGANConfig(**{**cfg.to_dict(), "iterations": 3}), [0, 0.5])
     assert list(longer["status"]) == ["trained", "trained"] and list(longer["iterations"]) == [3, 3]
     # the per-FOV table of the sweep: both references, every measure, one value per FOV and channel
@@ -177,7 +184,7 @@ def test_sweep_trains_each_weight_once_and_resumes(stage_in, tmp_path):
                                                                 ("ssim", "target"), ("perceptual", "target")}
     assert not values.duplicated(["model", "fov_id", "channel", "metric", "reference"]).any()
     truth = values[(values["metric"] == "pcc") & (values["reference"] == "truth")]
-    assert len(truth) == 2 * n_test * 6 and set(scores["model"]) == {C.REAL, "λ = 0", "λ = 0.5"}
+    assert len(truth) == 2 * n_test * 6 and set(scores["model"]) == {P.REAL, "λ = 0", "λ = 0.5"}
 
 
 def test_sweep_table_shows_each_measure_per_weight():

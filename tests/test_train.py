@@ -1,17 +1,18 @@
 """Masked L1 (thesis 3.2.1) and the U-Net baseline's training: learning, checkpoints, resume."""
 import json
+
 import lightning as L
 import numpy as np
 import pytest
 import torch
 
-from vstain import dataset
 from vstain.channels import TARGETS
 from vstain.losses import masked_l1
-from vstain.configs import UNetConfig
 from vstain.modelfiles import load_generator, read_metrics
-from vstain.train import UNetModule, run_unet_stage
-from vstain.trainer import CropDataModule, make_trainer, set_threads
+from vstain.preprocess import processed
+from vstain.training.configs import UNetConfig
+from vstain.training.trainer import CropDataModule, make_trainer, set_threads
+from vstain.training.unet import UNetModule, run_unet_stage
 from vstain.volumes import read_volume
 
 SHAPE = (12, 24, 28)  # odd, unequal Z, Y, X
@@ -39,7 +40,7 @@ def tiny_records(n_per=3, seed=0, counts=None, shape=SHAPE, clean_truth=False):
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory):
     d = tmp_path_factory.mktemp("processed")
-    dataset.write_processed(d, tiny_records())
+    processed.write_processed(d, tiny_records())
     return d
 
 

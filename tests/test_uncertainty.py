@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from vstain.channels import TARGETS
-from vstain.dataset import write_processed
 from vstain.evaluate.uncertainty import tta_gain, tta_table, tta_verdict
 from vstain.models import Generator, GeneratorConfig
+from vstain.preprocess.processed import write_processed
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
-
 from test_book import chromium_or_fail
+
 from vstain.book import browser
 from vstain.plots import viewer
 from vstain.plots.views import channel_ranges

@@ -1,4 +1,4 @@
-"""The conditional WGAN-GP (vstain.wgan): Algorithm 1's steps, the masked critic input, the
+"""The conditional WGAN-GP (vstain.training.wgan): Algorithm 1's steps, the masked critic input, the
 gradient penalty, divergence guard, resume, and the sharpness measure. Tiny widths, tiny data."""
 import math
 
@@ -9,13 +9,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from scipy.ndimage import gaussian_filter
 
-from vstain import dataset, wgan
 from vstain.channels import TARGETS
-from vstain.configs import WGANConfig
 from vstain.evaluate.sharpness import sharpness, sharpness_table
-from vstain.modelfiles import init_generator
-from vstain.volumes import write_volume
 from vstain.losses import gradient_penalty, mask_pair, masked_l1
+from vstain.modelfiles import init_generator
+from vstain.preprocess import processed
+from vstain.training import wgan
+from vstain.training.configs import WGANConfig
+from vstain.volumes import write_volume
 
 STRUCTURES = ("mito", "envelope", "actomyosin", "nucleoli")
 
@@ -58,7 +59,7 @@ def stage_in(tmp_path_factory):
             records.append(dict(fov_id=f"{s}{k}", gene="G", structure=s, bf=rng.normal(size=(10, 20, 22)),
                                 target=tgt, truth=rng.normal(size=(6, 10, 20, 22))))
     stage = tmp_path_factory.mktemp("processed")
-    dataset.write_processed(stage, records)
+    processed.write_processed(stage, records)
     return stage
 
 
@@ -394,10 +395,10 @@ def test_sharpness_table_reference(tmp_path, with_truth, reference):
             tgt[[i for i, n in enumerate(TARGETS) if n not in ("dna", "membrane", s)]] = np.nan
             records.append(dict(fov_id=f"{s}{k}", gene="G", structure=s, bf=rng.normal(size=(8, 24, 20)),
                                 target=tgt, truth=truth if with_truth else None))
-    dataset.write_processed(tmp_path / "stage", records)
-    man = dataset.read_manifest(tmp_path / "stage")
+    processed.write_processed(tmp_path / "stage", records)
+    man = processed.read_manifest(tmp_path / "stage")
     for _, r in man[man["split"] == "test"].iterrows():
-        _, target, truth = dataset.load_fov(r)
+        _, target, truth = processed.load_fov(r)
         ref = truth if with_truth else np.nan_to_num(target)
         write_volume(tmp_path / "sharp" / "predictions" / f"{r['fov_id']}.tif", ref)
         write_volume(tmp_path / "blur" / "predictions" / f"{r['fov_id']}.tif", gaussian_filter(ref, (0, 0, 2, 2)))

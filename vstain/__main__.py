@@ -1,17 +1,17 @@
 """The command line: ``python -m vstain predict MODEL INPUT... -o OUTDIR`` applies a trained model to
-brightfield stacks (:mod:`vstain.predict`); ``python -m vstain export MODEL -o model.zip`` writes a
-bioimage.io model package (:mod:`vstain.export`) for Fiji, ilastik, napari and other consumers."""
+brightfield stacks (:mod:`vstain.inference.predict`); ``python -m vstain export MODEL -o model.zip`` writes a
+bioimage.io model package (:mod:`vstain.inference.export`) for Fiji, ilastik, napari and other consumers."""
 from __future__ import annotations
 
 import argparse
 import sys
 import warnings
 
-from .infer import DEFAULT_BUDGET_BYTES
+from vstain.inference.infer import DEFAULT_BUDGET_BYTES
 
 
 def _predict(args) -> int:
-    from .predict import load_model, predict_files
+    from vstain.inference.predict import load_model, predict_files
 
     model = load_model(args.model)
     with warnings.catch_warnings():
@@ -31,7 +31,7 @@ def _predict(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import export_bioimageio
+    from vstain.inference.export import export_bioimageio
 
     voxel = tuple(args.voxel_size) if args.voxel_size else None
     out = export_bioimageio(args.model, args.output, voxel_size_zyx=voxel, name=args.name)

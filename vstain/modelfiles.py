@@ -1,45 +1,67 @@
 """What a model stage (``04_unet``, ``05_wgan``) leaves on disk, and how it is read back: the run's
 config with the hashes of its inputs (``model.json``), Lightning checkpoints
 (``checkpoints/last.ckpt``), the loss table (``losses.csv``) and the whole-FOV predictions
-(``predictions/<fov_id>.tif``); :func:`load_generator` gives back the trained generator for
-evaluation, the prediction command and the model export.
+(``predictions/<fov_id>.tif``). :func:`is_finished` is the one rule by which a folder counts as
+finished for every trainer; :func:`load_generator` gives back the trained generator for evaluation,
+the prediction command and the model export.
 """
 from __future__ import annotations
 
 import json
 import shutil
-import time
 import warnings
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from . import dataset
-from .channels import TARGETS
-from .infer import default_max_voxels, plan, predict_volume
+from vstain.preprocess import processed
+
 from .models import Generator, GeneratorConfig
-from .volumes import sha256, write_volume
+from .volumes import sha256
 
 CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
 LOGS = "logs"
 LOSSES_CSV = "losses.csv"
 MODEL_JSON = "model.json"
+PREDICTIONS = "predictions"
 
 
-def prepare_out_dir(out_dir, config: dict, resumable_keys, defaults: dict | None = None) -> bool:
-    """Decide whether ``out_dir`` holds a run to resume. If its ``model.json`` records a config
-    that differs from ``config`` in anything but ``resumable_keys``, the old checkpoints and logs
-    are removed (with a warning) and training starts afresh. Keys the recorded config lacks (added
-    to the config class since it was written) count as their value in ``defaults``. Returns True
-    when a ``last.ckpt`` will be resumed."""
+def read_model_json(out_dir) -> dict | None:
+    """``out_dir/model.json``, or None when it is missing or unreadable (a file cut short by a kill
+    before it was written by rename)."""
+    try:
+        return json.loads((Path(out_dir) / MODEL_JSON).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def config_changes(recorded: dict, config: dict, cfg) -> list[str]:
+    """The keys in which a recorded run config and a new one differ, beyond those an interrupted run
+    may change (``cfg.RESUMABLE_KEYS``); a key either lacks (added to the config class since the
+    record was written) counts as its default (``type(cfg)()``'s value)."""
+    defaults = type(cfg)().to_dict()
+    old, new = _plain({**defaults, **recorded}), _plain({**defaults, **config})
+    return sorted(k for k in set(old) | set(new) if k not in cfg.RESUMABLE_KEYS and old.get(k) != new.get(k))
+
+
+def _plain(d: dict) -> dict:
+    """``d`` as it reads back from JSON (tuples as lists, paths as strings), so a record compares
+    equal to the config it was written from."""
+    return json.loads(json.dumps(d, default=str))
+
+
+def prepare_out_dir(out_dir, cfg, config: dict) -> bool:
+    """Decide whether ``out_dir`` holds a run to resume. If its ``model.json`` is unreadable or
+    records a config that differs from ``config`` (``cfg``'s :func:`run_config`) in anything but
+    the resumable keys (:func:`config_changes`), the old checkpoints and logs are removed (with a
+    warning) and training starts afresh. Returns True when a ``last.ckpt`` will be resumed."""
     out_dir = Path(out_dir)
-    mj = out_dir / MODEL_JSON
     last = out_dir / CHECKPOINTS / LAST
-    if mj.exists():
-        old = {**(defaults or {}), **json.loads(mj.read_text()).get("config", {})}
-        diff = sorted(k for k in set(old) | set(config) if k not in resumable_keys and old.get(k) != config.get(k))
+    if (out_dir / MODEL_JSON).exists():
+        meta = read_model_json(out_dir)
+        diff = ["model.json (unreadable)"] if meta is None else config_changes(meta.get("config", {}), config, cfg)
         if diff:
             warnings.warn(f"{out_dir}: configuration changed in {diff}; discarding the old checkpoints and logs")
             for sub in (CHECKPOINTS, LOGS):
@@ -47,6 +69,24 @@ def prepare_out_dir(out_dir, config: dict, resumable_keys, defaults: dict | None
             for f in (LOSSES_CSV, MODEL_JSON):
                 (out_dir / f).unlink(missing_ok=True)
     return last.exists()
+
+
+def is_finished(out_dir, cfg, stage_in, *inputs, splits=("test",)) -> bool:
+    """The one rule by which a model folder counts as finished, for every trainer: its ``model.json``
+    is marked complete, records the same run (:func:`run_config` of ``cfg`` on ``stage_in`` and the
+    other ``inputs``, defaults back-filled and resumable keys ignored: :func:`config_changes`), and
+    ``cfg.optimiser_steps`` steps were taken (or training stopped on a divergence, which a rerun
+    would repeat); and the predictions of every FOV of ``splits`` exist."""
+    meta = read_model_json(out_dir)
+    if meta is None or not meta.get("complete"):
+        return False
+    if config_changes(meta.get("config", {}), run_config(cfg.to_dict(), stage_in, *inputs), cfg):
+        return False
+    if meta.get("global_step") != cfg.optimiser_steps and not meta.get("stopped"):
+        return False
+    fovs = processed.read_manifest(stage_in)
+    fovs = fovs.loc[fovs["split"].isin(splits), "fov_id"]
+    return all((Path(out_dir) / PREDICTIONS / f"{f}.tif").exists() for f in fovs)
 
 
 def run_config(config: dict, stage_in, *files) -> dict:
@@ -63,11 +103,15 @@ def run_config(config: dict, stage_in, *files) -> dict:
     return {**config, "inputs_sha256": inputs}
 
 
-def save_model_json(out_dir, config: dict, **extra) -> Path:
-    """Write ``out_dir/model.json``: ``{"config": ..., **extra}``."""
+def save_model_json(out_dir, config: dict, complete: bool = False, **extra) -> Path:
+    """Write ``out_dir/model.json`` by rename (a kill never leaves half a file): ``{"config": ...,
+    **extra, "complete": complete}``. A stage writes it when training starts and again, with
+    ``complete=True``, once its predictions are written."""
     p = Path(out_dir) / MODEL_JSON
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps({"config": config, **extra}, indent=2, default=str))
+    tmp = p.with_name(MODEL_JSON + ".tmp")
+    tmp.write_text(json.dumps({"config": config, **extra, "complete": complete}, indent=2, default=str))
+    tmp.replace(p)
     return p
 
 
@@ -102,32 +146,6 @@ def write_losses(out_dir, columns=None) -> pd.DataFrame:
         df = df[["step", "epoch", *rest]]
     df.to_csv(Path(out_dir) / LOSSES_CSV, index=False)
     return df
-
-
-def write_predictions(generator, stage_in, out_dir, splits=("val", "test"), max_voxels=None,
-                      roi_size=None, channel_names=TARGETS) -> pd.DataFrame:
-    """Predict every FOV of ``splits`` of the processed set with :func:`vstain.infer.predict_volume`
-    and write ``out_dir/predictions/<fov_id>.tif`` (float32 ``[C, Z, Y, X]``, ``C`` = 6 or the
-    ``channel_names`` a single-structure model predicts).
-
-    Returns a table ``fov_id, split, structure, path`` (relative to ``out_dir``), ``mode``
-    (``whole``/``tiled``) and ``seconds``.
-    """
-    out_dir = Path(out_dir)
-    df = dataset.read_manifest(stage_in)
-    df = df[df["split"].isin(splits)]
-    if max_voxels is None:
-        max_voxels = default_max_voxels(generator)
-    rows = []
-    for _, r in df.iterrows():
-        x, _, _ = dataset.load_fov(r)
-        t = time.perf_counter()
-        pred = predict_volume(generator, x, max_voxels=max_voxels, roi_size=roi_size)
-        rel = f"predictions/{r['fov_id']}.tif"
-        write_volume(out_dir / rel, pred, list(channel_names))
-        rows.append({"fov_id": r["fov_id"], "split": r["split"], "structure": r["structure"], "path": rel,
-                     "mode": plan(x.shape[1:], max_voxels), "seconds": round(time.perf_counter() - t, 3)})
-    return pd.DataFrame(rows)
 
 
 def load_generator(stage_path, map_location="cpu") -> Generator:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..volumes import sha256
+from vstain.volumes import sha256
 
 MANIFEST = "manifest.json"
 

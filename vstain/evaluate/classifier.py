@@ -1,30 +1,10 @@
-"""The perceptual classification metric (thesis 4.1) and a deep perceptual distance (thesis 4.3).
+"""The perceptual classification metric's network (thesis 4.1): a 3D ResNet (MONAI
+``resnet10``/``resnet18``, one input channel, six classes) that learns from 3D patches of *real*
+target channels which structure a patch shows, its configuration, training and held-out report.
 
-A 3D ResNet (MONAI ``resnet10``/``resnet18``, one input channel, six classes) learns from 3D patches
-of *real* target channels which structure a patch shows. Scored on patches of a model's generated
-channels, its per-class F1 says how recognisable (realistic) the generated structure is: the F1clf
-column of Table 4.1. The same network's activations give an LPIPS-style distance between a real
-patch and the generated patch at the same place (Zhang et al. 2018, with uniform layer weights).
-
-Patches. Every patch is a ``patch``-sized box on a regular grid of one channel of one FOV.
-**Background rule**: a channel's foreground is the set of voxels above the Otsu threshold of that
-channel's whole FOV volume (of the *reference*: the real target, or the clean truth); a patch is
-kept only if it holds foreground and its foreground fraction is at least ``min_foreground_ratio``
-times the fraction over the whole FOV channel. Relative to the FOV, the rule suits dense channels
-(membrane: a third of the voxels) and sparse ones (nucleoli: under 1 %) alike. It is applied to
-the reference, never to a prediction, so every model is scored at the same places.
-
-Which generated channels are scored. ``reference="target"`` (Table 4.1): the labelled channels of
-each FOV, the only ones where a measured patch exists to place the patch and to compare against; each
-generated patch's true class is the channel it was generated for. ``reference="truth"`` (simulated
-data only): all six generated channels of every FOV, placed by the clean truth, the truth patch
-serving as the measured patch of the distance.
-
-Each patch is standardised (zero mean, unit standard deviation) before the network when
-``patch_norm`` is on, so the classifier judges shape and texture rather than a FOV's brightness.
-
-The patch rule, the network, its training and the two scores are kept in one file because both
-scores must use exactly the patches and the network that the training used.
+Scored on patches of a model's generated channels (:mod:`vstain.evaluate.perceptual`), its
+per-class F1 says how recognisable (realistic) the generated structure is: the F1clf column of
+Table 4.1. Where the patches sit is :mod:`vstain.evaluate.patches`.
 """
 from __future__ import annotations
 
@@ -38,15 +18,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import resnet10, resnet18
-from skimage.filters import threshold_otsu
 from tqdm import tqdm
 
-from ..channels import TARGETS
-from ..dataset import load_fov, read_manifest, read_volume
+from vstain.channels import TARGETS
+
+from .patches import REAL, fov_scoring_patches, no_patch_error, normalise, scoring_patches, training_pool
 
 ARCHS = {"resnet10": resnet10, "resnet18": resnet18}
 FEATURE_LAYERS = ("stem", "layer1", "layer2", "layer3", "layer4")
-REAL = "Measured"  # the model name of the measured targets' own patches in score tables
 
 
 @dataclass
@@ -147,150 +126,6 @@ def features(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [s, l1, l2, l3, l4]
 
 
-# ---------------------------------------------------------------------------------------------
-# Patches
-# ---------------------------------------------------------------------------------------------
-def grid_starts(shape, patch, step) -> list[tuple[int, int, int]]:
-    """Corners of a regular grid of ``patch`` boxes inside ``shape`` (Z, Y, X)."""
-    if any(p > s for p, s in zip(patch, shape)):
-        raise ValueError(f"patch {tuple(patch)} does not fit a volume of shape {tuple(shape)} (Z, Y, X)")
-    axes = [range(0, s - p + 1, st) for s, p, st in zip(shape, patch, step)]
-    return [(z, y, x) for z in axes[0] for y in axes[1] for x in axes[2]]
-
-
-def foreground(ref: np.ndarray) -> np.ndarray:
-    """Voxels of ``ref`` ``[Z,Y,X]`` above its Otsu threshold (none for a constant volume)."""
-    return ref > threshold_otsu(ref) if np.ptp(ref) > 0 else np.zeros(ref.shape, bool)
-
-
-def foreground_starts(ref: np.ndarray, patch, step, ratio: float) -> list[tuple[int, int, int]]:
-    """Grid corners whose patch of ``ref`` ``[Z,Y,X]`` passes the background rule (module docstring)."""
-    fg = foreground(ref)
-    least = ratio * fg.mean()
-    keep = []
-    for z, y, x in grid_starts(ref.shape, patch, step):
-        f = fg[z:z + patch[0], y:y + patch[1], x:x + patch[2]].mean()
-        if f > 0 and f >= least:
-            keep.append((z, y, x))
-    return keep
-
-
-def cut(vol: np.ndarray, starts, patch) -> np.ndarray:
-    """Patches ``[N, pz, py, px]`` of a ``[Z,Y,X]`` volume at ``starts``."""
-    pz, py, px = patch
-    out = np.empty((len(starts), pz, py, px), np.float32)
-    for i, (z, y, x) in enumerate(starts):
-        out[i] = vol[z:z + pz, y:y + py, x:x + px]
-    return out
-
-
-def normalise(p: torch.Tensor, on: bool = True) -> torch.Tensor:
-    """Standardise each patch of ``[N,1,Z,Y,X]`` (when ``on``)."""
-    if not on:
-        return p
-    dims = tuple(range(1, p.ndim))
-    return (p - p.mean(dims, keepdim=True)) / (p.std(dims, keepdim=True) + 1e-6)
-
-
-def _fovs(stage_in, split):
-    df = read_manifest(stage_in)
-    df = df[df["split"] == split]
-    if df.empty:
-        raise ValueError(f"the processed set at {stage_in} has no FOV in split '{split}'")
-    return df
-
-
-def _reference(row, target, truth, reference):
-    """The reference volume and the channels to score, for one FOV."""
-    if reference == "target":
-        return target, [c for c in range(target.shape[0]) if np.isfinite(target[c]).all()]
-    if reference == "truth":
-        if truth is None:
-            raise ValueError(f"FOV {row['fov_id']} has no clean truth: reference='truth' needs simulated data")
-        return truth, list(range(truth.shape[0]))
-    raise ValueError(f"reference must be 'target' or 'truth', got {reference!r}")
-
-
-def training_pool(stage_in, cfg: ClassifierConfig, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """Measured training patches ``[N,pz,py,px]`` and their classes ``[N]``: every labelled channel of
-    every FOV of ``split`` gives foreground patches of its class, at most ``pool_per_class`` per
-    class, spread evenly over the FOVs that carry it."""
-    df = _fovs(stage_in, split)
-    rng = np.random.default_rng((cfg.seed, 1))
-    # pass 1: the foreground patches of every labelled channel (one FOV in memory at a time)
-    starts: dict[tuple[int, int], list] = {}
-    for i, (_, row) in enumerate(df.iterrows()):
-        _, target, _ = load_fov(row)
-        for c in _reference(row, target, None, "target")[1]:
-            s = foreground_starts(target[c], cfg.patch, cfg.train_step, cfg.min_foreground_ratio)
-            if s:
-                starts[i, c] = s
-    n_fovs = np.bincount([c for _, c in starts], minlength=len(cfg.classes))
-    for c in np.flatnonzero(n_fovs == 0):
-        raise ValueError(f"no training patch of class '{cfg.classes[c]}' in split '{split}' passes the "
-                         f"background rule (min_foreground_ratio={cfg.min_foreground_ratio}): lower it or add FOVs")
-    # pass 2: cut an even share of each class's pool from every FOV that carries it
-    xs, ys = [], []
-    for i, (_, row) in enumerate(df.iterrows()):
-        chans = [c for (j, c) in starts if j == i]
-        if not chans:
-            continue
-        _, target, _ = load_fov(row)
-        for c in chans:
-            s = starts[i, c]
-            pick = rng.permutation(len(s))[:max(1, cfg.pool_per_class // n_fovs[c])]
-            xs.append(cut(target[c], [s[k] for k in pick], cfg.patch))
-            ys.append(np.full(len(pick), c))
-    return np.concatenate(xs), np.concatenate(ys)
-
-
-def fov_scoring_patches(stage_in, split: str, cfg: ClassifierConfig, pred_dirs: dict[str, str | Path] | None = None,
-                        reference: str = "target"):
-    """FOV by FOV (one FOV's volumes in memory at a time), the measured (reference) patches of one
-    split and, for every model, the generated patches at the same places. Yields ``(meta,
-    patches)`` per FOV with a kept patch: ``meta`` a table ``fov_id, channel, class, z, y, x`` and
-    ``patches`` a dict ``{REAL: [n,pz,py,px], model: [n,pz,py,px], ...}``."""
-    pred_dirs = pred_dirs or {}
-    for _, row in _fovs(stage_in, split).iterrows():
-        _, target, truth = load_fov(row)
-        ref, chans = _reference(row, target, truth, reference)
-        preds = {m: read_volume(Path(d) / f"{row['fov_id']}.tif") for m, d in pred_dirs.items()}
-        for m, p in preds.items():
-            if p.shape != ref.shape:
-                raise ValueError(f"{m} prediction of FOV {row['fov_id']} has shape {p.shape}, expected {ref.shape}")
-        metas, out = [], {REAL: [], **{m: [] for m in pred_dirs}}
-        for c in chans:
-            starts = foreground_starts(ref[c], cfg.patch, cfg.eval_step, cfg.min_foreground_ratio)
-            if not starts:
-                continue
-            metas.append(pd.DataFrame({"fov_id": row["fov_id"], "channel": TARGETS[c], "class": c,
-                                       "z": [s[0] for s in starts], "y": [s[1] for s in starts],
-                                       "x": [s[2] for s in starts]}))
-            out[REAL].append(cut(ref[c], starts, cfg.patch))
-            for m, p in preds.items():
-                out[m].append(cut(p[c], starts, cfg.patch))
-        del target, truth, ref, preds
-        if metas:
-            yield pd.concat(metas, ignore_index=True), {k: np.concatenate(v) for k, v in out.items()}
-
-
-def _no_patch(split: str, cfg: ClassifierConfig) -> ValueError:
-    return ValueError(f"no patch of split '{split}' passes the background rule "
-                      f"(min_foreground_ratio={cfg.min_foreground_ratio})")
-
-
-def scoring_patches(stage_in, split: str, cfg: ClassifierConfig, pred_dirs: dict[str, str | Path] | None = None,
-                    reference: str = "target"):
-    """:func:`fov_scoring_patches` of every FOV of the split, concatenated: ``(meta, patches)``
-    with ``patches`` ``{REAL: [N,pz,py,px], model: [N,pz,py,px], ...}`` (the patches of the whole
-    split in memory; the scores go FOV by FOV instead)."""
-    parts = list(fov_scoring_patches(stage_in, split, cfg, pred_dirs, reference))
-    if not parts:
-        raise _no_patch(split, cfg)
-    return (pd.concat([m for m, _ in parts], ignore_index=True),
-            {k: np.concatenate([p[k] for _, p in parts]) for k in parts[0][1]})
-
-
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random flips along Z, Y and X and, for square patches, a random 90° turn in YX (``[N,1,Z,Y,X]``)."""
     for ax in (2, 3, 4):
@@ -304,7 +139,7 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Training and prediction
 # ---------------------------------------------------------------------------------------------
-def _autocast(device: str, precision: str):
+def autocast(device: str, precision: str):
     if precision in ("32-true", "32"):
         return torch.autocast(device_type=torch.device(device).type, enabled=False)
     if precision == "bf16-mixed":
@@ -320,7 +155,7 @@ def predict(model, patches: np.ndarray, cfg: ClassifierConfig, device: str = "cp
     out = []
     for i in range(0, len(patches), batch_size):
         x = normalise(torch.from_numpy(patches[i:i + batch_size])[:, None].to(device), cfg.patch_norm)
-        with _autocast(device, precision):
+        with autocast(device, precision):
             out.append(torch.softmax(model(x).float(), 1).cpu())
     return torch.cat(out).numpy()
 
@@ -355,7 +190,7 @@ def train_classifier(stage_in, cfg: ClassifierConfig, device: str = "cpu", preci
                 continue
             x = augment(torch.from_numpy(xs[b])[:, None], gen).to(device)
             y = torch.from_numpy(ys[b]).long().to(device)
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 logits = model(normalise(x, cfg.patch_norm)).float()
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
@@ -389,55 +224,7 @@ def f1_scores(conf: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# The perceptual distance
-# ---------------------------------------------------------------------------------------------
-def _unit(f: torch.Tensor) -> torch.Tensor:
-    return f / (f.norm(dim=1, keepdim=True) + 1e-10)
-
-
-def lpips(feats_a: list[torch.Tensor], feats_b: list[torch.Tensor]) -> torch.Tensor:
-    """LPIPS-style distance ``[N]`` between two lists of :func:`features`: at each layer the
-    activations are unit-normalised along channels at every voxel, the squared Euclidean distance
-    is averaged over voxels, and the layers are averaged with equal weights (LPIPS learns these
-    weights; here they are uniform). 0 for identical inputs, at most 4."""
-    d = sum(((_unit(a) - _unit(b)) ** 2).sum(1).mean((1, 2, 3)) for a, b in zip(feats_a, feats_b))
-    return d / len(feats_a)
-
-
-@torch.no_grad()
-def classify_and_compare(model, real: np.ndarray, fakes: dict[str, np.ndarray], cfg: ClassifierConfig,
-                         device: str = "cpu", precision: str = "32-true", batch_size: int = 64):
-    """One pass over aligned patch sets ``[N,pz,py,px]``: the class the classifier gives each real and
-    each generated patch, and each generated patch's :func:`lpips` distance to its measured patch.
-
-    Returns ``(classes, distances)``: dicts ``{REAL: [N], model: [N]}`` and ``{model: [N]}``."""
-    model.eval().to(device)
-    cls = {k: [] for k in (REAL, *fakes)}
-    dist = {k: [] for k in fakes}
-    for i in range(0, len(real), batch_size):
-        sets = {REAL: real, **fakes}
-        feats = {}
-        for k, arr in sets.items():
-            x = normalise(torch.from_numpy(arr[i:i + batch_size])[:, None].to(device), cfg.patch_norm)
-            with _autocast(device, precision):
-                f = features(model, x)
-                logits = model.fc(model.avgpool(f[-1]).flatten(1))
-            feats[k] = [t.float() for t in f]
-            cls[k].append(logits.float().argmax(1).cpu())
-        for k in fakes:
-            dist[k].append(lpips(feats[REAL], feats[k]).cpu())
-    return ({k: torch.cat(v).numpy() for k, v in cls.items()}, {k: torch.cat(v).numpy() for k, v in dist.items()})
-
-
-def perceptual_distance(model, real: np.ndarray, fake: np.ndarray, cfg: ClassifierConfig, device: str = "cpu",
-                        batch_size: int = 64) -> np.ndarray:
-    """The :func:`lpips` distance ``[N]`` of each patch of ``fake`` to the patch of ``real`` at the
-    same index (both ``[N,pz,py,px]``)."""
-    return classify_and_compare(model, real, {"fake": fake}, cfg, device, batch_size=batch_size)[1]["fake"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Stages
+# The stage
 # ---------------------------------------------------------------------------------------------
 def heldout_report(model, stage_in, cfg: ClassifierConfig, device: str = "cpu", precision: str = "32-true") -> dict:
     """Accuracy, per-class F1 and the confusion matrix on measured patches of the val and test splits."""
@@ -448,7 +235,7 @@ def heldout_report(model, stage_in, cfg: ClassifierConfig, device: str = "cpu", 
             ys.append(meta["class"].to_numpy(copy=True))
             yhats.append(predict(model, p[REAL], cfg, device, precision).argmax(1))
         if not ys:
-            raise _no_patch(split, cfg)
+            raise no_patch_error(split, cfg)
         y, yhat = np.concatenate(ys), np.concatenate(yhats)
         conf = confusion(y, yhat, len(cfg.classes))
         rep[split] = {"accuracy": float((y == yhat).mean()), "n_patches": int(len(y)),
@@ -482,46 +269,3 @@ def load_classifier(stage_dir, device: str = "cpu") -> tuple[torch.nn.Module, Cl
     model = build_classifier(cfg)
     model.load_state_dict(torch.load(d / "classifier.pt", map_location=device, weights_only=True))
     return model.eval().to(device), cfg
-
-
-def score_models(model, cfg: ClassifierConfig, stage_in, pred_dirs: dict[str, str | Path], split: str = "test",
-                 reference: str = "target", device: str = "cpu", precision: str = "32-true") -> pd.DataFrame:
-    """Classify measured patches and each model's generated patches at the same places, and measure the
-    perceptual distance of each generated patch to its real one.
-
-    Returns one row per patch and model (``REAL`` for the measured patches): ``model, fov_id, channel,
-    class, z, y, x, predicted, perceptual`` (``perceptual`` is 0 for measured patches), measured patches
-    first, then each model's. Scored FOV by FOV: one FOV's volumes and patches in memory at a time."""
-    frames = {m: [] for m in (REAL, *pred_dirs)}
-    for meta, p in fov_scoring_patches(stage_in, split, cfg, pred_dirs, reference):
-        classes, dist = classify_and_compare(model, p[REAL], {m: p[m] for m in pred_dirs}, cfg, device, precision)
-        for m in p:
-            f = meta.copy()
-            f.insert(0, "model", m)
-            f["predicted"] = classes[m]
-            f["perceptual"] = 0.0 if m == REAL else dist[m]
-            frames[m].append(f)
-    if not frames[REAL]:
-        raise _no_patch(split, cfg)
-    return pd.concat([f for m in frames for f in frames[m]], ignore_index=True)
-
-
-def summarise_scores(scores: pd.DataFrame, classes=TARGETS) -> pd.DataFrame:
-    """Per ``(channel, model)``: ``f1clf`` (per-class F1 over that model's patches),
-    ``perceptual_mean`` and ``perceptual_std`` (over patches) and ``n_patches``."""
-    rows = []
-    for m, g in scores.groupby("model", sort=False):
-        f1 = f1_scores(confusion(g["class"], g["predicted"], len(classes)))
-        for c, name in enumerate(classes):
-            gc = g[g["class"] == c]
-            if gc.empty:
-                continue
-            rows.append({"channel": name, "model": m, "f1clf": float(f1[c]),
-                         "perceptual_mean": float(gc["perceptual"].mean()),
-                         "perceptual_std": float(gc["perceptual"].std(ddof=0)), "n_patches": int(len(gc))})
-    return pd.DataFrame(rows).set_index(["channel", "model"])
-
-
-def confusion_by_model(scores: pd.DataFrame, classes=TARGETS) -> dict[str, np.ndarray]:
-    """Confusion matrices (counts, row = true channel) per model of a :func:`score_models` table."""
-    return {m: confusion(g["class"], g["predicted"], len(classes)) for m, g in scores.groupby("model", sort=False)}

@@ -1,7 +1,7 @@
 """Table 4.1 with its uncertainty, and the verdict it supports (thesis 4.2).
 
 Data flow: the per-FOV pixel metrics (:func:`vstain.evaluate.metrics.evaluate_predictions`) and the
-classifier's per-patch scores (:func:`vstain.evaluate.classifier.score_models`) -> one long table of
+classifier's per-patch scores (:func:`vstain.evaluate.perceptual.score_models`) -> one long table of
 per-FOV values (:func:`fov_values`; the perceptual distance averaged over each FOV's patches) ->
 each model's mean with a bootstrap interval over FOVs (:func:`model_summary`; F1clf, a statistic of
 pooled patches, resamples whole FOVs) -> paired differences for every pair of models
@@ -16,11 +16,13 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
-from ..channels import TARGET_LABELS, TARGETS
-from .classifier import REAL, confusion, f1_scores
+from vstain.channels import TARGET_LABELS, TARGETS
+
+from .classifier import confusion, f1_scores
 from .metrics import COLUMN_LABELS, HIGHER_IS_BETTER, METRICS
-from .stats import (bootstrap_level, channel_verdict, claim_verdict, compare, decided, format_ci, n_fovs,
-                    order_digits, paired_difference)
+from .patches import REAL
+from .stats import (bootstrap_level, channel_verdict, claim_verdict, compare, decided, format_ci, n_fovs, order_digits,
+    paired_difference)
 
 COLUMNS = (*METRICS, "f1clf", "perceptual")  # Table 4.1's columns, in order
 PIXEL = METRICS  # the columns of the thesis' claim for the pixel-loss model

@@ -2,7 +2,7 @@
 predicted signal sits in the right compartment, and the noise ceiling of the measured targets.
 
 * :func:`match_instances` compares a predicted label image with the true instances (on simulated
-  data the simulator's, :mod:`vstain.simulate`): IoU of matched pairs, F1 at IoU 0.5 and averaged
+  data the simulator's, :mod:`vstain.data.simulate`): IoU of matched pairs, F1 at IoU 0.5 and averaged
   over IoU 0.5:0.05:0.9, count and volume errors. :func:`instance_table` runs it for every source
   of one FOV (``"truth"``, ``"target"``, model names) into a long table.
 * :func:`plausibility` asks, for channels a FOV never measured, what fraction of a channel's

@@ -1,7 +1,7 @@
 """Stage ``08_downstream``: what the predictions are good for, on the test FOVs of a simulated run.
 
 Data flow: the processed set (``03_denoising``: the clean truth, the measured target and the true
-instance labels of every FOV, :func:`vstain.dataset.load_labels`) and each model's predictions
+instance labels of every FOV, :func:`vstain.preprocess.processed.load_labels`) and each model's predictions
 (``<stage>/predictions/<fov_id>.tif``) -> per FOV (:func:`fov_tables`): nuclei from DNA and cells
 from membrane segmented the same way (:mod:`vstain.evaluate.segment`) from the clean truth (the
 pipeline's ceiling), the measured target and every prediction, each matched with the true instances
@@ -23,9 +23,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ..channels import LABEL_CHANNELS, TARGET_LABELS, TARGETS
-from ..dataset import load_fov, load_labels, read_manifest
-from ..volumes import read_volume
+from vstain.channels import LABEL_CHANNELS, TARGET_LABELS, TARGETS
+from vstain.preprocess.processed import load_fov, load_labels, read_manifest
+from vstain.volumes import read_volume
+
 from .comparison import model_summary
 from .downstream import instance_table, noise_ceiling, plausibility
 from .metrics import evaluate_predictions
@@ -97,9 +98,9 @@ def fov_tables(row, pred_dirs: Mapping[str, str | Path], voxel_size_zyx: Sequenc
     labels gives empty instance and plausibility tables; one without clean truth no ceiling.
 
     Args:
-        row: a processed-set manifest row (:func:`vstain.dataset.read_manifest`).
+        row: a processed-set manifest row (:func:`vstain.preprocess.processed.read_manifest`).
         pred_dirs: model name -> folder of ``<fov_id>.tif`` predictions ``[6, Z, Y, X]``.
-        voxel_size_zyx: voxel size in µm (:func:`vstain.data.voxel_size`).
+        voxel_size_zyx: voxel size in µm (:func:`vstain.data.stage.voxel_size`).
         exclude_edge: drop instances that touch the FOV's lateral border, as the Allen single-cell
             dataset drops edge cells (a cut cell may have no nucleus in the FOV). Default False: a
             FOV of a few cells across has almost no cell off its border.

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 from skimage.metrics import structural_similarity
 
-from ..channels import TARGET_LABELS, TARGETS
-from ..dataset import load_fov, read_manifest, read_volume
+from vstain.channels import TARGET_LABELS, TARGETS
+from vstain.preprocess.processed import load_fov, read_manifest, read_volume
 
 METRICS = ("ssim", "mse", "mae", "pcc")
 # Which direction is better, for every column Table 4.1 can hold.

@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..channels import TARGET_LABELS, TARGETS
-from .classifier import REAL, score_models
+from vstain.channels import TARGET_LABELS, TARGETS
+
 from .comparison import COLUMNS, channel_sentences, pairwise
 from .metrics import COLUMN_LABELS, evaluate_predictions
+from .patches import REAL
+from .perceptual import score_models
 from .stats import against_seed, decided, format_ci, n_fovs
 
 PATCH_KEY = ["fov_id", "channel", "z", "y", "x"]  # where a classifier patch sits
@@ -39,7 +41,7 @@ def with_model(pixel_long: pd.DataFrame, scores: pd.DataFrame, stage_in, name: s
         name: the new model's name; must not be in the tables yet.
         pred_dir: folder of its ``<fov_id>.tif`` predictions ``[6, Z, Y, X]``.
         clf, clf_cfg: the ``06_classifier`` network and its config.
-        split, device, precision: as :func:`vstain.evaluate.classifier.score_models`.
+        split, device, precision: as :func:`vstain.evaluate.perceptual.score_models`.
 
     Raises ValueError when ``name`` is taken or when the new model's patches are not at the places
     of the tables' measured patches (another classifier, split or processed set)."""

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import dataset
-from ..channels import TARGET_LABELS, TARGETS
-from ..volumes import read_volume
+from vstain.channels import TARGET_LABELS, TARGETS
+from vstain.preprocess import processed
+from vstain.volumes import read_volume
+
 from .stats import channel_verdict, claim_verdict, compare, n_fovs
 
 
@@ -89,7 +90,7 @@ def sharpness_table(stage_in, pred_dirs: dict[str, str | Path], split: str = "te
     """
     if reference not in ("auto", "truth", "target"):
         raise ValueError(f"reference must be 'auto', 'truth' or 'target', got {reference!r}")
-    df = dataset.read_manifest(stage_in)
+    df = processed.read_manifest(stage_in)
     df = df[df["split"] == split]
     if df.empty:
         raise ValueError(f"the processed set at {stage_in} has no FOV in split '{split}'")
@@ -100,7 +101,7 @@ def sharpness_table(stage_in, pred_dirs: dict[str, str | Path], split: str = "te
         raise ValueError(f"reference='truth' needs the simulator's clean truth, which split '{split}' of {stage_in} lacks")
     rows = []
     for _, r in df.iterrows():
-        _, target, truth = dataset.load_fov(r)
+        _, target, truth = processed.load_fov(r)
         ref = truth if reference == "truth" else target
         vols = {m: read_volume(Path(d) / "predictions" / f"{r['fov_id']}.tif") for m, d in pred_dirs.items()}
         if include_target and reference == "truth":

@@ -1,5 +1,5 @@
 """What test-time augmentation buys: the accuracy of the flip-averaged prediction against the plain
-one, and whether the flips' spread (:func:`vstain.tta.predict_tta`) tells where the prediction is
+one, and whether the flips' spread (:func:`vstain.inference.tta.predict_tta`) tells where the prediction is
 wrong. Per FOV of a split and per channel, against the clean truth where it exists (simulated data)
 or the measured target on its labelled channels.
 """
@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sstats
 
-from ..channels import TARGET_LABELS, TARGETS
-from ..dataset import load_fov, read_manifest
-from ..infer import predict_volume
-from ..tta import predict_tta
+from vstain.channels import TARGET_LABELS, TARGETS
+from vstain.inference.infer import predict_volume
+from vstain.inference.tta import predict_tta
+from vstain.preprocess.processed import load_fov, read_manifest
+
 from .metrics import pcc
 from .stats import channel_verdict, compare, n_fovs
 

@@ -1,5 +1,5 @@
 """Figures of the U-Net ablation (notebook 03b): each variant's effect on each channel, as the
-paired difference to the baseline with its interval (:func:`vstain.ablation.compare_to_baseline`).
+paired difference to the baseline with its interval (:func:`vstain.studies.ablation.compare_to_baseline`).
 Returns a matplotlib Figure and never saves or shows it."""
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from ..channels import TARGET_LABELS
+from vstain.channels import TARGET_LABELS
+
 from .stats import COLOR
 
 NEED = ["variant", "channel", "metric", "n", "diff", "ci_low", "ci_high", "better"]
@@ -25,7 +26,7 @@ def effect_forest(comparisons: pd.DataFrame, metrics=("pcc", "ssim"), labels: di
     channels.
 
     Args:
-        comparisons: :func:`vstain.ablation.compare_to_baseline`'s table (columns ``variant``,
+        comparisons: :func:`vstain.studies.ablation.compare_to_baseline`'s table (columns ``variant``,
             ``channel``, ``metric``, ``n``, ``diff``, ``ci_low``, ``ci_high``, ``better``).
         metrics: the metrics drawn, one row of panels each (higher is better for both defaults).
         labels: display names of the metrics (default: the keys).

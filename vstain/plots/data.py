@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import ListedColormap
 
-from ..channels import TARGET_LABELS, TARGETS
+from vstain.channels import TARGET_LABELS, TARGETS
+
 from .views import robust_range
 
 CHANNELS = ("brightfield", *TARGETS)

@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 from skimage.segmentation import find_boundaries
 
-from ..channels import TARGETS
-from ..evaluate.downstream_stage import METRIC_LABELS, OBJECTS
+from vstain.channels import TARGETS
+from vstain.evaluate.downstream_stage import METRIC_LABELS, OBJECTS
+
 from .views import channel_panel, display_range, scale_bar
 
 TRUE_COLOUR, SEGMENTED_COLOUR = (0.2, 0.9, 1.0), (1.0, 0.85, 0.1)  # cyan: true outline, yellow: segmented

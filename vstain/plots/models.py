@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
-from ..channels import TARGET_LABELS, TARGETS
-from .views import channel_ranges, section_grid
-from .views import voxel_size  # noqa: F401  (re-exported for the notebooks)
+from vstain.channels import TARGET_LABELS, TARGETS
+
+from .views import channel_ranges, section_grid, voxel_size
 
 
 def plot_losses(losses: pd.DataFrame, ax=None, title: str = "U-Net baseline: masked L1"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..channels import TARGET_LABELS, TARGETS
+from vstain.channels import TARGET_LABELS, TARGETS
 
 
 def prediction_with_uncertainty(bf: np.ndarray, pred: np.ndarray, spread: np.ndarray, truth: np.ndarray,

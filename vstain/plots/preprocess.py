@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import Rectangle
 
-from .. import focus
-from ..channels import TARGET_LABELS, TARGETS
+from vstain.channels import TARGET_LABELS, TARGETS
+from vstain.preprocess import focus
+
 from .views import robust_range
 
 LABELS = {"brightfield": "Brightfield", **TARGET_LABELS}
@@ -185,7 +186,7 @@ def denoise_gallery(gallery: np.ndarray, rows: pd.DataFrame, methods=("noisy", "
 
 def denoise_scores(summary: pd.DataFrame, title: str = "Denoising against the clean truth",
                    method_labels: dict[str, str] | None = None) -> plt.Figure:
-    """Mean PSNR and SSIM per channel and method (``preprocess.denoise_summary``; each method over
+    """Mean PSNR and SSIM per channel and method (``vstain.evaluate.denoising.denoise_summary``; each method over
     the volumes it ran on)."""
     labels = {**METHOD_LABELS, **(method_labels or {})}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))

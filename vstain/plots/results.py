@@ -12,11 +12,12 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.patches import Rectangle
 
-from ..channels import TARGET_LABELS, TARGETS
-from ..evaluate.classifier import REAL
+from vstain.channels import TARGET_LABELS, TARGETS
+from vstain.evaluate.patches import REAL
+
 from .views import (RANGE_RULE, brightfield_panel, channel_panel, channel_ranges, colorbar, robust_range, scale_bar,
-                    show_section)
-from .views import voxel_size  # noqa: F401  (re-exported for the notebooks)
+
+    show_section, voxel_size)
 
 PALETTE = {REAL: "0.6", "U-Net": "tab:blue", "WGAN": "tab:orange", "WGAN-GP": "tab:orange",
            "WGAN from U-Net": "tab:green"}

@@ -1,13 +1,11 @@
 """Figures of the adversarial weight sweep (notebook 07c): the perception-distortion plane of Blau &
-Michaeli (CVPR 2018), one point per weight from :func:`vstain.sweep.sweep_summary`. Returns a
+Michaeli (CVPR 2018), one point per weight from :func:`vstain.studies.sweep.sweep_summary`. Returns a
 matplotlib Figure and never saves or shows it."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-
-from ..sweep import DISTORTION, MEASURES, PERCEPTION
 
 CMAP = "viridis"
 
@@ -20,20 +18,21 @@ def perception_distortion(summary: pd.DataFrame, models: list[str], distortion_r
     directions, joined in weight order and labelled.
 
     Args:
-        summary: :func:`vstain.sweep.sweep_summary`'s table.
+        summary: :func:`vstain.studies.sweep.sweep_summary`'s table.
         models: the models in weight order (the control first); their labels are drawn.
         distortion_reference: ``"truth"`` or ``"target"``; default the truth when the table has it.
         panel_size: inches per panel.
     """
-    need = ["metric", "reference", "model", "estimate", "ci_low", "ci_high"]
+    need = ["metric", "reference", "model", "estimate", "ci_low", "ci_high", "higher_is_better", "label", "role"]
     missing = [c for c in need if c not in summary.columns]
     if missing or summary.empty:
         raise ValueError(f"perception_distortion needs a non-empty sweep_summary() table; missing {missing}")
     ref = distortion_reference or ("truth" if (summary["reference"] == "truth").any() else "target")
-    xs = [m for m in DISTORTION if ((summary["metric"] == m) & (summary["reference"] == ref)).any()]
-    ys = [m for m in PERCEPTION if (summary["metric"] == m).any()]
+    roles = summary.drop_duplicates("metric").set_index("metric")
+    xs = list(dict.fromkeys(summary.loc[(summary["role"] == "distortion") & (summary["reference"] == ref), "metric"]))
+    ys = list(dict.fromkeys(summary.loc[summary["role"] == "perception", "metric"]))
     if not xs or not ys:
-        raise ValueError(f"the table lacks a distortion ({DISTORTION} vs {ref}) or a perception measure ({PERCEPTION})")
+        raise ValueError(f"the table lacks a distortion measure against the {ref} or a perception measure")
     colors = plt.get_cmap(CMAP)(np.linspace(0, 0.85, len(models)))
     fig, axes = plt.subplots(len(xs), len(ys), squeeze=False,
                              figsize=(panel_size[0] * len(ys), panel_size[1] * len(xs)))
@@ -51,8 +50,8 @@ def perception_distortion(summary: pd.DataFrame, models: list[str], distortion_r
                 yerr = [[y - yt.loc[m, "ci_low"]], [yt.loc[m, "ci_high"] - y]]
                 ax.errorbar(x, y, xerr=_finite(xerr), yerr=_finite(yerr), fmt="o", color=c, capsize=2)
                 ax.annotate(m, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color=c)
-            hib, label = MEASURES[ym]
-            ax.set(xlabel=f"1 − {MEASURES[xm][1]} vs {ref} (distortion, right: worse)",
+            hib, label = roles.loc[ym, "higher_is_better"], roles.loc[ym, "label"]
+            ax.set(xlabel=f"1 − {roles.loc[xm, 'label']} vs {ref} (distortion, right: worse)",
                    ylabel=f"{label} ({'up' if hib else 'down'}: more realistic)")
             ax.grid(color="0.92")
     fig.suptitle("Perception-distortion plane of the adversarial weight sweep (intervals: 95% over test FOVs)",

@@ -26,7 +26,8 @@ import numpy as np
 from PIL import Image
 from skimage.transform import downscale_local_mean
 
-from ..channels import TARGET_LABELS, TARGETS
+from vstain.channels import TARGET_LABELS, TARGETS
+
 from .views import PERCENTILES, RANGE_RULE, aspect, channel_ranges, robust_range
 
 MAX_WIDTH = 128  # px: XY sections wider than this are block-averaged down (keeps the page small)

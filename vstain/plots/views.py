@@ -3,8 +3,8 @@ range per channel and FOV for the truth, the target and every model; sections dr
 voxel aspect; a colour bar per channel in z-score units and a µm scale bar.
 
 The volumes drawn are ``[C, Z, Y, X]`` float arrays z-scored per channel and FOV
-(:mod:`vstain.dataset`), with NaN where a FOV carries no label. The voxel size of a run comes from
-its ``01_data/fovs.csv`` (:func:`vstain.data.voxel_size`).
+(:mod:`vstain.preprocess.processed`), with NaN where a FOV carries no label. The voxel size of a run comes from
+its ``01_data/fovs.csv`` (:func:`vstain.data.stage.voxel_size`).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 
-from ..data import voxel_size  # noqa: F401  (the figures' voxel size, read from stage 01)
+from vstain.data.stage import voxel_size
 
 PERCENTILES = (1.0, 99.8)  # robust display range: clips hot pixels and the empty background's tail
 MAX_SAMPLES = 2_000_000  # voxels a range is computed from (a regular subsample of larger volumes)

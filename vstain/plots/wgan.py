@@ -8,10 +8,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..channels import TARGET_LABELS, TARGETS
-from .views import channel_ranges, section_grid
-from .views import voxel_size  # noqa: F401  (re-exported for the notebooks)
+from vstain.channels import TARGET_LABELS, TARGETS
 
+from .views import channel_ranges, section_grid, voxel_size
 
 STEP_LABEL = "optimiser step (n_critic + 1 per iteration)"
 
@@ -33,7 +32,7 @@ def _curve(ax, df: pd.DataFrame, col: str, color: str, label: str):
 def plot_curves(losses: pd.DataFrame, title: str = "WGAN-GP training (Algorithm 1)"):
     """Five panels against the optimiser step: critic loss, Wasserstein estimate, gradient
     penalty (critic steps), masked L1 with the validation L1, and the adversarial term
-    ``-mean D(x, ỹ)`` (generator steps). ``losses``: :data:`vstain.wgan.LOSS_COLUMNS`."""
+    ``-mean D(x, ỹ)`` (generator steps). ``losses``: :data:`vstain.training.wgan.LOSS_COLUMNS`."""
     critic = losses[losses["kind"] == "critic"]
     gen = losses[losses["kind"] == "generator"]
     val = losses[losses["kind"] == "val"]

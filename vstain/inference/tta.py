@@ -1,10 +1,10 @@
 """Flip test-time augmentation: a mean prediction and a per-voxel spread as a rough uncertainty.
 
-Sits on top of whole-FOV prediction (:func:`vstain.infer.predict_volume`): the brightfield
+Sits on top of whole-FOV prediction (:func:`vstain.inference.infer.predict_volume`): the brightfield
 ``[1, Z, Y, X]`` is predicted as is and flipped in Y, in X and in both; each prediction is flipped
 back and the four are averaged. Flips in Y and X are the augmentations the generator was trained
 with (never Z: brightfield contrast changes sign through focus, see
-:class:`vstain.dataset.ProcessedCrops`), so the four inputs are equally plausible and their
+:class:`vstain.preprocess.processed.ProcessedCrops`), so the four inputs are equally plausible and their
 disagreement is a cheap, lower-bound uncertainty, not a calibrated one.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ def predict_tta(generator, x, predict_fn=predict_volume, **kwargs) -> tuple[np.n
         generator: passed to ``predict_fn`` (a :class:`vstain.models.Generator`).
         x: brightfield ``[1, Z, Y, X]`` (numpy or tensor), every axis >= 8.
         predict_fn: ``predict_fn(generator, x [1,Z,Y,X], **kwargs) -> [C,Z,Y,X]``; default
-            :func:`vstain.infer.predict_volume` (whole volume, tiled above its memory budget).
+            :func:`vstain.inference.infer.predict_volume` (whole volume, tiled above its memory budget).
         **kwargs: passed to ``predict_fn`` (e.g. ``max_voxels``).
 
     Returns:

@@ -1,6 +1,6 @@
 """Training the U-Net baseline with the masked L1 loss alone (thesis 3.2): :class:`UNetModule`,
 :func:`fit_unet` and the notebook's one call :func:`run_unet_stage`. The config is
-:class:`vstain.configs.UNetConfig`; the Lightning machinery is in :mod:`vstain.trainer` and the stage
+:class:`vstain.training.configs.UNetConfig`; the Lightning machinery is in :mod:`vstain.training.trainer` and the stage
 folder's files in :mod:`vstain.modelfiles`.
 """
 from __future__ import annotations
@@ -14,15 +14,13 @@ import pandas as pd
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from .configs import UNetConfig
-from .losses import PIXEL_LOSSES, masked_l1
-from .modelfiles import prepare_out_dir, run_config, save_model_json, write_losses, write_predictions
-from .models import Generator, num_params
-from .trainer import CropDataModule, ResumingTrainer, make_optimizer, make_trainer, set_threads
+from vstain.inference.infer import write_predictions
+from vstain.losses import PIXEL_LOSSES, masked_l1
+from vstain.modelfiles import prepare_out_dir, run_config, save_model_json, write_losses
+from vstain.models import Generator, num_params
 
-# Keys that may change between an interrupted run and its resumption.
-RESUMABLE_KEYS = ("max_steps", "val_every", "ckpt_every", "device", "precision", "devices", "strategy",
-                  "num_threads", "num_workers", "channels_last", "torch_compile")
+from .configs import UNetConfig
+from .trainer import CropDataModule, ResumingTrainer, make_optimizer, make_trainer, set_threads
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +90,7 @@ def fit_unet(cfg: UNetConfig, stage_in, out_dir, progress: bool = True,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
-        prepare_out_dir(out_dir, run_config(cfg.to_dict(), stage_in), RESUMABLE_KEYS, UNetConfig().to_dict())
+        prepare_out_dir(out_dir, cfg, run_config(cfg.to_dict(), stage_in))
         save_model_json(out_dir, run_config(cfg.to_dict(), stage_in), model="unet",
                         generator=asdict(cfg.generator_config()))
     set_threads(cfg)
@@ -136,7 +134,7 @@ def run_unet_stage(stage_in, out_dir, cfg: UNetConfig, splits=("val", "test"), m
     gen = module.generator.to("cuda" if on_gpu else "cpu").to(memory_format=torch.contiguous_format).eval()
     preds = write_predictions(gen, stage_in, out_dir, splits=splits, max_voxels=max_voxels, channel_names=cfg.targets)
     gen = gen.to("cpu")
-    save_model_json(out_dir, run_config(cfg.to_dict(), stage_in), model="unet",
+    save_model_json(out_dir, run_config(cfg.to_dict(), stage_in), complete=True, model="unet",
                     generator=asdict(cfg.generator_config()), num_params=num_params(gen), global_step=end,
                     train_seconds=round(train_s, 2), threads=torch.get_num_threads(),
                     prediction_modes=sorted(set(preds["mode"])) if len(preds) else [])

@@ -5,13 +5,13 @@ MODEL is a finished ``04_unet`` / ``05_wgan`` stage folder or a bioimage.io pack
 the steps the training data went through:
 
 1. the brightfield channel, by index or by OME channel name;
-2. optionally the in-focus window of N slices (PLLS on the brightfield, :mod:`vstain.focus`);
+2. optionally the in-focus window of N slices (PLLS on the brightfield, :mod:`vstain.preprocess.focus`);
 3. a voxel-size check against the training voxel size (a warning above 10 % on any axis: the thesis
    notes that accuracy drops with another z-step) and, with ``resample``, linear resampling to the
    training grid and back;
-4. zero mean, unit variance over the stack (as the processed set, :func:`vstain.dataset.zscore`);
-5. prediction in one pass or tiled within a memory budget (:func:`vstain.infer.predict_volume`),
-   optionally averaged over Y/X flips with their spread as an uncertainty (:mod:`vstain.tta`).
+4. zero mean, unit variance over the stack (as the processed set, :func:`vstain.preprocess.processed.zscore`);
+5. prediction in one pass or tiled within a memory budget (:func:`vstain.inference.infer.predict_volume`),
+   optionally averaged over Y/X flips with their spread as an uncertainty (:mod:`vstain.inference.tta`).
 
 One float32 OME-TIFF per input is written with the six channel names (then ``<name>_std`` channels
 with ``tta``) and the input's physical pixel sizes. A bad file does not stop a batch: it is
@@ -30,16 +30,17 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from . import focus
-from .channels import TARGETS
-from .data import voxel_size
-from .dataset import zscore
+from vstain.channels import TARGETS
+from vstain.data.stage import voxel_size
+from vstain.modelfiles import MODEL_JSON, load_generator
+from vstain.models import MIN_SIZE
+from vstain.preprocess import focus
+from vstain.preprocess.processed import zscore
+from vstain.volumes import read_ome, write_ome
+
 from .infer import DEFAULT_BUDGET_BYTES, default_max_voxels, predict_volume
 from .layerwise import ScratchSpaceError
-from .modelfiles import MODEL_JSON, load_generator
-from .models import MIN_SIZE
 from .tta import predict_tta
-from .volumes import read_ome, write_ome
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 VOXEL_TOLERANCE = 0.10  # relative voxel-size difference per axis above which predict warns
@@ -94,7 +95,7 @@ def load_model(path: str | Path) -> Model:
     if path.is_dir() and (path / MODEL_JSON).exists():
         return Model(load_generator(path), stage_voxel_size(path), list(TARGETS), str(path))
     if path.is_file() or (path.is_dir() and (path / "rdf.yaml").exists()):
-        from .export import load_package  # bioimageio is imported only for packages
+        from .export import load_package
 
         gen, info = load_package(path)
         return Model(gen, tuple(info.voxel_size_zyx), list(info.channel_names), str(path))

@@ -1,6 +1,6 @@
 """Optics of the simulated microscope: fluorescence PSF, camera noise and the brightfield image.
 
-The simulator (:mod:`vstain.simulate`) builds a 3D object and hands it here to be imaged the way
+The simulator (:mod:`vstain.data.simulate`) builds a 3D object and hands it here to be imaged the way
 the Allen Cell spinning-disk microscopes image hiPSC colonies (Viana et al. 2023; thesis 2.1.2):
 
 * **Fluorescence** is the dye or FP density convolved with an anisotropic 3D point-spread function

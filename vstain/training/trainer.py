@@ -27,9 +27,10 @@ from torch.multiprocessing import ProcessRaisedException
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
-from . import dataset
+from vstain.modelfiles import CHECKPOINTS, LAST, LOGS
+from vstain.preprocess import processed
+
 from .configs import OPTIMIZERS
-from .modelfiles import CHECKPOINTS, LAST, LOGS
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,7 +53,7 @@ class CropDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         sampling: how training crops pick their FOV (``"uniform"`` or ``"balanced"``; validation
             crops are always uniform).
-        channels: target channels returned (default: all six); see :class:`vstain.dataset.ProcessedCrops`.
+        channels: target channels returned (default: all six); see :class:`vstain.preprocess.processed.ProcessedCrops`.
     """
 
     def __init__(self, stage_in, crop, batch_size, samples, seed=0, val_samples=8, num_workers=0,
@@ -65,9 +66,9 @@ class CropDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            self.train_set = dataset.ProcessedCrops(self.stage_in, "train", self.crop, self.samples, flips=True,
+            self.train_set = processed.ProcessedCrops(self.stage_in, "train", self.crop, self.samples, flips=True,
                                                     seed=self.seed, sampling=self.sampling, channels=self.channels)
-            self.val_set = dataset.ProcessedCrops(self.stage_in, "val", self.crop, self.val_samples, flips=False,
+            self.val_set = processed.ProcessedCrops(self.stage_in, "val", self.crop, self.val_samples, flips=False,
                                                   seed=self.seed + 1, channels=self.channels)
 
     def set_epoch(self, epoch: int) -> None:

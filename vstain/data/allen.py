@@ -27,9 +27,10 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 
-from .channels import (ALLEN_PACKAGE, ALLEN_PIXEL_SIZE_ZYX, ALLEN_REGISTRY, CHANNEL_COLUMNS, DEFAULT_GENE_MAP,
-                       DEFAULT_STRUCTURES, LABEL_CHANNELS, TARGETS)
-from .volumes import read_ome
+from vstain.channels import (ALLEN_PACKAGE, ALLEN_PIXEL_SIZE_ZYX, ALLEN_REGISTRY, CHANNEL_COLUMNS, DEFAULT_GENE_MAP,
+
+    DEFAULT_STRUCTURES, LABEL_CHANNELS, TARGETS)
+from vstain.volumes import read_ome
 
 ALLEN_DTYPES = ("uint16",)  # the Allen FOVs (and the simulator's) are 16-bit camera counts
 OFFLINE_HINT = (
@@ -99,7 +100,7 @@ def publish_local(folder: str | os.PathLike, registry_dir: str | os.PathLike, pa
         folder = dest
     pkg = _quilt3().Package()
     pkg.set_dir(".", str(folder))
-    pkg.build(package, registry=reg.as_uri(), message="vstain.allen.publish_local")
+    pkg.build(package, registry=reg.as_uri(), message="vstain.data.allen.publish_local")
     return reg.as_uri()
 
 
@@ -150,7 +151,7 @@ def open_package(registry: str | os.PathLike = ALLEN_REGISTRY, package: str = AL
         if not latest.is_file():
             raise RegistryUnreachableError(
                 f"local registry {uri} holds no package '{package}' (no {latest}); "
-                "publish one with vstain.allen.publish_local or vstain.simulate.write_registry"
+                "publish one with vstain.data.allen.publish_local or vstain.data.registry.write_registry"
             )
     q = _quilt3()
     try:

@@ -19,8 +19,8 @@ any checkpoint repeats exactly the losses of an uninterrupted run (on CPU; GPU k
 in the last bits).
 
 Several processes (Lightning DDP): each process takes its own batch; a step averages the gradients
-of the one network it updates (:func:`vstain.trainer.backward_and_average`) and the logged numbers
-(:func:`vstain.trainer.mean_over_processes`), so every process takes the same divergence decision;
+of the one network it updates (:func:`vstain.training.trainer.backward_and_average`) and the logged numbers
+(:func:`vstain.training.trainer.mean_over_processes`), so every process takes the same divergence decision;
 the penalty's ``ε`` is seeded by ``(seed, step, rank)``.
 
 Tensors are ``N C Z Y X``; targets hold NaN in the channels a FOV does not carry.
@@ -42,13 +42,15 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.multiprocessing import ProcessRaisedException
 
+from vstain.inference.infer import write_predictions
+from vstain.losses import gradient_penalty, mask_pair, masked_l1, wasserstein_estimate
+from vstain.modelfiles import (CHECKPOINTS, LAST, LOSSES_CSV, init_checkpoint, init_generator, prepare_out_dir,
+    run_config, save_model_json)
+from vstain.models import Critic, Generator, num_params
+
 from .configs import WGANConfig
-from .losses import gradient_penalty, mask_pair, masked_l1, wasserstein_estimate
-from .modelfiles import (CHECKPOINTS, LAST, LOSSES_CSV, init_checkpoint, init_generator, prepare_out_dir,
-                         run_config, save_model_json, write_predictions)
-from .models import Critic, Generator, num_params
 from .trainer import (CropDataModule, backward_and_average, error_message, make_optimizer, make_trainer,
-                      mean_over_processes)
+    mean_over_processes)
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +59,6 @@ CHANNELS_LAST = torch.channels_last_3d
 LOSS_COLUMNS = ("step", "iteration", "epoch", "kind", "critic_loss", "wasserstein", "gp", "d_real", "d_fake",
                 "l1", "adv", "lambda_adv", "generator_loss", "grad_ratio", "grad_norm_critic",
                 "grad_norm_generator", "val_l1")
-
-
-# Keys that may change between an interrupted run and its resumption.
-RESUMABLE_KEYS = ("iterations", "val_every", "ckpt_every", "device", "precision", "devices", "strategy",
-                  "num_threads", "num_workers", "max_wasserstein", "channels_last", "critic_channels_last")
 
 
 class TrainingDiverged(RuntimeError):
@@ -383,7 +380,7 @@ def fit_wgan(cfg: WGANConfig, stage_in, out_dir, progress: bool = True, callback
     out_dir.mkdir(parents=True, exist_ok=True)
     config = run_config(cfg.to_dict(), stage_in, init_checkpoint(cfg.init_from))
     if rank_zero_only.rank == 0:
-        prepare_out_dir(out_dir, config, RESUMABLE_KEYS)
+        prepare_out_dir(out_dir, cfg, config)
         save_model_json(out_dir, config, model="wgan", generator=asdict(cfg.generator_config()),
                         critic=asdict(cfg.critic_config()))
     if cfg.device == "cpu" and cfg.num_threads > 0:
@@ -441,7 +438,8 @@ def run_wgan_stage(stage_in, out_dir, cfg: WGANConfig, splits=("val", "test"), m
     gen = module.generator.to("cuda" if on_gpu else "cpu").to(memory_format=torch.contiguous_format).eval()
     preds = write_predictions(gen, stage_in, out_dir, splits=splits, max_voxels=max_voxels)
     gen = gen.to("cpu")
-    save_model_json(out_dir, run_config(cfg.to_dict(), stage_in, init_checkpoint(cfg.init_from)), model="wgan", generator=asdict(cfg.generator_config()),
+    save_model_json(out_dir, run_config(cfg.to_dict(), stage_in, init_checkpoint(cfg.init_from)), complete=True,
+                    model="wgan", generator=asdict(cfg.generator_config()),
                     critic=asdict(cfg.critic_config()), num_params=num_params(gen),
                     critic_params=num_params(module.critic), global_step=step,
                     iterations=step // spi, train_seconds=round(train_s, 2),

@@ -1,4 +1,4 @@
-"""Classical denoisers that Noise2Void (:mod:`vstain.denoise`) is compared with in stage 03, and the
+"""Classical denoisers that Noise2Void (:mod:`vstain.preprocess.denoise`) is compared with in stage 03, and the
 score of any denoised stack against the simulator's clean truth (thesis 2.2.2).
 
 Both denoisers get the noise level estimated from the stack by :func:`estimate_noise_sigma`:
@@ -12,6 +12,7 @@ import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from skimage.restoration import denoise_nl_means
 
+BASELINES = ("bm3d", "nlm")  # the classical denoisers stage 03 runs beside Noise2Void
 
 
 def estimate_noise_sigma(stack: np.ndarray) -> float:

@@ -1,6 +1,6 @@
 """Whole-volume prediction one layer at a time: tiled, bounded in memory, and exact.
 
-A volume too large for one forward pass (:func:`vstain.infer.predict_volume` decides by a memory
+A volume too large for one forward pass (:func:`vstain.inference.infer.predict_volume` decides by a memory
 budget) is predicted here one convolution at a time. Each convolution runs over the whole volume in
 Y-X tiles that span all of Z, reading a one-voxel halo of its input. Its output is written to a
 float32 file in a scratch folder *before* normalisation, and each tile's per-channel mean and
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .models import SIZE_MULTIPLE, Generator, pad_to_multiple
+from vstain.models import SIZE_MULTIPLE, Generator, pad_to_multiple
 
 FLOAT = 4  # bytes of a float32
 

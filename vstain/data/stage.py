@@ -1,4 +1,4 @@
-"""Stage ``01_data``: load FOVs in the Allen layout (the real dataset through :mod:`vstain.allen`, or
+"""Stage ``01_data``: load FOVs in the Allen layout (the real dataset through :mod:`vstain.data.allen`, or
 the simulator's local registry) and write them for the next stages.
 
 Output: ``fovs.csv`` and, per FOV, ``fovs/<id>.tif`` ``[7, Z, Y, X]`` (brightfield + six targets,
@@ -16,10 +16,12 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from vstain.channels import ALLEN_PACKAGE, ALLEN_REGISTRY, DEFAULT_GENE_MAP, DEFAULT_STRUCTURES, LABEL_CHANNELS, TARGETS
+from vstain.volumes import read_labels, read_volume, resolve_paths, write_labels, write_volume
+
 from .allen import FOV, check_structures, load_fovs
-from .channels import ALLEN_PACKAGE, ALLEN_REGISTRY, DEFAULT_GENE_MAP, DEFAULT_STRUCTURES, LABEL_CHANNELS, TARGETS
-from .simulate import SimConfig, write_registry
-from .volumes import read_labels, read_volume, resolve_paths, write_labels, write_volume
+from .registry import write_registry
+from .simulate import SimConfig
 
 SOURCES = ("synthetic", "allen")
 FOVS_CSV = "fovs.csv"

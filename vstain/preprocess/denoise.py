@@ -13,7 +13,7 @@ stack per call, so a channel carried by hundreds of FOVs trains and predicts wit
 memory, not all of them.
 
 The classical denoisers it is compared with, and the score against the clean truth, are in
-:mod:`vstain.classical`.
+:mod:`vstain.preprocess.classical`.
 """
 from __future__ import annotations
 

@@ -37,11 +37,11 @@ from pydantic import BaseModel, model_serializer
 from pydantic_core import PydanticSerializationError
 from torch import Tensor, nn
 
-from . import dataset
-from .channels import TARGET_LABELS, TARGETS
-from .data import voxel_size
-from .models import MIN_SIZE, SIZE_MULTIPLE, Generator, GeneratorConfig, num_params
-from .modelfiles import load_generator
+from vstain.channels import TARGET_LABELS, TARGETS
+from vstain.data.stage import voxel_size
+from vstain.modelfiles import load_generator
+from vstain.models import MIN_SIZE, SIZE_MULTIPLE, Generator, GeneratorConfig, num_params
+from vstain.preprocess import processed
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,7 +86,7 @@ BIOIMAGEIO_PATCHED = _fix_bioimageio_serializers()
 
 INPUT_ID, OUTPUT_ID = "brightfield", "fluorescence"
 SPATIAL = ("z", "y", "x")
-EPS = 1e-6  # (x - mean) / (std + eps): vstain.dataset.zscore in training, the package's preprocessing
+EPS = 1e-6  # (x - mean) / (std + eps): vstain.preprocess.processed.zscore in training, the package's preprocessing
 THESIS = ("L. Venieri. Generative Adversarial Networks for Three-Dimensional Multi-Channel Virtual "
           "Fluorescent Staining. Master thesis, University of Bologna, 2023.")
 THESIS_URL = "https://amslaurea.unibo.it/"  # the University of Bologna's thesis repository
@@ -149,20 +149,20 @@ def stage_info(stage_path) -> dict:
             voxel = voxel_size(fovs.parent)
         except ValueError as e:
             raise ValueError(f"{e}; pass voxel_size_zyx explicitly") from e
-    processed = run_dir / "03_denoising"
+    processed_dir = run_dir / "03_denoising"
     return {"model": meta.get("model", "unknown"), "global_step": meta.get("global_step"),
             "trained_on": trained_on, "voxel_size_zyx": voxel,
-            "processed": processed if (processed / dataset.MANIFEST_CSV).exists() else None}
+            "processed": processed_dir if (processed_dir / processed.MANIFEST_CSV).exists() else None}
 
 
-def default_test_input(processed, shape=(16, 64, 64), seed: int = 0) -> np.ndarray:
+def default_test_input(processed_dir, shape=(16, 64, 64), seed: int = 0) -> np.ndarray:
     """A brightfield ``[1, Z, Y, X]`` test input: the central crop (multiples of 8, at most
     ``shape``) of the processed set's first test FOV, or seeded Gaussian noise without one."""
-    if processed is None:
+    if processed_dir is None:
         return np.random.default_rng(seed).standard_normal((1, *shape)).astype(np.float32)
-    rows = dataset.read_manifest(processed)
+    rows = processed.read_manifest(processed_dir)
     test = rows[rows["split"] == "test"]
-    x, _, _ = dataset.load_fov((test if len(test) else rows).iloc[0])
+    x, _, _ = processed.load_fov((test if len(test) else rows).iloc[0])
     size = [max(MIN_SIZE, min(s, n) // SIZE_MULTIPLE * SIZE_MULTIPLE) for s, n in zip(shape, x.shape[1:])]
     lo = [(n - s) // 2 for s, n in zip(size, x.shape[1:])]
     return np.ascontiguousarray(x[:, lo[0]:lo[0] + size[0], lo[1]:lo[1] + size[1], lo[2]:lo[2] + size[2]])
@@ -231,7 +231,7 @@ def write_cover(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
 
 def write_readme(path: Path, name: str, generator: Generator, voxel, info: dict) -> Path:
     """The package's documentation: what the model is, its data, voxel size, limits, validation."""
-    source = {"synthetic": "Simulated hiPSC fields of view (vstain.simulate) in the Allen Cell layout",
+    source = {"synthetic": "Simulated hiPSC fields of view (vstain.data.simulate) in the Allen Cell layout",
               "allen": "Real fields of view of the Allen Cell hiPSC single-cell image dataset (Viana et al. 2023)"}
     trained = source.get(info["trained_on"], "Data not recorded with the weights")
     kind = MODEL_KINDS.get(info["model"], "generator")
@@ -265,10 +265,10 @@ trained as the {kind} of the executable reproduction `vstain` of {THESIS}
    else 'Trained on one cell type (hiPSC), one microscope and one voxel size; other samples are out of distribution.'}
 - The outputs are predictions, not measurements: in the thesis (Table 4.1) the cell membrane and
   actomyosin channels agree least with their targets (Pearson r 0.65 and 0.7 for the U-Net). The
-  model gives no uncertainty; `vstain.tta` gives a flip test-time spread as a rough one.
+  model gives no uncertainty; `vstain.inference.tta` gives a flip test-time spread as a rough one.
 - Each training FOV labels only its own tagged structure (plus DNA and membrane); channels are
   learnt from fewer FOVs than the two common ones.
-- The weights in `pytorch_state_dict` need the `vstain` package (`vstain.export.generator_from_config`);
+- The weights in `pytorch_state_dict` need the `vstain` package (`vstain.inference.export.generator_from_config`);
   the TorchScript weights need only PyTorch.
 
 ## Validation
@@ -340,7 +340,7 @@ def export_bioimageio(source, out_zip, voxel_size_zyx=None, test_input=None, *, 
         raise ValueError(f"test_input must be [1, Z, Y, X] with Z, Y, X = 8 + 8n, got shape {x.shape}")
     name = name or f"vstain {MODEL_KINDS.get(info['model'], 'U-Net')} virtual staining width {gen.cfg.base_width}"
     with torch.no_grad():
-        y = gen(torch.from_numpy(dataset.zscore(x, EPS))[None]).numpy()  # [1, 6, Z, Y, X]
+        y = gen(torch.from_numpy(processed.zscore(x, EPS))[None]).numpy()  # [1, 6, Z, Y, X]
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
@@ -369,11 +369,11 @@ def export_bioimageio(source, out_zip, voxel_size_zyx=None, test_input=None, *, 
             pytorch_state_dict=bio.PytorchStateDictWeightsDescr(
                 source=d / "weights.pt", pytorch_version=torch_version,
                 architecture=bio.ArchitectureFromLibraryDescr(
-                    import_from="vstain.export", callable=bio.Identifier("generator_from_config"),
+                    import_from="vstain.inference.export", callable=bio.Identifier("generator_from_config"),
                     kwargs=asdict(gen.cfg))),
             torchscript=bio.TorchscriptWeightsDescr(
                 source=d / "weights_torchscript.pt", pytorch_version=torch_version, parent="pytorch_state_dict",
-                comment="traced generator in a scripted reflect-pad/crop (vstain.export.PadCrop)"))
+                comment="traced generator in a scripted reflect-pad/crop (vstain.inference.export.PadCrop)"))
         with ValidationContext(known_files=dict(KNOWN_URLS)):
             descr = bio.ModelDescr(
                 name=name, description="3D virtual fluorescent staining: six fluorescence channels "
@@ -402,7 +402,7 @@ def load_package(path) -> tuple[Generator, PackageInfo]:
     """The generator (state-dict weights, eval mode, CPU) and metadata of a package written by
     :func:`export_bioimageio`, without network access or hashing."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such bioimage.io package (a .zip from vstain.export)")
+        raise FileNotFoundError(f"{path}: no such bioimage.io package (a .zip from vstain.inference.export)")
     descr = load_model_description(path, perform_io_checks=False)
     if not isinstance(descr, bio.ModelDescr):
         raise ValueError(f"{path}: not a bioimage.io model description of format 0.5 ({type(descr).__name__})")

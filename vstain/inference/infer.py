@@ -7,26 +7,35 @@ two ways (``norm``):
 - ``"volume"`` (default): the volume is predicted one convolution at a time over Y-X tiles through
   scratch files on disk, and every InstanceNorm layer normalises each tile with that layer's
   per-channel mean and variance over the *whole* (reflect-padded) volume
-  (:func:`vstain.layerwise.predict_layerwise`). The result equals the one-pass prediction to float32
+  (:func:`vstain.inference.layerwise.predict_layerwise`). The result equals the one-pass prediction to float32
   rounding everywhere, tile borders included, for about the work of one pass.
 - ``"tile"``: each tile is normalised with its own statistics and tiles are blended with Gaussian
   weights by MONAI's ``sliding_window_inference`` (called with MONAI's own argument names). The
   tiles then disagree: seams at tile borders.
 
-:func:`seam_figures` measures how far a tiled prediction departs from the one-pass prediction.
+:func:`seam_figures` measures how far a tiled prediction departs from the one-pass prediction;
+:func:`write_predictions` predicts every FOV of a split of the processed set into a model stage's
+``predictions/`` folder.
 """
 from __future__ import annotations
 
 import logging
+import time
 import warnings
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 
+from vstain.channels import TARGETS
+from vstain.models import MIN_SIZE, SIZE_MULTIPLE, check_size
+from vstain.preprocess import processed
+from vstain.volumes import write_volume
+
 from .layerwise import predict_layerwise, tile_bounds
-from .models import MIN_SIZE, SIZE_MULTIPLE, check_size
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +105,7 @@ def predict_volume(
             ``overlap``, default 0.25). Whole-volume statistics need no overlap.
         sw_batch_size: ``norm="tile"`` only: tiles per forward pass (MONAI ``sw_batch_size``).
         norm: how tiles are normalised, one of :data:`NORMS`: ``"volume"`` (default; whole-volume
-            statistics, layer by layer through scratch files, :func:`vstain.layerwise.predict_layerwise`)
+            statistics, layer by layer through scratch files, :func:`vstain.inference.layerwise.predict_layerwise`)
             or ``"tile"`` (each tile's own, Gaussian blending).
         workdir: ``norm="volume"``: folder for the scratch files (default: the system's temporary
             folder); they are removed afterwards.
@@ -201,3 +210,29 @@ def measure_seams(generator, x, roi_size, overlap: float | None = None, norm: st
         tiled = predict_volume(generator, x, max_voxels=0, roi_size=roi_size, overlap=overlap, norm=norm)
     borders = tile_borders(np.shape(x)[1:], roi_size, DEFAULT_OVERLAP if overlap is None else overlap, norm)
     return seam_figures(whole, tiled, borders)
+
+
+def write_predictions(generator, stage_in, out_dir, splits=("val", "test"), max_voxels=None,
+                      roi_size=None, channel_names=TARGETS) -> pd.DataFrame:
+    """Predict every FOV of ``splits`` of the processed set with :func:`predict_volume`
+    and write ``out_dir/predictions/<fov_id>.tif`` (float32 ``[C, Z, Y, X]``, ``C`` = 6 or the
+    ``channel_names`` a single-structure model predicts).
+
+    Returns a table ``fov_id, split, structure, path`` (relative to ``out_dir``), ``mode``
+    (``whole``/``tiled``) and ``seconds``.
+    """
+    out_dir = Path(out_dir)
+    df = processed.read_manifest(stage_in)
+    df = df[df["split"].isin(splits)]
+    if max_voxels is None:
+        max_voxels = default_max_voxels(generator)
+    rows = []
+    for _, r in df.iterrows():
+        x, _, _ = processed.load_fov(r)
+        t = time.perf_counter()
+        pred = predict_volume(generator, x, max_voxels=max_voxels, roi_size=roi_size)
+        rel = f"predictions/{r['fov_id']}.tif"
+        write_volume(out_dir / rel, pred, list(channel_names))
+        rows.append({"fov_id": r["fov_id"], "split": r["split"], "structure": r["structure"], "path": rel,
+                     "mode": plan(x.shape[1:], max_voxels), "seconds": round(time.perf_counter() - t, 3)})
+    return pd.DataFrame(rows)

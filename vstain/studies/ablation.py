@@ -2,7 +2,7 @@
 nucleoli and the mitochondria?
 
 Data flow: the processed set (``03_denoising``) -> one U-Net per variant, each trained with
-:func:`vstain.train.run_unet_stage` into ``<out_dir>/<variant>/`` (:func:`run_ablation`) -> whole-FOV
+:func:`vstain.training.unet.run_unet_stage` into ``<out_dir>/<variant>/`` (:func:`run_ablation`) -> whole-FOV
 predictions of the test split -> PCC and SSIM against the clean simulated truth per variant, channel
 and FOV (:func:`score_variants`) -> paired differences to the baseline (:func:`compare_to_baseline`,
 through :func:`vstain.evaluate.stats.compare`) -> a paragraph that names what matters
@@ -27,20 +27,18 @@ steps between its six models, so its total equals one joint model's.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .channels import TARGET_LABELS, TARGETS
-from .configs import UNetConfig
-from .dataset import read_manifest
-from .evaluate import metrics, stats
-from .modelfiles import MODEL_JSON, run_config
-from .train import RESUMABLE_KEYS, run_unet_stage
-from .volumes import read_volume, write_volume
+from vstain.channels import TARGET_LABELS, TARGETS
+from vstain.evaluate import metrics, stats
+from vstain.modelfiles import is_finished
+from vstain.training.configs import UNetConfig
+from vstain.training.unet import run_unet_stage
+from vstain.volumes import read_volume, write_volume
 
 BASELINE = "baseline"
 PER_STRUCTURE = "per-structure"
@@ -99,21 +97,6 @@ def variant_configs(name: str, base: UNetConfig) -> dict[str, UNetConfig]:
     steps = split_steps(base.max_steps, len(TARGETS))
     return {c: replace(base, channels=(c,), max_steps=s, val_every=min(base.val_every, s),
                        ckpt_every=min(base.ckpt_every, s)) for c, s in zip(TARGETS, steps)}
-
-
-def is_finished(model_dir: str | Path, cfg: UNetConfig, stage_in: str | Path) -> bool:
-    """Whether ``model_dir`` holds a finished run of ``cfg`` on this processed set: its ``model.json``
-    records ``cfg.max_steps`` steps done and the same config (up to the keys a resumed run may
-    change), and its test predictions are written."""
-    mj = Path(model_dir) / MODEL_JSON
-    if not mj.exists():
-        return False
-    meta = json.loads(mj.read_text())
-    old, new = meta.get("config", {}), run_config(cfg.to_dict(), stage_in)
-    if any(old.get(k) != new[k] for k in new if k not in RESUMABLE_KEYS) or meta.get("global_step") != cfg.max_steps:
-        return False
-    test = read_manifest(stage_in).query("split == 'test'")["fov_id"]
-    return all((Path(model_dir) / PREDICTIONS / f"{f}.tif").exists() for f in test)
 
 
 def combine_predictions(variant_dir: str | Path, channels=TARGETS) -> list[Path]:

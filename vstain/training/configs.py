@@ -6,11 +6,12 @@ thesis' numbers; a validation error shows the bad value and the allowed ones.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 
-from .channels import TARGETS
-from .dataset import SAMPLINGS, check_channels
-from .losses import PIXEL_LOSSES
-from .models import NORMS, CriticConfig, GeneratorConfig
+from vstain.channels import TARGETS
+from vstain.losses import PIXEL_LOSSES
+from vstain.models import NORMS, CriticConfig, GeneratorConfig
+from vstain.preprocess.processed import SAMPLINGS, check_channels
 
 OPTIMIZERS = ("rmsprop", "adam")
 DEVICES = ("cpu", "gpu", "cuda", "mps", "auto")
@@ -20,7 +21,11 @@ ADV_WEIGHTINGS = ("constant", "inverse_epoch", "balanced")
 
 class DictConfig:
     """Round trip of a config dataclass through JSON/YAML (the checkpoint's ``hyper_parameters``,
-    ``model.json``)."""
+    ``model.json``), and what :func:`vstain.modelfiles.is_finished` asks of a training config: the
+    keys an interrupted run may change on resumption (``RESUMABLE_KEYS``) and the optimiser steps
+    a finished run has taken (``optimiser_steps``)."""
+
+    RESUMABLE_KEYS: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict:
         """JSON/YAML-friendly (tuples as lists)."""
@@ -80,7 +85,7 @@ class UNetConfig(DictConfig):
             (thesis 3.2.1), ``"mse"`` or ``"l1+mse"``.
         norm: the generator's normalisation, ``"instance"`` (thesis 3.1.1) or ``"batch"``.
         sampling: how training crops pick their FOV, ``"uniform"`` or ``"balanced"`` (each tagged
-            structure equally often, :class:`vstain.dataset.ProcessedCrops`).
+            structure equally often, :class:`vstain.preprocess.processed.ProcessedCrops`).
         channels: the target channels the model predicts and trains on, as
             :data:`vstain.channels.TARGETS` names (default empty: all six, one joint model). A
             subset trains only on the FOVs that carry every one of them (one model per structure,
@@ -112,6 +117,9 @@ class UNetConfig(DictConfig):
     norm: str = "instance"  # thesis 3.1.1: InstanceNorm3d
     sampling: str = "uniform"  # every training FOV equally often
     channels: tuple[str, ...] = ()  # all six targets: one joint model (thesis)
+    RESUMABLE_KEYS: ClassVar[tuple[str, ...]] = (  # may change between an interrupted run and its resumption
+        "max_steps", "val_every", "ckpt_every", "device", "precision", "devices", "strategy", "num_threads",
+        "num_workers", "channels_last", "torch_compile")
 
     def __post_init__(self):
         self.crop = tuple(int(c) for c in self.crop)
@@ -141,9 +149,9 @@ class UNetConfig(DictConfig):
         return GeneratorConfig(base_width=self.base_width, negative_slope=self.negative_slope,
                                out_channels=len(self.targets), norm=self.norm)
 
-
-
-# Keys that may change between an interrupted run and its resumption.
+    @property
+    def optimiser_steps(self) -> int:
+        return self.max_steps
 
 
 @dataclass
@@ -215,6 +223,9 @@ class WGANConfig(DictConfig):
     num_workers: int = 0
     channels_last: bool = False
     critic_channels_last: bool = False
+    RESUMABLE_KEYS: ClassVar[tuple[str, ...]] = (  # may change between an interrupted run and its resumption
+        "iterations", "val_every", "ckpt_every", "device", "precision", "devices", "strategy", "num_threads",
+        "num_workers", "max_wasserstein", "channels_last", "critic_channels_last")
 
     def __post_init__(self):
         self.crop = tuple(int(c) for c in self.crop)
@@ -239,6 +250,10 @@ class WGANConfig(DictConfig):
     def steps_per_iteration(self) -> int:
         """Optimiser steps (= batches) per generator iteration: ``n_critic`` critic + 1 generator."""
         return self.n_critic + 1
+
+    @property
+    def optimiser_steps(self) -> int:
+        return self.iterations * self.steps_per_iteration
 
     def generator_config(self) -> GeneratorConfig:
         return GeneratorConfig(base_width=self.base_width, negative_slope=self.negative_slope)

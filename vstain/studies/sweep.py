@@ -1,7 +1,7 @@
 """The adversarial weight sweep: a perception-distortion curve (Blau & Michaeli, CVPR 2018) of the
 WGAN-GP fine-tuned from the U-Net baseline.
 
-Data flow: the ``04_unet`` checkpoint and one :class:`vstain.configs.WGANConfig` -> one short
+Data flow: the ``04_unet`` checkpoint and one :class:`vstain.training.configs.WGANConfig` -> one short
 fine-tune of equal length per adversarial weight ``lambda_adv``, each in its own folder (weight 0:
 the masked-L1-only control, same batches, same number of generator steps) with its test-split
 predictions (:func:`run_sweep`, which skips finished folders, so an interrupted sweep resumes) ->
@@ -13,23 +13,22 @@ figure is :func:`vstain.plots.sweep.perception_distortion`.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .configs import WGANConfig
-from .evaluate.classifier import REAL, score_models
-from .evaluate.comparison import f1_bootstrap, fov_confusions
-from .evaluate.metrics import evaluate_predictions
-from .evaluate.sharpness import sharpness_table
-from .evaluate.stats import decided, format_ci, min_pairs, n_fovs, paired_difference
-from .modelfiles import init_checkpoint, run_config
-from .wgan import run_wgan_stage
+from vstain.evaluate.comparison import f1_bootstrap, fov_confusions
+from vstain.evaluate.metrics import evaluate_predictions
+from vstain.evaluate.patches import REAL
+from vstain.evaluate.perceptual import score_models
+from vstain.evaluate.sharpness import sharpness_table
+from vstain.evaluate.stats import decided, format_ci, min_pairs, n_fovs, paired_difference
+from vstain.modelfiles import LOSSES_CSV, init_checkpoint, is_finished, read_model_json
+from vstain.training.configs import WGANConfig
+from vstain.training.wgan import run_wgan_stage
 
-FINISHED = "finished.json"  # written last in a weight's folder: the fine-tune and its predictions are complete
 # (metric, higher is better, label) of every column of the sweep
 MEASURES = {"pcc": (True, "PCC"), "ssim": (True, "SSIM"), "f1clf": (True, "F1clf"),
             "perceptual": (False, "perceptual distance"), "transfer": (True, "coherent sharpness")}
@@ -57,8 +56,9 @@ def check_weights(weights) -> list[float]:
 
 def run_sweep(stage_in, out_dir, base: WGANConfig, weights, max_voxels=None, progress: bool = False) -> pd.DataFrame:
     """Fine-tune the generator once per adversarial weight, from the same U-Net and with the same
-    seed, crops and length, and predict the test split; a folder whose :data:`FINISHED` record
-    matches the configuration (and the processed set and U-Net it started from) is reused.
+    seed, crops and length, and predict the test split; a folder that
+    :func:`vstain.modelfiles.is_finished` calls finished (the same configuration, processed set and
+    U-Net, every step taken, the predictions written) is reused.
 
     Args:
         stage_in: the ``03_denoising`` stage folder.
@@ -77,23 +77,25 @@ def run_sweep(stage_in, out_dir, base: WGANConfig, weights, max_voxels=None, pro
     for w in check_weights(weights):
         cfg = replace(base, lambda_adv=w)
         d = weight_dir(out_dir, w)
-        config = json.loads(json.dumps(run_config(cfg.to_dict(), stage_in, init_checkpoint(cfg.init_from)), default=str))
-        done = json.loads((d / FINISHED).read_text()) if (d / FINISHED).exists() else None
         status = "reused"
-        if done is None or done.get("config") != config:
-            (d / FINISHED).unlink(missing_ok=True)
-            res = run_wgan_stage(stage_in, d, cfg, splits=("test",), max_voxels=max_voxels, progress=progress)
-            gen = res.losses[res.losses["kind"] == "generator"]
-            tail = gen.tail(max(1, len(gen) // 4))
-            done = {"config": config, "iterations": res.iterations, "train_seconds": round(res.train_seconds, 2),
-                    "median_grad_ratio": float(gen["grad_ratio"].median()) if len(gen) else float("nan"),
-                    "final_l1": float(tail["l1"].mean()) if len(gen) else float("nan"), "stopped": res.stopped}
-            (d / (FINISHED + ".tmp")).write_text(json.dumps(done, indent=2))
-            (d / (FINISHED + ".tmp")).replace(d / FINISHED)
+        if not is_finished(d, cfg, stage_in, init_checkpoint(cfg.init_from)):
+            run_wgan_stage(stage_in, d, cfg, splits=("test",), max_voxels=max_voxels, progress=progress)
             status = "trained"
-        rows.append({"weight": w, "model": weight_label(w), "folder": str(d), "status": status,
-                     **{k: done[k] for k in ("iterations", "train_seconds", "median_grad_ratio", "final_l1", "stopped")}})
+        rows.append({"weight": w, "model": weight_label(w), "folder": str(d), "status": status, **fine_tune_record(d)})
     return pd.DataFrame(rows)
+
+
+def fine_tune_record(folder) -> dict:
+    """What one weight's folder says of its fine-tune (its ``model.json`` and ``losses.csv``):
+    ``iterations, train_seconds, stopped``, the ``median_grad_ratio`` (adversarial over L1 gradient
+    at the generator output) and the ``final_l1`` (mean of the last quarter of generator steps)."""
+    meta = read_model_json(folder) or {}
+    losses = pd.read_csv(Path(folder) / LOSSES_CSV)
+    gen = losses[losses["kind"] == "generator"]
+    tail = gen.tail(max(1, len(gen) // 4))
+    return {"iterations": meta.get("iterations"), "train_seconds": meta.get("train_seconds"),
+            "median_grad_ratio": float(gen["grad_ratio"].median()) if len(gen) else float("nan"),
+            "final_l1": float(tail["l1"].mean()) if len(gen) else float("nan"), "stopped": meta.get("stopped", "")}
 
 
 def sweep_values(stage_in, stage_dirs: dict[str, str | Path], clf, clf_cfg, split: str = "test",
@@ -114,7 +116,7 @@ def sweep_values(stage_in, stage_dirs: dict[str, str | Path], clf, clf_cfg, spli
     Returns ``(values, scores)``: ``values`` one row per ``model, fov_id, channel, metric,
     reference, value`` (PCC and SSIM against every reference the data have, the perceptual
     distance averaged over a FOV's patches of the channel, the coherent transfer against the truth,
-    else the targets); ``scores`` :func:`vstain.evaluate.classifier.score_models`'s patch table."""
+    else the targets); ``scores`` :func:`vstain.evaluate.perceptual.score_models`'s patch table."""
     pred_dirs = {m: Path(d) / "predictions" for m, d in stage_dirs.items()}
     sharp = sharpness_table(stage_in, stage_dirs, split=split, cutoff=sharpness_cutoff, include_target=False)
     refs = ["truth", "target"] if (sharp["reference"] == "truth").all() else ["target"]
@@ -161,7 +163,9 @@ def sweep_summary(values: pd.DataFrame, scores: pd.DataFrame, models: list[str],
     over FOVs of the per-FOV channel means; F1clf: the macro F1 of the model's patches, its interval
     resampling whole FOVs as :func:`vstain.evaluate.comparison.f1_bootstrap`), ``diff, diff_low,
     diff_high, p`` (paired, ``model - control``; NaN p for F1clf), ``higher_is_better`` and
-    ``decided`` (:func:`vstain.evaluate.stats.decided`: the difference from the control calls one)."""
+    ``decided`` (:func:`vstain.evaluate.stats.decided`: the difference from the control calls one),
+    ``label`` (the measure's name) and ``role`` (``"distortion"`` or ``"perception"``), so a figure
+    can be drawn from the saved table alone."""
     if len(models) < 2:
         raise ValueError(f"the sweep needs the control and at least one weight, got models {models}")
     means = fov_means(values, models)
@@ -191,6 +195,7 @@ def sweep_summary(values: pd.DataFrame, scores: pd.DataFrame, models: list[str],
 def _row(metric, ref, model, est, lo, hi, n, d, dlo, dhi, p, confidence) -> dict:
     return {"metric": metric, "reference": ref, "model": model, "estimate": est, "ci_low": lo, "ci_high": hi,
             "n": n, "diff": d, "diff_low": dlo, "diff_high": dhi, "p": p, "higher_is_better": MEASURES[metric][0],
+            "label": MEASURES[metric][1], "role": "distortion" if metric in DISTORTION else "perception",
             "decided": decided({"ci_low": dlo, "ci_high": dhi, "n": n}, confidence)}
 
 

@@ -19,8 +19,8 @@ import tifffile
 import torch
 from torch.utils.data import Dataset
 
-from .channels import LABEL_CHANNELS, TARGETS
-from .volumes import read_labels, read_volume, resolve_paths, write_labels, write_volume
+from vstain.channels import LABEL_CHANNELS, TARGETS
+from vstain.volumes import read_labels, read_volume, resolve_paths, write_labels, write_volume
 
 SPLITS = ("train", "val", "test")
 SAMPLINGS = ("uniform", "balanced")
