@@ -166,3 +166,13 @@ def test_modules_open_with_a_docstring_and_stay_short():
             too_long[name] = n
     assert too_long == {}, f"over {MAX_LINES} lines without a reason in LONGER: {too_long}"
     assert set(LONGER) <= set(modules()), "LONGER names a module that does not exist"
+
+
+def test_no_module_patches_a_library_at_runtime():
+    """No module rewrites a function's code (``f.__code__ = ...``): a fix for a library belongs in the lock."""
+    offenders = [f"{name}:{node.lineno}" for name, path in modules().items()
+                 for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+                 and any(isinstance(t, ast.Attribute) and t.attr == "__code__"
+                         for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))]
+    assert offenders == []

@@ -8,16 +8,15 @@ folder (or a :class:`~vstain.models.Generator`) into one zip that bioimage.io co
 input/output pair computed by the model, a cover image and a README. :func:`load_package` turns a
 package back into a generator and its metadata; :func:`check_package` runs bioimageio.core's model
 test. Nothing here touches the network: the one URL in the package (the thesis' repository) is
-declared known to bioimageio's validation, which otherwise requests every URL it meets. A small
-compatibility fix lets bioimageio.spec 0.5.12 serialise under pydantic >= 2.14 (see
-:func:`_fix_bioimageio_serializers`).
+declared known to bioimageio's validation, which otherwise requests every URL it meets.
+bioimageio.spec 0.5.12 needs pydantic < 2.14 to write and test a package (it calls pydantic's wrap
+handler with an index key that pydantic 2.14 rejects), so the lock pins pydantic 2.13.
 """
 from __future__ import annotations
 
 import copy
 import json
 import tempfile
-import types
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,12 +28,8 @@ import torch.nn.functional as F
 from bioimageio.core import test_model
 from bioimageio.core.backends.pytorch_backend import load_torch_model
 from bioimageio.spec import ValidationContext, load_model_description, save_bioimageio_package
-from bioimageio.spec._internal import io_packaging
-from bioimageio.spec.model import v0_4 as bio_v0_4
 from bioimageio.spec.model import v0_5 as bio
 from matplotlib.figure import Figure
-from pydantic import BaseModel, model_serializer
-from pydantic_core import PydanticSerializationError
 from torch import Tensor, nn
 
 from vstain.channels import TARGET_LABELS, TARGETS
@@ -43,46 +38,6 @@ from vstain.modelfiles import load_generator
 from vstain.models import MIN_SIZE, SIZE_MULTIPLE, Generator, GeneratorConfig, num_params
 from vstain.preprocess import processed
 
-
-# --------------------------------------------------------------------------------------------
-# bioimageio.spec 0.5.12 with pydantic >= 2.14
-# --------------------------------------------------------------------------------------------
-def _index_free_handler_call(value, handler, info):
-    return _vstain_unpatched(value, lambda v, index_key=None: handler(v), info)  # noqa: F821
-
-
-def _fix_bioimageio_serializers() -> bool:
-    """Let bioimageio.spec's wrap serializers run under pydantic >= 2.14.
-
-    bioimageio.spec 0.5.12 calls pydantic's wrap handler as ``handler(value, info)`` in the
-    serializers of file entries and weights (and of v0.4-only strings, unused here); the second
-    argument is an index key, which pydantic >= 2.14 checks (pydantic PR 13506: ``TypeError:
-    'index_key' is expected to be an integer or a string``) where older versions ignored it, so
-    no package could be written or tested. Each serializer's code is replaced in place (the function objects sit in compiled
-    schemas) by a call of the original with a handler that drops that argument. Applied only when
-    this pydantic rejects the call; returns whether it was applied.
-    """
-    class Probe(BaseModel):
-        @model_serializer(mode="wrap")
-        def _ser(self, handler, info):
-            return handler(self, info)
-
-    try:
-        Probe().model_dump()
-        return False
-    except PydanticSerializationError as e:
-        if "index_key" not in str(e):
-            raise
-    for f in (io_packaging.package_file_descr_serializer, bio_v0_4.package_weights):
-        if f.__code__ is _index_free_handler_call.__code__:
-            continue
-        f.__globals__["_vstain_unpatched"] = types.FunctionType(f.__code__, f.__globals__, f.__name__,
-                                                                f.__defaults__, f.__closure__)
-        f.__code__ = _index_free_handler_call.__code__
-    return True
-
-
-BIOIMAGEIO_PATCHED = _fix_bioimageio_serializers()
 
 INPUT_ID, OUTPUT_ID = "brightfield", "fluorescence"
 SPATIAL = ("z", "y", "x")
