@@ -13,7 +13,13 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from vstain.book import rundir
+
 ROOT = Path(__file__).resolve().parents[1]
+# The tests' own runs/: notebooks, nbval and the background pipelines resolve "runs/<name>" here
+# (vstain.book.rundir.RUNS_ENV), so a test run never touches a user's runs/quick or runs/book.
+TEST_RUNS = ROOT / ".test-runs"
+os.environ[rundir.RUNS_ENV] = str(TEST_RUNS)
 
 
 def write_notebook(path: Path, parameters: str, *cells: str | tuple[str, list[str]]) -> Path:
@@ -139,10 +145,10 @@ class Background:
 
 
 def pipeline_in_background(profile: str, threads: int | None = None) -> Background:
-    """``python -m vstain.book.pipeline --profile <profile>`` from an empty ``runs/<profile>`` (so
+    """``python -m vstain.book.pipeline --profile <profile>`` from an empty ``.test-runs/<profile>`` (so
     04/05 train rather than resume a finished checkpoint and 03 trains its Noise2Void models), its
     HTML included; ``threads``: CPU threads of every process it starts (default: torch's)."""
-    shutil.rmtree(ROOT / "runs" / profile, ignore_errors=True)
+    shutil.rmtree(TEST_RUNS / profile, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
     return Background([sys.executable, "-m", "vstain.book.pipeline", "--profile", profile], ROOT, env)
 
@@ -179,12 +185,12 @@ def pytest_collection_modifyitems(session, config, items):
 
 def pytest_collection_finish(session):
     """Once the items are chosen (after -k/-m): when notebooks run under nbval, start them from an
-    empty ``runs/quick`` (otherwise 04/05 would resume a finished checkpoint and train zero steps,
+    empty ``.test-runs/quick`` (otherwise 04/05 would resume a finished checkpoint and train zero steps,
     and nbval would not test training at all); then start the background runs."""
     if session.config.option.collectonly:
         return
     if any(str(item.fspath).endswith(".ipynb") for item in session.items):
-        shutil.rmtree(ROOT / "runs" / "quick", ignore_errors=True)
+        shutil.rmtree(TEST_RUNS / "quick", ignore_errors=True)
     for item in session.items:
         if _background(item) is not None and item.name not in BACKGROUND:
             BACKGROUND[item.name] = _background(item)()

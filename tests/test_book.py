@@ -7,7 +7,8 @@ import re
 
 import nbformat
 import pytest
-from conftest import QUICK_BOOK_EXECUTED, ROOT, Background, in_background, pipeline_in_background, take_background
+from conftest import (QUICK_BOOK_EXECUTED, ROOT, TEST_RUNS, Background, in_background, pipeline_in_background,
+                      take_background)
 
 from vstain.book import browser, devtools, pipeline
 
@@ -15,7 +16,7 @@ from vstain.book import browser, devtools, pipeline
 SHARED_KEYS = {"vstain_thesis2023", "viana2023", "bray2012", "krull2019", "gulrajani2017", "arjovsky2017",
                "isola2018", "ronneberger2015", "crosszamirski2022", "ounkomol2018", "christiansen2018",
                "zhang2018lpips", "ulyanov2017"}
-QUICK_BOOK = ROOT / "runs" / "quick"  # the notebooks' default run_dir: the study's notebooks run on it under nbval
+QUICK_BOOK = TEST_RUNS / "quick"  # the notebooks' default run_dir: the study's notebooks run on it under nbval
 CITE = re.compile(r"\{cite(?::\w+)?\}`([^`]+)`")
 
 
@@ -88,7 +89,7 @@ def test_results_check_needs_table_confusion_matrices_viewer_and_collapsed_code(
 
 
 def start_quick_book() -> Background:
-    """The whole chain at the quick profile from an empty ``runs/quick``, and its HTML."""
+    """The whole chain at the quick profile from an empty ``.test-runs/quick`` (the tests' runs/), and its HTML."""
     return pipeline_in_background("quick")
 
 
@@ -96,8 +97,9 @@ def start_quick_book() -> Background:
 @in_background(start_quick_book)
 def test_quick_book_builds_and_every_page_opens(request):
     """The whole chain at the quick profile from an empty run directory (so 04/05 train rather than
-    resume a finished checkpoint), in runs/quick (the notebooks' default run directory) and built
-    into runs/quick/book_src/_build/html (never the user's book/_build), then every page opened
+    resume a finished checkpoint), in .test-runs/quick (what the notebooks' default run_dir resolves to
+    under the tests) and built
+    into .test-runs/quick/book_src/_build/html (never the user's book/_build), then every page opened
     in headless Chromium. The chain starts when collection ends (conftest.in_background). Every
     notebook then ran at its defaults, so the nbval pass of ``make test`` skips them
     (conftest.QUICK_BOOK_EXECUTED) and runs the study's notebooks, which the quick book does not

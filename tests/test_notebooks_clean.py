@@ -11,6 +11,8 @@ import papermill
 import pytest
 from conftest import ROOT
 
+from vstain.book import rundir
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
@@ -84,3 +86,26 @@ def test_a_notebook_opened_too_early_names_the_one_to_run_first(nb, tmp_path):
     assert upstream, f"{path.name}: the first cell after the parameters does not check its upstream stages"
     with pytest.raises(FileNotFoundError, match=rf"run notebooks/{upstream[0]}\.ipynb first"):
         rundir.require(tmp_path, upstream[0])
+
+
+def test_the_manifest_records_every_parameter(nb):
+    """A notebook ends with ``rundir.finish(out, globals(), ...)``: its manifest records the resolved
+    value of every declared parameter, found by inspecting the notebook, so none can be left out."""
+    path, book = nb
+    calls = [node for c in book.cells if c.cell_type == "code" for node in ast.walk(ast.parse(_code(c)))
+             if isinstance(node, ast.Call) and ast.unparse(node.func) == "rundir.finish"]
+    assert len(calls) == 1, f"{path.name}: expected one rundir.finish call, found {len(calls)}"
+    assert [ast.unparse(a) for a in calls[0].args[:2]] == ["out", "globals()"], ast.unparse(calls[0])
+    cell = next(c for c in book.cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    namespace: dict = {}
+    exec(compile(_code(cell), path.name, "exec"), namespace)
+    recorded = rundir.notebook_parameters(path.stem, namespace)
+    assert list(recorded) == list(papermill.inspect_notebook(str(path)))
+    assert all(recorded[k] == namespace[k] for k in recorded)
+
+
+def test_a_namespace_without_a_declared_parameter_is_refused():
+    with pytest.raises(KeyError, match="seed"):
+        rundir.notebook_parameters("04_unet", {"run_dir": "runs/quick"})
+    with pytest.raises(FileNotFoundError, match="named after its notebook"):
+        rundir.notebook_parameters("99_none", {})

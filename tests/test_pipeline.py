@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import ROOT, STAGE_BODY, read_json, write_notebook
 
-from vstain.book import pipeline
+from vstain.book import pipeline, rundir
 from vstain.book.pipeline import NotebookFailed, ProfileError
 
 
@@ -315,3 +315,15 @@ def test_study_seed_run_differs_from_the_book_unet_only_in_its_seed(tmp_path):
     assert seed["seed"] != unet["seed"]
     sweep = {**defaults["07c_adversarial_sweep"], **params["07c_adversarial_sweep"]}
     assert sweep["base_width"] == unet["base_width"]  # every fine-tune starts from the book's U-Net
+
+
+def test_the_tests_run_in_their_own_runs_folder(monkeypatch, tmp_path):
+    """Under pytest ``runs/<name>`` resolves into .test-runs/, so a test never deletes a user's run;
+    without the variable it is the project's runs/, and an absolute run directory is kept."""
+    from conftest import TEST_RUNS
+    assert rundir.resolve("runs/quick") == TEST_RUNS.resolve() / "quick"
+    assert rundir.resolve("elsewhere/x") == rundir.repo_root() / "elsewhere" / "x"
+    assert rundir.resolve(tmp_path / "runs" / "p") == tmp_path / "runs" / "p"
+    monkeypatch.delenv(rundir.RUNS_ENV)
+    assert rundir.resolve("runs/quick") == rundir.repo_root() / "runs" / "quick"
+    assert rundir.resolve("runs/quick", tmp_path) == tmp_path / "runs" / "quick"

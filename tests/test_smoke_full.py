@@ -11,14 +11,14 @@ import json
 
 import pytest
 import yaml
-from conftest import ROOT, Background, in_background, pipeline_in_background, take_background
+from conftest import ROOT, TEST_RUNS, Background, in_background, pipeline_in_background, take_background
 
 from vstain.book import pipeline, profiles
 from vstain.book.profiles import ProfileError
 
 SMOKE = ROOT / "profiles" / "smoke-full.yaml"
 FULL = ROOT / "profiles" / "full.yaml"
-RUN_DIR = ROOT / "runs" / "smoke-full"
+RUN_DIR = TEST_RUNS / "smoke-full"
 
 
 def _resolved(path):

@@ -257,7 +257,7 @@ def run(
     prof = load_profile(profile_path)
     toc = Path(toc or root / "_toc.yml")
     run_dir = run_dir or f"runs/{prof.extends or profile}"
-    runs = Path(run_dir) if Path(run_dir).is_absolute() else root / run_dir
+    runs = rundir.resolve(run_dir, root)
     book_src = runs / "book_src"  # one staged book per run directory: only the toc's pages are read
     records = runs / "pipeline"
     suffix = f"_{profile}" if prof.extends else ""  # an extending profile keeps its own timings and HTML

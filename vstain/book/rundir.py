@@ -12,7 +12,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from vstain.volumes import sha256
 
@@ -28,11 +28,21 @@ def repo_root() -> Path:
     return Path.cwd()
 
 
-def resolve(run_dir: str | os.PathLike) -> Path:
-    """A run directory as an absolute path; relative paths are taken from the project's root,
-    so a notebook finds the same folder whether papermill, nbval or JupyterLab runs it."""
+RUNS_ENV = "VSTAIN_RUNS"  # a folder that stands in for the project's runs/ (the tests set it)
+
+
+def resolve(run_dir: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """A run directory as an absolute path; relative paths are taken from the project's root (or
+    ``root``), so a notebook finds the same folder whether papermill, nbval or JupyterLab runs it.
+    When the environment variable ``VSTAIN_RUNS`` is set, a relative ``runs/<name>`` resolves to
+    ``$VSTAIN_RUNS/<name>`` instead: the test suite runs the notebooks there and never touches a
+    user's ``runs/``."""
     p = Path(run_dir).expanduser()
-    return p if p.is_absolute() else repo_root() / p
+    if p.is_absolute():
+        return p
+    if os.environ.get(RUNS_ENV) and p.parts[:1] == ("runs",):
+        return Path(os.environ[RUNS_ENV]).resolve().joinpath(*p.parts[1:])
+    return Path(root or repo_root()) / p
 
 
 def stage_dir(run_dir: str | os.PathLike, stage: str, *, clean: bool = False) -> Path:
@@ -86,9 +96,30 @@ def _device() -> str:
     return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
+def notebook_parameters(stage: str, namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The value in ``namespace`` (a notebook's ``globals()``) of every parameter that the stage's
+    notebook (``notebooks/<stage>.ipynb``) declares in its ``parameters`` cell, as papermill lists
+    them, so a manifest records all of them.
+
+    Raises:
+        FileNotFoundError: there is no notebook of that name.
+        KeyError: the namespace lacks a declared parameter.
+    """
+    import papermill
+
+    nb = repo_root() / "notebooks" / f"{stage}.ipynb"
+    if not nb.exists():
+        raise FileNotFoundError(f"no notebook {nb} for stage '{stage}': a stage folder is named after its notebook")
+    names = list(papermill.inspect_notebook(str(nb)))
+    missing = [n for n in names if n not in namespace]
+    if missing:
+        raise KeyError(f"{nb.name} declares parameter(s) {missing} that the namespace lacks")
+    return {n: namespace[n] for n in names}
+
+
 def finish(
     stage_path: str | os.PathLike,
-    params: dict[str, Any],
+    namespace: Mapping[str, Any],
     started: float,
     inputs: Iterable[str | os.PathLike] = (),
     extra: dict[str, Any] | None = None,
@@ -96,12 +127,14 @@ def finish(
     """Write the stage's ``manifest.json`` (last, by rename) and return it.
 
     Args:
-        stage_path: the stage folder from :func:`stage_dir`.
-        params: the notebook's resolved parameters.
+        stage_path: the stage folder from :func:`stage_dir` (named after its notebook).
+        namespace: the notebook's ``globals()``; every parameter the notebook declares is recorded
+            with its resolved value (:func:`notebook_parameters`).
         started: ``time.time()`` when the stage began, for the wall time.
         inputs: upstream files or stage folders; a folder is hashed by its manifest.
         extra: anything else worth keeping (e.g. headline metrics).
     """
+    params = notebook_parameters(Path(stage_path).name, namespace)
     d = Path(stage_path)
     ins = {}
     for p in inputs:

@@ -135,3 +135,29 @@ def sharper_verdict(table: pd.DataFrame, model_a: str = "U-Net", model_b: str = 
     return (f"Coherent transfer per FOV, {model_b} against {model_a}, paired over test FOVs ({n_fovs(comp['n'])}): "
             + "; ".join(parts) + f". The claim that the {model_b} is sharper than the {model_a} on most channels "
             f"**{claim}**.")
+
+
+def sharpness_report(table: pd.DataFrame, model_a: str = "U-Net", model_b: str = "WGAN") -> tuple[pd.DataFrame, dict, str]:
+    """What a :func:`sharpness_table` says of two models, for a notebook to show.
+
+    Returns ``(per_channel, medians, sentence)``: the median ``coarse, transfer, power`` per channel
+    (rows in :data:`TARGETS` order, one column per measure and model), the medians over channels and
+    FOVs per model (``{"transfer": {model: value}, "power": {...}}``), and a sentence comparing the
+    two models' coherent transfer and plain power ratio (with the measured targets as a calibration
+    where the table has them)."""
+    per_channel = (table.groupby(["channel", "model"])[["coarse", "transfer", "power"]].median()
+                   .unstack("model").reindex(list(TARGETS)))
+    means = table.groupby("model")[["coarse", "transfer", "power"]].median()
+    a, b = per_channel[("transfer", model_a)], per_channel[("transfer", model_b)]
+    higher, compared = int((b > a).sum()), int((a.notna() & b.notna()).sum())
+    shown = {m: f"{v:.3f}" if np.isfinite(v) else "undefined (no coarse structure)" for m, v in means["transfer"].items()}
+    calibration = (f"; the measured targets score {shown['measured target']} and "
+                   f"{means.loc['measured target', 'power']:.3f}" if "measured target" in means.index else "")
+    reference = "clean truth" if table["reference"].iloc[0] == "truth" else "measured targets"
+    sentence = (f"Against the {reference}, coherent high-frequency transfer, median over channels and test FOVs: "
+                f"{model_a} {shown[model_a]}, {model_b} {shown[model_b]} (the {model_b} is higher in {higher} of "
+                f"{compared} channels where both are defined). Plain power ratio: {model_a} "
+                f"{means.loc[model_a, 'power']:.3f}, {model_b} {means.loc[model_b, 'power']:.3f}{calibration}. Where a "
+                f"model's power ratio rises without its coherent transfer, the extra fine structure is not the truth's.")
+    medians = {k: {m: float(v) for m, v in means[k].items()} for k in ("transfer", "power")}
+    return per_channel, medians, sentence

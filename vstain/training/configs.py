@@ -39,6 +39,13 @@ class DictConfig:
             raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; allowed: {sorted(names)}")
         return cls(**d)
 
+    @classmethod
+    def from_namespace(cls, namespace, **overrides):
+        """The config from a notebook's ``globals()``: every field that the namespace holds (the
+        notebooks' parameters carry the configs' names), then ``overrides``."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in namespace.items() if k in names}, **overrides})
+
     def check_run_fields(self, positive_ints) -> None:
         """The checks every training config shares: counts are positive integers, and the
         Lightning ``device`` and ``precision`` are ones this study supports."""
