@@ -160,47 +160,7 @@ def test_a_model_difference_within_the_seed_spread_is_no_finding():
 
 
 # ---------------------------------------------------------------------------------------------
-# Cluster bootstrap
-# ---------------------------------------------------------------------------------------------
-def patches(fov_values, per_fov, jitter=0.0, seed=0) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    rows = [{"fov_id": f"f{i}", "patch": j, "value": v + rng.normal(0, jitter) if jitter else v}
-            for i, (v, k) in enumerate(zip(fov_values, per_fov)) for j in range(k)]
-    return pd.DataFrame(rows)
-
-
-def test_cluster_bootstrap_resamples_fovs_not_patches():
-    fov_values = np.array([0.61, 0.74, 0.55, 0.9, 0.68, 0.8, 0.47])
-    same = patches(fov_values, [5] * 7)  # every patch of a FOV equals its FOV's value
-    by_fov = S.paired_difference(np.zeros(7), fov_values, n_resamples=R, seed=4)
-    clustered = S.cluster_bootstrap(same, lambda d: d["value"].mean(), n_resamples=R, seed=4)
-    assert clustered.n == 7 and clustered.estimate == pytest.approx(fov_values.mean())
-    np.testing.assert_allclose([clustered.ci_low, clustered.ci_high], [by_fov.ci_low, by_fov.ci_high], rtol=1e-12)
-    # resampling the 35 patches as if independent gives a far narrower, wrong interval
-    naive = S.cluster_bootstrap(same.assign(patch_id=range(35)), lambda d: d["value"].mean(), cluster="patch_id",
-                                n_resamples=R)
-    assert naive.n == 35 and (naive.ci_high - naive.ci_low) < 0.6 * (clustered.ci_high - clustered.ci_low)
-    one = S.cluster_bootstrap(same[same["fov_id"] == "f2"], lambda d: d["value"].mean())
-    assert one.n == 1 and np.isnan(one.ci_low) and one.estimate == pytest.approx(0.55)
-    with pytest.raises(ValueError, match="'fov' is not in the table"):
-        S.cluster_bootstrap(same, len, cluster="fov")
-
-
-def test_paired_cluster_bootstrap_draws_one_fov_set_for_both_models():
-    a = patches([0.2, 0.9, 0.5, 0.7, 0.3, 0.6], [3, 5, 4, 2, 6, 3], jitter=0.1, seed=1).assign(model="U-Net")
-    b = a.assign(model="WGAN", value=a["value"] + 0.04)  # the same patches, each 0.04 better
-    extra = patches([0.4], [3]).assign(model="U-Net", fov_id="only-a")  # a FOV only one model has
-    d = S.paired_cluster_bootstrap(pd.concat([a, b, extra]), lambda t: t["value"].mean(), "U-Net", "WGAN",
-                                   n_resamples=R)
-    assert (d.n, d.dropped) == (6, 1) and d.diff == pytest.approx(0.04) and np.isnan(d.p)
-    # between-FOV spread cancels in the pairing: the interval is the point, not +-0.2
-    assert d.ci_low == pytest.approx(0.04) and d.ci_high == pytest.approx(0.04) and d.excludes_zero
-    with pytest.raises(ValueError, match="'GAN' has no rows"):
-        S.paired_cluster_bootstrap(a, len, "U-Net", "GAN")
-
-
-# ---------------------------------------------------------------------------------------------
-# Verdicts and numbers
+# Verdicts
 # ---------------------------------------------------------------------------------------------
 def cells(better: list[str], n=4) -> pd.DataFrame:
     ns = n if isinstance(n, list) else [n] * len(better)

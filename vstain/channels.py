@@ -16,6 +16,8 @@ TARGET_LABELS: dict[str, str] = {
     "actomyosin": "Actomyosin bundles",  # the thesis' "myofibrils"
     "nucleoli": "Nucleoli",
 }
+# The channels of a FOV's volume in stages 01 and 03: the brightfield input, then the six targets.
+VOLUME_CHANNELS: tuple[str, ...] = ("brightfield", *TARGETS)
 # The channels of the simulator's true instance labels (uint16 ``[2, Z, Y, X]``, 0 = background):
 # cell k and its nucleus share the id k.
 LABEL_CHANNELS: tuple[str, ...] = ("cells", "nuclei")

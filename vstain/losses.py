@@ -79,7 +79,7 @@ def gradient_penalty(critic, x: Tensor, y_real: Tensor, y_fake: Tensor) -> Tenso
     critic and adversarial losses use the *mean* score. The mean is then held to a Lipschitz
     constant of about 1/P, which makes λ_adv a gentler pull the larger the crop (measured: the
     adversarial gradient at the generator output is ~0.15x the L1 gradient at 16x64x64 with
-    λ_adv 0.05). A penalty on the mean would give ~17x there (shared/PILOT.md). The thesis does not
+    λ_adv 0.05). A penalty on the mean gave ~17x there in an early CPU run. The thesis does not
     say which it used; ``WGANConfig.adv_weighting = "balanced"`` fixes the ratio directly instead.
     """
     eps = torch.rand(y_real.shape[0], *([1] * (y_real.dim() - 1)), device=y_real.device, dtype=y_real.dtype)

@@ -192,7 +192,7 @@ def execute(stage: Stage, params: dict[str, Any], executed: Path, cwd: Path, pro
 # The whole pipeline
 # --------------------------------------------------------------------------------------------
 @dataclass
-class StageResult:
+class NotebookRun:
     stem: str
     status: str  # "ran", "skipped", "failed"
     wall_s: float  # this invocation
@@ -205,10 +205,10 @@ class Result:
     run_dir: Path
     book_src: Path
     html: Path | None
-    stages: list[StageResult]
+    stages: list[NotebookRun]
 
 
-def _write_timings(path: Path, results: list[StageResult], build_s: float | None) -> None:
+def _write_timings(path: Path, results: list[NotebookRun], build_s: float | None) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["stage", "status", "wall_s", "last_success_s"])
@@ -275,7 +275,7 @@ def run(
             raise ProfileError(f"--only: no notebook named {', '.join(sorted(unknown))} in {toc}")
     log(f"[vstain] profile '{profile}': {len(stages)} notebooks, run_dir {run_dir}, staged book {book_src}")
 
-    results: list[StageResult] = []
+    results: list[NotebookRun] = []
     timings = runs / f"timings{suffix}.csv"
     try:
         for i, stage in enumerate(stages, 1):
@@ -297,7 +297,7 @@ def run(
             if (only and stage.stem not in only) or (unchanged and not force):
                 why = "not selected" if only and stage.stem not in only else "unchanged"
                 log(f"{head} skipped ({why}; last run {record.get('wall_s', float('nan')):.1f} s)")
-                results.append(StageResult(stage.stem, "skipped", 0.0, record.get("wall_s")))
+                results.append(NotebookRun(stage.stem, "skipped", 0.0, record.get("wall_s")))
                 if not executed.exists():  # never run: the book shows the stored notebook
                     executed.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(stage.source, executed)
@@ -308,19 +308,19 @@ def run(
             try:
                 execute(stage, params[stage.stem], executed, cwd=root, progress=progress)
             except NotebookFailed:
-                results.append(StageResult(stage.stem, "failed", time.time() - t0, None))
+                results.append(NotebookRun(stage.stem, "failed", time.time() - t0, None))
                 raise
             except Exception as exc:  # kernel died, timeout, bad parameters: same treatment
-                results.append(StageResult(stage.stem, "failed", time.time() - t0, None))
+                results.append(NotebookRun(stage.stem, "failed", time.time() - t0, None))
                 raise NotebookFailed(stage.stem, executed, f"{type(exc).__name__}: {exc}") from exc
             wall = time.time() - t0
             if not manifest.exists():
-                results.append(StageResult(stage.stem, "failed", wall, None))
+                results.append(NotebookRun(stage.stem, "failed", wall, None))
                 raise NotebookFailed(stage.stem, executed, f"finished but wrote no {manifest} (rundir.finish)")
             record = {"inputs": digest, "manifest": _sha(manifest), "wall_s": round(wall, 2),
                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "params": params[stage.stem]}
             record_path.write_text(json.dumps(record, indent=2, default=str))
-            results.append(StageResult(stage.stem, "ran", wall, wall))
+            results.append(NotebookRun(stage.stem, "ran", wall, wall))
             log(f"{head} ran in {wall:.1f} s")
     finally:
         _write_timings(timings, results, None)

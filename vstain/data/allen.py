@@ -27,9 +27,16 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 
-from vstain.channels import (ALLEN_PACKAGE, ALLEN_PIXEL_SIZE_ZYX, ALLEN_REGISTRY, CHANNEL_COLUMNS, DEFAULT_GENE_MAP,
-
-    DEFAULT_STRUCTURES, LABEL_CHANNELS, TARGETS)
+from vstain.channels import (
+    ALLEN_PACKAGE,
+    ALLEN_PIXEL_SIZE_ZYX,
+    ALLEN_REGISTRY,
+    CHANNEL_COLUMNS,
+    DEFAULT_GENE_MAP,
+    DEFAULT_STRUCTURES,
+    LABEL_CHANNELS,
+    TARGETS,
+)
 from vstain.volumes import read_ome
 
 ALLEN_DTYPES = ("uint16",)  # the Allen FOVs (and the simulator's) are 16-bit camera counts
@@ -336,7 +343,7 @@ def _has(row, col: str) -> bool:
     return col in row.index and not pd.isna(row[col]) and str(row[col]) != ""
 
 
-def load_fov(pkg, row, cache_dir: str | os.PathLike, dtypes: Sequence[str] | None = ALLEN_DTYPES) -> FOV:
+def fetch_fov(pkg, row, cache_dir: str | os.PathLike, dtypes: Sequence[str] | None = ALLEN_DTYPES) -> FOV:
     """Fetch and assemble the FOV of one :func:`fov_table` row (with the simulator's extras
     ``truth_path``, ``truth_labels_path``, ``focus_z_lo``, ``focus_z_hi`` where the row has them);
     ``dtypes`` as in :func:`assemble`."""
@@ -386,4 +393,4 @@ def load_fovs(registry: str | os.PathLike = ALLEN_REGISTRY, package: str = ALLEN
     pkg = open_package(registry, package, timeout)
     fovs = fov_table(read_metadata(pkg, cache_dir), gene_map, source=f"{registry_uri(registry)} {package}/metadata.csv")
     for _, row in select_fovs(fovs, n_per_structure, structures, gene_map, seed).iterrows():
-        yield load_fov(pkg, row, cache_dir, dtypes)
+        yield fetch_fov(pkg, row, cache_dir, dtypes)

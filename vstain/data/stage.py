@@ -16,7 +16,15 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from vstain.channels import ALLEN_PACKAGE, ALLEN_REGISTRY, DEFAULT_GENE_MAP, DEFAULT_STRUCTURES, LABEL_CHANNELS, TARGETS
+from vstain.channels import (
+    ALLEN_PACKAGE,
+    ALLEN_REGISTRY,
+    DEFAULT_GENE_MAP,
+    DEFAULT_STRUCTURES,
+    LABEL_CHANNELS,
+    TARGETS,
+    VOLUME_CHANNELS,
+)
 from vstain.volumes import read_labels, read_volume, resolve_paths, write_labels, write_volume
 
 from .allen import FOV, check_structures, load_fovs
@@ -90,7 +98,7 @@ def run_data_stage(out_dir: str | os.PathLike, source: str = "synthetic", regist
         if crop_yx is not None:
             f = center_crop_yx(f, crop_yx)
         rel = f"fovs/{f.fov_id}.tif"
-        write_volume(out / rel, np.concatenate([f.bf, f.target]), ["brightfield", *TARGETS])
+        write_volume(out / rel, np.concatenate([f.bf, f.target]), list(VOLUME_CHANNELS))
         trel = lrel = ""
         if f.truth is not None:
             trel = f"truth/{f.fov_id}.tif"
@@ -147,7 +155,7 @@ def stage_summary(fovs: pd.DataFrame, voxels_per_fov: int = 4000, seed: int = 0)
         voxels_per_fov: voxels sampled per FOV and channel.
     """
     rng = np.random.default_rng(seed)
-    samples: dict[str, dict[str, list]] = {c: {} for c in ("brightfield", *TARGETS)}
+    samples: dict[str, dict[str, list]] = {c: {} for c in VOLUME_CHANNELS}
     carried = np.zeros((len(fovs), len(TARGETS)), bool)
     for i, (_, row) in enumerate(fovs.iterrows()):
         fov = read_stage_fov(row)

@@ -5,7 +5,8 @@ Data flow: metric tables (long format, one row per FOV, model, channel and metri
 differences per channel and metric (:func:`compare`) -> verdicts (:func:`channel_verdict`,
 :func:`claim_verdict`). Models are scored on the same test FOVs, so every comparison is paired by
 FOV, and the FOV is the unit that is resampled: patches or voxels of one FOV share its cells and
-its optics and are not independent (:func:`cluster_bootstrap`).
+its optics and are not independent (F1clf's intervals resample whole FOVs:
+:func:`vstain.evaluate.comparison.f1_bootstrap`).
 
 Conventions:
 
@@ -28,14 +29,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from decimal import Decimal
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 N_RESAMPLES = 9999  # paired differences: a vectorised mean, cheap
-N_RESAMPLES_CLUSTER = 1999  # cluster bootstrap: one pandas statistic per resample
 QUANTIFIERS = {"all": "every", "most": "more than half of the", "any": "at least one of the"}
 
 
@@ -46,8 +46,7 @@ class Difference:
     Args:
         n: FOVs used (scored by both models, no NaN).
         dropped: FOVs left out because one model lacks them or a value is NaN.
-        mean_a, mean_b: means over the n FOVs (for :func:`paired_cluster_bootstrap`: each
-            model's statistic on the pooled rows).
+        mean_a, mean_b: means over the n FOVs.
         diff: mean of ``b - a``.
         ci_low, ci_high: bootstrap interval of ``diff``; NaN when n < 2.
         p: two-sided Wilcoxon signed-rank p-value; 1 when every difference is 0, NaN when n = 0
@@ -267,66 +266,6 @@ def against_seed(comparison: pd.DataFrame, seed: pd.DataFrame, by=("channel", "m
     out["finding"] = [is_finding(r, {"ci_low": l, "ci_high": h}, confidence)
                       for (_, r), l, h in zip(out.iterrows(), lo, hi)]
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics of patches, resampled by FOV
-# ---------------------------------------------------------------------------------------------
-def _clusters(df: pd.DataFrame, cluster: str) -> list[np.ndarray]:
-    if cluster not in df.columns:
-        raise ValueError(f"cluster column {cluster!r} is not in the table (it has {list(df.columns)})")
-    codes, uniques = pd.factorize(df[cluster])
-    return [np.flatnonzero(codes == k) for k in range(len(uniques))]
-
-
-def _resampled_stat(df: pd.DataFrame, rows: list[np.ndarray], stat_fn) -> Callable:
-    return lambda idx: stat_fn(df.iloc[np.concatenate([rows[i] for i in idx])])
-
-
-def cluster_bootstrap(df: pd.DataFrame, stat_fn: Callable[[pd.DataFrame], float], cluster: str = "fov_id",
-                      n_resamples: int = N_RESAMPLES_CLUSTER, confidence: float = 0.95, seed: int = 0) -> Interval:
-    """Interval of a statistic of patch-level rows (e.g. the classifier's F1 or the mean
-    perceptual distance) that resamples whole clusters (FOVs) with replacement, patches and all.
-
-    Args:
-        df: one row per patch, with the ``cluster`` column.
-        stat_fn: the statistic of a table of rows (a resample may hold a FOV twice).
-        cluster: the column naming each row's FOV (default ``"fov_id"``).
-        n_resamples: resamples (default 1999), ``confidence`` and ``seed`` as :func:`paired_difference`.
-    """
-    rows = _clusters(df, cluster)
-    stat = _resampled_stat(df, rows, stat_fn)
-    lo, hi, note = _interval((np.arange(len(rows)),), stat, False, len(rows), n_resamples, confidence, seed)
-    return Interval(float(stat_fn(df)), lo, hi, len(rows), note)
-
-
-def paired_cluster_bootstrap(df: pd.DataFrame, stat_fn: Callable[[pd.DataFrame], float], model_a: str,
-                             model_b: str, cluster: str = "fov_id", n_resamples: int = N_RESAMPLES_CLUSTER,
-                             confidence: float = 0.95, seed: int = 0) -> Difference:
-    """Difference ``stat_fn(b rows) - stat_fn(a rows)`` of two models scored on the same patches,
-    with an interval that draws one FOV resample and scores both models on it.
-
-    ``df`` holds a ``model`` column; only FOVs that both models have are used (``dropped`` counts
-    the others). ``mean_a``/``mean_b`` hold each model's statistic; ``p`` is NaN (no rank test
-    applies to a pooled statistic). Other arguments as :func:`cluster_bootstrap`."""
-    if "model" not in df.columns:
-        raise ValueError(f"the patch table needs a 'model' column (it has {list(df.columns)})")
-    fovs = [set(df.loc[df["model"] == m, cluster]) if cluster in df.columns else set() for m in (model_a, model_b)]
-    for m, f in zip((model_a, model_b), fovs):
-        if not f:
-            raise ValueError(f"model {m!r} has no rows with a {cluster!r} in the patch table")
-    both = fovs[0] & fovs[1]
-    sub = df[df[cluster].isin(both) & df["model"].isin([model_a, model_b])]
-    rows = _clusters(sub, cluster)
-
-    def delta(frame: pd.DataFrame) -> float:
-        return stat_fn(frame[frame["model"] == model_b]) - stat_fn(frame[frame["model"] == model_a])
-
-    lo, hi, note = _interval((np.arange(len(rows)),), _resampled_stat(sub, rows, delta), False, len(rows),
-                             n_resamples, confidence, seed)
-    sa, sb = stat_fn(sub[sub["model"] == model_a]), stat_fn(sub[sub["model"] == model_b])
-    return Difference(len(both), len(fovs[0] ^ fovs[1]), float(sa), float(sb), float(sb - sa), lo, hi,
-                      float("nan"), note or "pooled statistic: no rank test")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,6 @@ from vstain.modelfiles import load_generator
 from vstain.models import MIN_SIZE, SIZE_MULTIPLE, Generator, GeneratorConfig, num_params
 from vstain.preprocess import processed
 
-
 INPUT_ID, OUTPUT_ID = "brightfield", "fluorescence"
 SPATIAL = ("z", "y", "x")
 EPS = 1e-6  # (x - mean) / (std + eps): vstain.preprocess.processed.zscore in training, the package's preprocessing

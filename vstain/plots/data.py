@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import ListedColormap
 
-from vstain.channels import TARGET_LABELS, TARGETS
+from vstain.channels import TARGET_LABELS, TARGETS, VOLUME_CHANNELS
 
 from .views import robust_range
 
-CHANNELS = ("brightfield", *TARGETS)
+CHANNELS = VOLUME_CHANNELS
 LABELS = {"brightfield": "Brightfield", **TARGET_LABELS}
 
 

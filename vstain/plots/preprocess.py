@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import Rectangle
 
-from vstain.channels import TARGET_LABELS, TARGETS
+from vstain.channels import TARGET_LABELS, TARGETS, VOLUME_CHANNELS
 from vstain.preprocess import focus
 
 from .views import robust_range
@@ -45,7 +45,7 @@ def power_spectra(slices: dict[str, np.ndarray], band: tuple[float, float], titl
 def focus_curves(curves: pd.DataFrame, row: pd.Series, title: str = "") -> plt.Figure:
     """PLLS against z for every channel of one FOV (``curves``: the long ``focus_curves.csv`` rows of
     that FOV), with the selected window, its centre and the true in-focus range."""
-    chans = [c for c in ("brightfield", *TARGETS) if c in set(curves["channel"])]
+    chans = [c for c in VOLUME_CHANNELS if c in set(curves["channel"])]
     fig, axes = plt.subplots(1, len(chans), figsize=(2.6 * len(chans), 3.2), sharex=True)
     axes = np.atleast_1d(axes)
     for ax, ch in zip(axes, chans):

@@ -19,7 +19,7 @@ import tifffile
 import torch
 from torch.utils.data import Dataset
 
-from vstain.channels import LABEL_CHANNELS, TARGETS
+from vstain.channels import LABEL_CHANNELS, TARGETS, VOLUME_CHANNELS
 from vstain.volumes import read_labels, read_volume, resolve_paths, write_labels, write_volume
 
 SPLITS = ("train", "val", "test")
@@ -216,7 +216,7 @@ def write_processed_fov(stage: str | Path, record: dict) -> dict:
     fid = str(record["fov_id"])
     vol = np.concatenate([zscore(record["bf"])[None], *(zscore(c)[None] for c in record["target"])])
     rel = f"processed/{fid}.tif"
-    write_volume(stage / rel, vol, ["brightfield", *TARGETS])
+    write_volume(stage / rel, vol, list(VOLUME_CHANNELS))
     del vol
     trel = ""
     if record.get("truth") is not None:

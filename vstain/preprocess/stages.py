@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vstain.channels import TARGETS
+from vstain.channels import TARGETS, VOLUME_CHANNELS
 from vstain.data.stage import read_fovs
 from vstain.volumes import read_volume, write_volume
 
@@ -31,7 +31,7 @@ from . import classical, denoise, focus
 from .classical import BASELINES
 from .processed import open_volume, write_manifest, write_processed_fov
 
-CHANNELS: tuple[str, ...] = ("brightfield", *TARGETS)
+CHANNELS = VOLUME_CHANNELS
 FOCUS_CSV = "focus.csv"
 CURVES_CSV = "focus_curves.csv"
 EVAL_CSV = "denoise_eval.csv"

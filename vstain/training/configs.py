@@ -101,7 +101,7 @@ class UNetConfig(DictConfig):
 
     base_width: int = 64  # thesis 3.1.1
     negative_slope: float = 0.05  # thesis 3.2.2
-    optimizer: str = "rmsprop"  # thesis 3.2.2; "adam" for CPU budgets (PILOT.md)
+    optimizer: str = "rmsprop"  # thesis 3.2.2; "adam" for CPU budgets (RMSprop 5e-5 barely learns in minutes)
     lr: float = 5e-5  # thesis 3.2.2 (constant)
     betas: tuple[float, float] = (0.5, 0.9)  # Adam only (WGAN-GP practice, Gulrajani et al. 2017)
     batch_size: int = 16  # thesis 3.2.2: 16 z-stacks
@@ -170,8 +170,9 @@ class WGANConfig(DictConfig):
             equal the U-Net's.
         critic_width: critic width (thesis 64).
         negative_slope: LeakyReLU slope of both networks (thesis 0.05).
-        optimizer: ``"rmsprop"`` (thesis 3.2.2) or ``"adam"`` (``betas``; learns far faster on a
-            CPU budget, see PILOT.md). Both networks use the same kind.
+        optimizer: ``"rmsprop"`` (thesis 3.2.2) or ``"adam"`` (``betas``; on a CPU budget a U-Net at
+            RMSprop 5e-5 gave an almost blank output after 5 minutes where Adam 2e-4 learned). Both
+            networks use the same kind.
         lr_generator, lr_critic: learning rates (thesis: 5e-5 both, constant).
         betas: Adam's betas (Gulrajani et al. 2017: 0.5, 0.9); ignored by RMSprop.
         lambda_adv: weight of the adversarial term in the generator loss (thesis 0.05). With

@@ -105,7 +105,7 @@ def fit_unet(cfg: UNetConfig, stage_in, out_dir, progress: bool = True,
 
 
 @dataclass
-class StageResult:
+class UNetResult:
     """What :func:`run_unet_stage` returns to the notebook."""
 
     losses: pd.DataFrame  # step, epoch, train_l1, val_l1
@@ -118,7 +118,7 @@ class StageResult:
 
 
 def run_unet_stage(stage_in, out_dir, cfg: UNetConfig, splits=("val", "test"), max_voxels=None,
-                   progress: bool = True) -> StageResult:
+                   progress: bool = True) -> UNetResult:
     """The ``04_unet`` stage in one call: train (resuming if interrupted), write ``losses.csv``,
     the whole-volume predictions of ``splits`` and ``model.json``. Under ``strategy="ddp"`` the
     other processes return after training with no predictions (process 0 writes the files)."""
@@ -127,7 +127,7 @@ def run_unet_stage(stage_in, out_dir, cfg: UNetConfig, splits=("val", "test"), m
     train_s = time.perf_counter() - t
     start, end = trainer.start_step, trainer.end_step
     if not trainer.is_global_zero:
-        return StageResult(pd.DataFrame(), pd.DataFrame(), module.generator.eval(), cfg, end, start, train_s)
+        return UNetResult(pd.DataFrame(), pd.DataFrame(), module.generator.eval(), cfg, end, start, train_s)
     losses = write_losses(out_dir, columns=["train_l1", "val_l1"] + (["train_loss"] if cfg.loss != "l1" else []))
     # predict on the training accelerator when it is a GPU (whole FOVs are slow on a CPU at width 64)
     on_gpu = cfg.device in ("gpu", "cuda", "auto") and torch.cuda.is_available()
@@ -138,4 +138,4 @@ def run_unet_stage(stage_in, out_dir, cfg: UNetConfig, splits=("val", "test"), m
                     generator=asdict(cfg.generator_config()), num_params=num_params(gen), global_step=end,
                     train_seconds=round(train_s, 2), threads=torch.get_num_threads(),
                     prediction_modes=sorted(set(preds["mode"])) if len(preds) else [])
-    return StageResult(losses, preds, gen, cfg, end, start, train_s)
+    return UNetResult(losses, preds, gen, cfg, end, start, train_s)
