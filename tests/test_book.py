@@ -7,15 +7,8 @@ import re
 
 import nbformat
 import pytest
-from conftest import (
-    QUICK_BOOK_EXECUTED,
-    ROOT,
-    TEST_RUNS,
-    Background,
-    in_background,
-    pipeline_in_background,
-    take_background,
-)
+from conftest import (QUICK_BOOK_EXECUTED, ROOT, TEST_RUNS, Background, in_background, pipeline_in_background,
+    take_background)
 
 from vstain.book import browser, devtools, pipeline
 

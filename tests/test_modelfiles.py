@@ -7,17 +7,9 @@ import json
 import pandas as pd
 import pytest
 
-from vstain.modelfiles import (
-    CHECKPOINTS,
-    MODEL_JSON,
-    PREDICTIONS,
-    config_changes,
-    is_finished,
-    prepare_out_dir,
-    read_model_json,
-    run_config,
-    save_model_json,
-)
+from vstain.modelfiles import (CHECKPOINTS, MODEL_JSON, PREDICTIONS, config_changes, is_finished, prepare_out_dir,
+
+    read_model_json, run_config, save_model_json)
 from vstain.training.configs import UNetConfig, WGANConfig
 
 

@@ -2,16 +2,9 @@
 import pytest
 import torch
 
-from vstain.models import (
-    Critic,
-    CriticConfig,
-    Generator,
-    GeneratorConfig,
-    num_params,
-    pad_to_multiple,
-    receptive_field,
-    summarize,
-)
+from vstain.models import (Critic, CriticConfig, Generator, GeneratorConfig, num_params, pad_to_multiple,
+
+    receptive_field, summarize)
 
 
 def test_thesis_parameter_counts_and_receptive_field():

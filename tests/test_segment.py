@@ -11,15 +11,8 @@ from scipy import ndimage
 from vstain.channels import ALLEN_PACKAGE, TARGETS
 from vstain.data.registry import write_registry
 from vstain.data.simulate import SimConfig, simulate_fov
-from vstain.evaluate.downstream import (
-    CHANNELS,
-    drop_edge,
-    instance_table,
-    iou_matrix,
-    match_instances,
-    noise_ceiling,
-    plausibility,
-)
+from vstain.evaluate.downstream import (CHANNELS, drop_edge, instance_table, iou_matrix, match_instances, noise_ceiling,
+    plausibility)
 from vstain.evaluate.segment import cell_layer, segment_cells, segment_nuclei
 
 SMALL = SimConfig(shape=(25, 60, 70))

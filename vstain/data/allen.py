@@ -27,16 +27,9 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 
-from vstain.channels import (
-    ALLEN_PACKAGE,
-    ALLEN_PIXEL_SIZE_ZYX,
-    ALLEN_REGISTRY,
-    CHANNEL_COLUMNS,
-    DEFAULT_GENE_MAP,
-    DEFAULT_STRUCTURES,
-    LABEL_CHANNELS,
-    TARGETS,
-)
+from vstain.channels import (ALLEN_PACKAGE, ALLEN_PIXEL_SIZE_ZYX, ALLEN_REGISTRY, CHANNEL_COLUMNS, DEFAULT_GENE_MAP,
+
+    DEFAULT_STRUCTURES, LABEL_CHANNELS, TARGETS)
 from vstain.volumes import read_ome
 
 ALLEN_DTYPES = ("uint16",)  # the Allen FOVs (and the simulator's) are 16-bit camera counts

@@ -16,15 +16,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from vstain.channels import (
-    ALLEN_PACKAGE,
-    ALLEN_REGISTRY,
-    DEFAULT_GENE_MAP,
-    DEFAULT_STRUCTURES,
-    LABEL_CHANNELS,
-    TARGETS,
-    VOLUME_CHANNELS,
-)
+from vstain.channels import (ALLEN_PACKAGE, ALLEN_REGISTRY, DEFAULT_GENE_MAP, DEFAULT_STRUCTURES, LABEL_CHANNELS,
+
+    TARGETS, VOLUME_CHANNELS)
 from vstain.volumes import read_labels, read_volume, resolve_paths, write_labels, write_volume
 
 from .allen import FOV, check_structures, load_fovs

@@ -21,17 +21,8 @@ from vstain.channels import TARGET_LABELS, TARGETS
 from .classifier import confusion, f1_scores
 from .metrics import COLUMN_LABELS, HIGHER_IS_BETTER, METRICS
 from .patches import REAL
-from .stats import (
-    bootstrap_level,
-    channel_verdict,
-    claim_verdict,
-    compare,
-    decided,
-    format_ci,
-    n_fovs,
-    order_digits,
-    paired_difference,
-)
+from .stats import (bootstrap_level, channel_verdict, claim_verdict, compare, decided, format_ci, n_fovs, order_digits,
+    paired_difference)
 
 COLUMNS = (*METRICS, "f1clf", "perceptual")  # Table 4.1's columns, in order
 PIXEL = METRICS  # the columns of the thesis' claim for the pixel-loss model

@@ -15,17 +15,9 @@ from matplotlib.patches import Rectangle
 from vstain.channels import TARGET_LABELS, TARGETS
 from vstain.evaluate.patches import REAL
 
-from .views import (
-    RANGE_RULE,
-    brightfield_panel,
-    channel_panel,
-    channel_ranges,
-    colorbar,
-    robust_range,
-    scale_bar,
-    show_section,
-    voxel_size,
-)
+from .views import (RANGE_RULE, brightfield_panel, channel_panel, channel_ranges, colorbar, robust_range, scale_bar,
+
+    show_section, voxel_size)
 
 PALETTE = {REAL: "0.6", "U-Net": "tab:blue", "WGAN": "tab:orange", "WGAN-GP": "tab:orange",
            "WGAN from U-Net": "tab:green"}

@@ -44,27 +44,13 @@ from torch.multiprocessing import ProcessRaisedException
 
 from vstain.inference.infer import write_predictions
 from vstain.losses import gradient_penalty, mask_pair, masked_l1, wasserstein_estimate
-from vstain.modelfiles import (
-    CHECKPOINTS,
-    LAST,
-    LOSSES_CSV,
-    init_checkpoint,
-    init_generator,
-    prepare_out_dir,
-    run_config,
-    save_model_json,
-)
+from vstain.modelfiles import (CHECKPOINTS, LAST, LOSSES_CSV, init_checkpoint, init_generator, prepare_out_dir,
+    run_config, save_model_json)
 from vstain.models import Critic, Generator, num_params
 
 from .configs import WGANConfig
-from .trainer import (
-    CropDataModule,
-    backward_and_average,
-    error_message,
-    make_optimizer,
-    make_trainer,
-    mean_over_processes,
-)
+from .trainer import (CropDataModule, backward_and_average, error_message, make_optimizer, make_trainer,
+    mean_over_processes)
 
 log = logging.getLogger(__name__)
 
