@@ -13,7 +13,7 @@ import torch
 from test_denoise import TINY, blobs, identity_n2v
 from test_focus import write_stage01
 
-from vstain.evaluate import classifier, metrics, perceptual
+from vstain.evaluate import classifier, metrics, patches, perceptual
 from vstain.preprocess import denoise, stages
 from vstain.volumes import write_volume
 
@@ -147,8 +147,8 @@ def peaks(tmp_path_factory):
             out["training_pool", copies] = _peak(lambda: patches.training_pool(d / "03", cfg))[0]
             out["score_models", copies] = _peak(lambda: perceptual.score_models(
                 classifier.build_classifier(cfg), cfg, d / "03", {"m": preds}, "train"))[0]
-            peak, (_, patches) = _peak(lambda: patches.scoring_patches(d / "03", "train", cfg, {"m": preds}))
-            out["scoring_patches", copies] = peak - 2 * sum(p.nbytes for p in patches.values())  # FOVs' + joined
+            peak, (_, cut) = _peak(lambda: patches.scoring_patches(d / "03", "train", cfg, {"m": preds}))
+            out["scoring_patches", copies] = peak - 2 * sum(p.nbytes for p in cut.values())  # FOVs' + joined
     return out
 
 
