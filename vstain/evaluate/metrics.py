@@ -7,7 +7,7 @@ six-channel truth score every channel. Results are long-format tables (one row p
 model and metric).
 
 This module knows nothing of models: it reads volumes and compares arrays. The classifier's
-columns (F1clf, the perceptual distance) come from :mod:`vstain.evaluate.classifier`;
+columns (F1clf, the perceptual distance) come from :mod:`vstain.evaluate.perceptual`;
 :mod:`vstain.evaluate.comparison` turns both into Table 4.1 with intervals.
 """
 from __future__ import annotations
