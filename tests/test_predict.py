@@ -3,6 +3,10 @@ voxel-size warning and resampling, test-time augmentation, and the error for sma
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,7 +20,8 @@ from vstain.__main__ import main
 from vstain.channels import TARGETS
 from vstain.inference import layerwise
 from vstain.inference.infer import predict_volume
-from vstain.inference.predict import InputError, load_model, parse_bytes, predict_file, predict_files, voxel_mismatch
+from vstain.inference.predict import (InputError, SimulatedTrainingWarning, load_model, parse_bytes, predict_file,
+                                      predict_files, voxel_mismatch)
 from vstain.models import Generator, GeneratorConfig
 from vstain.preprocess.processed import zscore
 from vstain.volumes import read_ome, write_ome
@@ -161,3 +166,25 @@ def test_bad_model_and_memory_arguments(tmp_path):
     assert parse_bytes("4GiB") == 4 * 2**30 and parse_bytes("512 MB") == 512 * 2**20 and parse_bytes(10) == 10
     with pytest.raises(ValueError, match="--max-memory"):
         parse_bytes("lots")
+
+
+def test_a_model_trained_on_simulated_data_says_so_once_per_batch(stage, tmp_path):
+    """`vstain predict` warns once, before the first file, when the model's run directory says its
+    training FOVs were simulated; with no such record it says nothing of the kind."""
+    run = tmp_path / "run"
+    shutil.copytree(stage.parent, run)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    write_fov(inp / "a.tif")
+    write_fov(inp / "b.tif")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["predict", str(run / "04_unet"), str(inp), "-o", str(tmp_path / "out0"), "-q"]) == 0
+    assert not [w for w in seen if issubclass(w.category, SimulatedTrainingWarning)]
+    (run / "01_data" / "manifest.json").write_text(json.dumps({"params": {"source": "synthetic"}}))
+    r = subprocess.run([sys.executable, "-m", "vstain", "predict", str(run / "04_unet"), str(inp), "-o",
+                        str(tmp_path / "out1"), "-q"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count("learned from simulated hiPSC colonies only") == 1, r.stderr
+    assert "0.5 x 0.3 x 0.3 µm voxels" in r.stderr and "generator width 4" in r.stderr
+    assert "not to be trusted" in r.stderr and len(list((tmp_path / "out1").glob("*.tif"))) == 2

@@ -196,3 +196,26 @@ def init_generator(generator: Generator, source) -> None:
         raise ValueError(f"init_from {source}: the U-Net has base_width {cfg['base_width']} but the WGAN's "
                          f"generator has {generator.cfg.base_width}; set base_width to match")
     generator.load_state_dict(state)
+
+
+def trained_on(stage_path) -> str:
+    """Where a model stage's training FOVs came from: the ``source`` parameter recorded by the
+    ``01_data`` stage of its run directory (``"synthetic"`` or ``"allen"``), else ``"unknown"``."""
+    manifest = Path(stage_path).parent / "01_data" / "manifest.json"
+    try:
+        return json.loads(manifest.read_text())["params"].get("source", "unknown")
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return "unknown"
+
+
+def simulated_data_warning(voxel_size_zyx, width: int, steps: int | None) -> str:
+    """What to say before a model trained on simulated FOVs is applied to anything: what it learned
+    from, at which voxel size, width and length of training, and that real stacks need a model
+    trained on real data."""
+    voxel = " x ".join(f"{v:g}" for v in voxel_size_zyx) + " µm voxels (z, y, x)" if voxel_size_zyx else \
+        "an unrecorded voxel size"
+    trained = f", {steps} optimiser steps" if steps else ""
+    return (f"this model learned from simulated hiPSC colonies only ({voxel}, generator width {width}{trained}); "
+            "its predictions of real microscope stacks are not to be trusted until it is trained on real data "
+            "(real Allen Cell stacks are sampled at 0.29 x 0.108 x 0.108 µm)")
+

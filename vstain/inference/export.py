@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from vstain.channels import TARGET_LABELS, TARGETS
 from vstain.data.stage import voxel_size
-from vstain.modelfiles import load_generator
+from vstain.modelfiles import load_generator, simulated_data_warning, trained_on
 from vstain.models import MIN_SIZE, SIZE_MULTIPLE, Generator, GeneratorConfig, num_params
 from vstain.preprocess import processed
 
@@ -74,6 +74,7 @@ class PackageInfo:
         channel_names: output channels in order (:data:`vstain.channels.TARGETS`).
         generator: the :class:`GeneratorConfig` fields.
         trained_on: ``"synthetic"``, ``"allen"`` or ``"unknown"``.
+        global_step: optimiser steps of its training, when recorded.
     """
 
     name: str
@@ -81,6 +82,7 @@ class PackageInfo:
     channel_names: list[str]
     generator: dict
     trained_on: str
+    global_step: int | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,9 +96,7 @@ def stage_info(stage_path) -> dict:
     stage_path = Path(stage_path)
     meta = json.loads((stage_path / "model.json").read_text())
     run_dir = stage_path.parent
-    data_manifest, fovs = run_dir / "01_data" / "manifest.json", run_dir / "01_data" / "fovs.csv"
-    trained_on = json.loads(data_manifest.read_text())["params"].get("source", "unknown") \
-        if data_manifest.exists() else "unknown"
+    fovs = run_dir / "01_data" / "fovs.csv"
     voxel = None
     if fovs.exists():
         try:
@@ -105,7 +105,7 @@ def stage_info(stage_path) -> dict:
             raise ValueError(f"{e}; pass voxel_size_zyx explicitly") from e
     processed_dir = run_dir / "03_denoising"
     return {"model": meta.get("model", "unknown"), "global_step": meta.get("global_step"),
-            "trained_on": trained_on, "voxel_size_zyx": voxel,
+            "trained_on": trained_on(stage_path), "voxel_size_zyx": voxel,
             "processed": processed_dir if (processed_dir / processed.MANIFEST_CSV).exists() else None}
 
 
@@ -215,7 +215,8 @@ trained as the {kind} of the executable reproduction `vstain` of {THESIS}
 
 ## Limits
 
-- {'Trained on simulated data only: do not use it on real microscope images.' if info['trained_on'] == 'synthetic'
+- {simulated_data_warning(voxel, generator.cfg.base_width, info.get('global_step')).capitalize() + '.'
+   if info['trained_on'] == 'synthetic'
    else 'Trained on one cell type (hiPSC), one microscope and one voxel size; other samples are out of distribution.'}
 - The outputs are predictions, not measurements: in the thesis (Table 4.1) the cell membrane and
   actomyosin channels agree least with their targets (Pearson r 0.65 and 0.7 for the U-Net). The
@@ -370,7 +371,7 @@ def load_package(path) -> tuple[Generator, PackageInfo]:
     extra = (descr.config.model_extra or {}).get("vstain", {})
     return gen.eval(), PackageInfo(name=descr.name, voxel_size_zyx=tuple(float(axes[a].scale) for a in SPATIAL),
                                    channel_names=list(channels), generator=asdict(gen.cfg),
-                                   trained_on=extra.get("trained_on", "unknown"))
+                                   trained_on=extra.get("trained_on", "unknown"), global_step=extra.get("global_step"))
 
 
 def check_package(path, weight_format: str | None = None):

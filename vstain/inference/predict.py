@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from vstain.channels import TARGETS
 from vstain.data.stage import voxel_size
-from vstain.modelfiles import MODEL_JSON, load_generator
+from vstain.modelfiles import MODEL_JSON, load_generator, read_model_json, simulated_data_warning, trained_on
 from vstain.models import MIN_SIZE
 from vstain.preprocess import focus
 from vstain.preprocess.processed import zscore
@@ -48,6 +48,10 @@ _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb"
           "g": 2**30, "gb": 2**30, "gib": 2**30}
 
 
+class SimulatedTrainingWarning(UserWarning):
+    """The model learned from simulated FOVs only (given once per batch of predictions)."""
+
+
 class InputError(ValueError):
     """An input file that cannot be predicted; the message names the file and the reason."""
 
@@ -61,12 +65,22 @@ class Model:
         voxel_size_zyx: the training voxel size in µm, or None when unknown.
         channel_names: the output channels, in order.
         source: the folder or package it was loaded from.
+        trained_on: where its training FOVs came from (``"synthetic"``, ``"allen"``, ``"unknown"``).
+        steps: optimiser steps of its training, when recorded.
     """
 
     generator: object
     voxel_size_zyx: tuple[float, float, float] | None
     channel_names: list[str] = field(default_factory=lambda: list(TARGETS))
     source: str = ""
+    trained_on: str = "unknown"
+    steps: int | None = None
+
+    def warning(self) -> str | None:
+        """The warning to give before predicting with a model trained on simulated data, else None."""
+        if self.trained_on != "synthetic":
+            return None
+        return f"{self.source}: " + simulated_data_warning(self.voxel_size_zyx, self.generator.cfg.base_width, self.steps)
 
 
 def parse_bytes(text: str | int) -> int:
@@ -93,12 +107,14 @@ def load_model(path: str | Path) -> Model:
     ``rdf.yaml``) as a :class:`Model`."""
     path = Path(path)
     if path.is_dir() and (path / MODEL_JSON).exists():
-        return Model(load_generator(path), stage_voxel_size(path), list(TARGETS), str(path))
+        steps = (read_model_json(path) or {}).get("global_step")
+        return Model(load_generator(path), stage_voxel_size(path), list(TARGETS), str(path), trained_on(path), steps)
     if path.is_file() or (path.is_dir() and (path / "rdf.yaml").exists()):
         from .export import load_package
 
         gen, info = load_package(path)
-        return Model(gen, tuple(info.voxel_size_zyx), list(info.channel_names), str(path))
+        return Model(gen, tuple(info.voxel_size_zyx), list(info.channel_names), str(path), info.trained_on,
+                     info.global_step)
     raise FileNotFoundError(f"MODEL {path}: neither a model stage folder (with {MODEL_JSON}: "
                             f"runs/<profile>/04_unet or 05_wgan) nor a bioimage.io package (.zip)")
 
@@ -215,6 +231,8 @@ def predict_files(model: Model, inputs: Sequence[str | Path], out_dir: str | Pat
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     max_voxels = default_max_voxels(model.generator, parse_bytes(max_memory))
+    if model.warning():
+        warnings.warn(model.warning(), SimulatedTrainingWarning, stacklevel=2)
     written, failed = [], []
     files = list_inputs(inputs)
     for path in tqdm(files, desc="predict", unit="file", disable=not progress):
