@@ -37,7 +37,7 @@ $(MATHJAX): | $(STAMP)
 	else echo "MathJax $(MATHJAX_VERSION) not fetched (npm missing or offline): the book loads it from its CDN"; fi; \
 	rm -rf $$tmp
 
-# The unit tests; the quick book, run afresh into runs/quick and opened in Chromium
+# The unit tests; the quick book, run afresh into .test-runs/quick and opened in Chromium
 # (tests/test_book.py); `make smoke-full`'s pipeline (tests/test_smoke_full.py: the full profile's
 # method settings on tiny data); then every notebook with its quick defaults under nbval (the
 # study's notebooks too), except those the quick book already ran at these defaults

@@ -129,8 +129,6 @@ def test_denoise_stage_caps_bm3d_volumes(tmp_path, monkeypatch, cap):
     """``bm3d_max_volumes`` bounds BM3D's volumes per channel (N2V faked: this tests the bookkeeping)."""
     from test_focus import write_stage01
 
-    from vstain.preprocess import stages
-
     monkeypatch.setattr(denoise, "train_n2v", identity_n2v)
     stage01 = write_stage01(tmp_path / "01_data", n_per_structure=3, shape=(24, 24, 24))
     stages.run_focus_stage(stage01, tmp_path / "02_plls", window=4)
@@ -220,8 +218,6 @@ def test_processed_set_with_an_entirely_nan_channel(tmp_path):
 @pytest.mark.slow
 def test_denoise_stage_end_to_end_on_simulated_fovs(tmp_path):
     from test_focus import write_stage01
-
-    from vstain.preprocess import stages
 
     stage01 = write_stage01(tmp_path / "01_data", n_per_structure=3, shape=(24, 32, 36))
     stages.run_focus_stage(stage01, tmp_path / "02_plls", window=8)

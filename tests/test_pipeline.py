@@ -1,4 +1,4 @@
-"""The book's pipeline (vstain.pipeline): profile validation, skipping unchanged notebooks,
+"""The book's pipeline (vstain.book.pipeline): profile validation, skipping unchanged notebooks,
 stopping at the first failure. Runs tiny notebooks in tmp_path (a kernel start each)."""
 from __future__ import annotations
 
@@ -252,15 +252,15 @@ def test_project_toc_lists_every_notebook(tmp_path):
 
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
 def test_wgan_generator_matches_the_unet_it_starts_from(path, tmp_path):
-    """05 loads 04's checkpoint when init_from_unet: both must build the same generator."""
+    """05 loads 04's checkpoint when init_from_unet, and 05b always does with 05's settings: the
+    generator they build must be the U-Net's."""
     stages = _profile_stages(path, tmp_path)
     params = pipeline.resolve_parameters(pipeline.load_profile(path), stages, f"runs/{path.stem}")
     defaults = {s.stem: {k: ast.literal_eval(v["default"]) for k, v in papermill.inspect_notebook(str(s.source)).items()}
                 for s in stages if s.stem in ("04_unet", "05_wgan")}
     unet = {**defaults["04_unet"], **params["04_unet"]}
     wgan = {**defaults["05_wgan"], **params["05_wgan"]}
-    if wgan["init_from_unet"]:
-        assert wgan["base_width"] == unet["base_width"], path.name
+    assert wgan["base_width"] == unet["base_width"], path.name  # 05b fine-tunes 04 with 05's width
 
 
 def test_progress_bars_are_stored_as_a_terminal_shows_them():

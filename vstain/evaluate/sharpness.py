@@ -115,26 +115,68 @@ def sharpness_table(stage_in, pred_dirs: dict[str, str | Path], split: str = "te
     return pd.DataFrame(rows)
 
 
+SMALL_GAIN = 0.05  # a median gain in coherent transfer under 5% of the other model's is called small
+BLANK_SHARE = 0.5  # a model that reproduces no coarse structure on at least half the FOVs predicts (almost) none
+
+
+def blank_channels(table: pd.DataFrame, model: str, share: float = BLANK_SHARE) -> dict[str, tuple[int, int]]:
+    """The channels that ``model`` predicts (almost) nothing of: those where it reproduces none of the
+    reference's coarse structure (``transfer`` undefined, ``coarse`` below :func:`sharpness`'s
+    ``min_coarse``) on at least ``share`` of the FOVs it was scored on. Returns ``{channel: (k, n)}``,
+    ``k`` of ``n`` FOVs blank."""
+    own = table[table["model"] == model]
+    out = {}
+    for channel, g in own.groupby("channel", sort=False):
+        k, n = int(g["transfer"].isna().sum()), len(g)
+        if n and k / n >= share:
+            out[channel] = (k, n)
+    return out
+
+
 def sharper_verdict(table: pd.DataFrame, model_a: str = "U-Net", model_b: str = "WGAN", n_resamples: int = 9999,
                     confidence: float = 0.95, seed: int = 0) -> str:
-    """Whether ``model_b`` is sharper than ``model_a``: the coherent transfer of each channel
-    compared per FOV (paired intervals, :func:`vstain.evaluate.stats.compare`), then the claim
-    "sharper on most channels" as "holds", "does not hold" or "cannot be decided with n = ...".
+    """Whether ``model_b`` is sharper than ``model_a``, channel by channel, then the claim "sharper on
+    most channels" as "holds", "does not hold" or "cannot be decided with n = ...".
+
+    A channel that one model predicts (almost) nothing of (:func:`blank_channels`) is a loss for that
+    model, said before any number is read; the other channels compare the coherent transfer FOV by
+    FOV (paired intervals, :func:`vstain.evaluate.stats.compare`). Where the claim holds, the size of
+    the gain is stated, and a median gain under :data:`SMALL_GAIN` of ``model_a``'s value is called
+    small.
 
     Args:
         table: :func:`sharpness_table`'s long table (``model, fov_id, channel, transfer``).
     """
-    long = table[table["model"].isin([model_a, model_b])].rename(columns={"transfer": "value"})
-    long = long.assign(metric="transfer")[["model", "fov_id", "channel", "metric", "value"]].dropna()
-    if long.empty or long["model"].nunique() < 2:
+    blank = {m: blank_channels(table, m) for m in (model_a, model_b)}
+    lost = {c: m for m in (model_a, model_b) for c in blank[m] if c not in blank[model_b if m == model_a else model_a]}
+    long = table[table["model"].isin([model_a, model_b]) & ~table["channel"].isin(lost)]
+    long = long.rename(columns={"transfer": "value"}).assign(metric="transfer")
+    long = long[["model", "fov_id", "channel", "metric", "value"]].dropna()
+    parts, rows = [], []
+    for c, m in lost.items():
+        k, n = blank[m][c]
+        other = model_b if m == model_a else model_a
+        parts.append(f"{TARGET_LABELS[c]}: the {m} predicts almost none (no coarse structure on {k} of {n} FOVs), "
+                     f"{other} better")
+        rows.append({"channel": c, "model_a": model_a, "model_b": model_b, "n": n, "better": other, "diff": np.nan})
+    comp = pd.DataFrame()
+    if not long.empty and long["model"].nunique() == 2:
+        comp = compare(long, model_a, model_b, higher_is_better=True, n_resamples=n_resamples,
+                       confidence=confidence, seed=seed)
+        parts += [f"{TARGET_LABELS[r['channel']]}: {channel_verdict(r)}" for _, r in comp.iterrows()]
+    if not parts:
         return f"The coherent transfer of {model_a} and {model_b} could not be compared: no channel where both are defined."
-    comp = compare(long, model_a, model_b, higher_is_better=True, n_resamples=n_resamples,
-                   confidence=confidence, seed=seed)
-    parts = [f"{TARGET_LABELS[r['channel']]}: {channel_verdict(r)}" for _, r in comp.iterrows()]
-    claim = claim_verdict(comp, model_b, "most")
-    return (f"Coherent transfer per FOV, {model_b} against {model_a}, paired over test FOVs ({n_fovs(comp['n'])}): "
+    cells = pd.concat([comp, pd.DataFrame(rows)], ignore_index=True)
+    claim = claim_verdict(cells, model_b, "most")
+    text = (f"Coherent transfer per FOV, {model_b} against {model_a}, paired over test FOVs ({n_fovs(cells['n'])}): "
             + "; ".join(parts) + f". The claim that the {model_b} is sharper than the {model_a} on most channels "
             f"**{claim}**.")
+    won = comp[comp["better"] == model_b] if len(comp) else comp
+    if claim == "holds" and len(won):
+        gains = (won["diff"] / won["mean_a"].abs().clip(lower=1e-12)).to_numpy()
+        size = f"the median gain is {np.median(gains):.1%} of the {model_a}'s transfer (at most {gains.max():.1%})"
+        text += (f" The gains are small, though: {size}." if np.median(gains) < SMALL_GAIN else f" For scale: {size}.")
+    return text
 
 
 def sharpness_report(table: pd.DataFrame, model_a: str = "U-Net", model_b: str = "WGAN") -> tuple[pd.DataFrame, dict, str]:

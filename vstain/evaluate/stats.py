@@ -75,17 +75,6 @@ class Difference:
         return float(np.maximum(abs(self.ci_low), abs(self.ci_high)))
 
 
-@dataclass(frozen=True)
-class Interval:
-    """A statistic with its cluster bootstrap interval over ``n`` clusters (FOVs)."""
-
-    estimate: float
-    ci_low: float
-    ci_high: float
-    n: int
-    note: str = ""
-
-
 # ---------------------------------------------------------------------------------------------
 # Intervals and tests
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +182,7 @@ def compare(long: pd.DataFrame, model_a: str, model_b: str, *, higher_is_better:
 
     Args:
         long: one row per FOV, model and cell, columns ``model``, ``fov``, ``value`` and the
-            ``by`` columns (the layout :func:`vstain.metrics.evaluate_predictions` writes:
+            ``by`` columns (the layout :func:`vstain.evaluate.metrics.evaluate_predictions` writes:
             ``fov_id, structure, model, channel, metric, value``). NaN values are dropped.
         model_a, model_b: the two models; differences are ``model_b - model_a``.
         higher_is_better: per metric (needs ``"metric"`` in ``by``), or one bool for all cells.
