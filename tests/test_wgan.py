@@ -437,3 +437,32 @@ def test_sharper_verdict_answers_from_paired_intervals(n, gain, claim):
     assert f"on most channels **{claim}" in text
     if gain and n >= 6:
         assert ("WGAN better" if gain > 0 else "U-Net better") in text
+
+
+def test_sharper_verdict_calls_a_blank_channel_a_loss_before_any_number():
+    """A model that reproduces no coarse structure of a channel (transfer undefined on every FOV)
+    predicts (almost) none of it: a loss for that model, not a channel "not scored"."""
+    from vstain.evaluate.sharpness import blank_channels, sharper_verdict
+
+    table = _transfer_table(8, 0.2)
+    table.loc[(table["model"] == "WGAN") & (table["channel"] == "nucleoli"), "transfer"] = np.nan
+    assert blank_channels(table, "WGAN") == {"nucleoli": (8, 8)} and blank_channels(table, "U-Net") == {}
+    text = sharper_verdict(table, n_resamples=999)
+    assert "Nucleoli: the WGAN predicts almost none (no coarse structure on 8 of 8 FOVs), U-Net better" in text
+    assert "DNA: WGAN better" in text and "not scored" not in text
+    assert "on most channels **does not hold**" in text  # one channel each way of two
+
+
+def test_sharper_verdict_with_a_missing_channel_a_tie_and_a_small_gain():
+    from vstain.evaluate.sharpness import sharper_verdict
+
+    tie = sharper_verdict(_transfer_table(8, 0.0), n_resamples=999)
+    assert tie.count("no detectable difference with n = 8 FOVs") == 2 and "**cannot be decided" in tie
+    missing = _transfer_table(8, 0.2)
+    missing = missing[~((missing["model"] == "WGAN") & (missing["channel"] == "nucleoli"))]
+    text = sharper_verdict(missing, n_resamples=999)
+    assert "DNA: WGAN better" in text and "Nucleoli: not scored on any FOV" in text
+    small = sharper_verdict(_transfer_table(8, 0.01), n_resamples=999)
+    assert "**holds**" in small and "The gains are small, though: the median gain is 2." in small
+    large = sharper_verdict(_transfer_table(8, 0.2), n_resamples=999)
+    assert "For scale: the median gain is 40" in large
