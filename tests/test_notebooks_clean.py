@@ -109,3 +109,49 @@ def test_a_namespace_without_a_declared_parameter_is_refused():
         rundir.notebook_parameters("04_unet", {"run_dir": "runs/quick"})
     with pytest.raises(FileNotFoundError, match="named after its notebook"):
         rundir.notebook_parameters("99_none", {})
+
+
+# Numbers in the notebooks' prose that are constants, not results of a run: thesis values, the real
+# dataset's acquisition, definitions and thresholds. Any other decimal or time in Markdown is a
+# result typed by hand, which goes stale on the next run: render it from the run instead.
+PROSE_CONSTANTS = {
+    "01_data": {"0.29 µm", "0.108 µm", "0.5 GB"},  # the real dataset's voxel size; its download per FOV
+    "03_denoising": {"0.6745", "0.05"},  # Donoho's MAD constant; the thesis claim's SSIM tolerance
+    "05_wgan": {"0.1"},  # the coarse-structure threshold of the sharpness measure
+    "07_results": {"0.65", "0.108 µm"},  # the thesis' membrane PCC (Table 4.1); the real lateral voxel size
+    "08_downstream": {"0.5", "0.5 µm"},  # the IoU of a match; the envelope's shell width
+    "09_predict": {"0.29", "0.108"},  # the real dataset's voxel size
+}
+_MATH_AND_CODE = re.compile(r"\{cite[^}]*\}`[^`]*`|`[^`]*`|\$[^$]*\$|\[[^\]]*\]\([^)]*\)")
+_RESULT_LIKE = re.compile(r"(?<![\w.-])(\d+(?:\.\d+)*)(?:\s*(s|min|minutes?|seconds?|hours?|h|µm|GB|GiB|MiB)\b)?")
+_SECTION = re.compile(r"[1-9](\.\d)+")  # 3.2, 4.1, 3.2.1: the thesis' sections, tables and figures
+
+
+def typed_results(path) -> list[str]:
+    """Decimals and times in a notebook's Markdown that are not section or figure numbers."""
+    found = []
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type != "markdown":
+            continue
+        text = _MATH_AND_CODE.sub("", cell.source)
+        for m in _RESULT_LIKE.finditer(text):
+            number, unit = m.group(1), m.group(2)
+            if unit is None and ("." not in number or _SECTION.fullmatch(number)):
+                continue
+            found.append(number + (f" {unit}" if unit else ""))
+    return found
+
+
+def test_no_run_results_typed_into_the_prose(nb):
+    path, _ = nb
+    typed = [t for t in typed_results(path) if t not in PROSE_CONSTANTS.get(path.stem, set())]
+    assert typed == [], (f"{path.name} types {typed} into its Markdown: render run results from the run, "
+                         "or add a true constant to PROSE_CONSTANTS with its reason")
+
+
+def test_the_prose_check_finds_a_typed_time_and_score(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("Section 4.2 says so. It took about 12 minutes and scored 0.87; "
+                                              "`x = 0.3` is code and $0.5$ is maths.")]
+    nbformat.write(nb, tmp_path / "x.ipynb")
+    assert typed_results(tmp_path / "x.ipynb") == ["12 minutes", "0.87"]
