@@ -136,3 +136,26 @@ def test_digits_keep_the_order_of_two_close_models():
     shown, _ = C.display_table(summary, C.pairwise(values, None, MODELS, n_resamples=999), MODELS)
     a, b = (float(shown.loc[("DNA", m), "PCC"].split()[0]) for m in MODELS)
     assert b > a
+
+
+def test_lowest_channels_names_them_and_a_metric_at_its_floor():
+    from vstain.evaluate.comparison import lowest_channels
+
+    rows = [{"channel": c, "model": m, "metric": "pcc", "estimate": v, "ci_low": v - 0.05, "ci_high": v + 0.05, "n": 8}
+            for m in ("U-Net", "WGAN") for c, v in zip(("dna", "membrane", "mito", "nucleoli"), (0.9, 0.8, 0.4, 0.6))]
+    rows += [{"channel": c, "model": m, "metric": "f1clf", "estimate": f, "ci_low": 0, "ci_high": 1, "n": 8}
+             for m in ("U-Net", "WGAN") for c, f in (("mito", 0.0), ("nucleoli", 0.5 if m == "WGAN" else 0.0))]
+    text = lowest_channels(pd.DataFrame(rows), "U-Net")
+    assert "lowest PCC is on Mitochondria (0.40 [0.35, 0.45] (n = 8)) and Nucleoli (0.60" in text
+    assert "of 4 channels scored" in text
+    assert "F1clf is 0 for every model on Mitochondria:" in text and "Nucleoli:" not in text
+    assert lowest_channels(pd.DataFrame(rows), "GAN") == "The table has no PCC of the GAN."
+
+
+def test_galleries_take_one_fov_per_tagged_structure():
+    from vstain.preprocess.processed import one_per_structure
+
+    fovs = pd.DataFrame({"fov_id": list("abcdefg"), "structure": ["mito", "mito", "envelope", "mito", "nucleoli",
+                                                                  "envelope", "actomyosin"]})
+    assert one_per_structure(fovs)["fov_id"].tolist() == ["a", "c", "e", "g"]
+    assert one_per_structure(fovs, 2)["fov_id"].tolist() == ["a", "c"]

@@ -247,3 +247,23 @@ def confusion_sentences(confs: dict[str, np.ndarray], min_share: float = 0.5) ->
                  else f"every channel is recognised in at least {min_share:.0%} of its patches.")
         out.append(text)
     return "\n\n".join(out)
+
+
+def lowest_channels(summary: pd.DataFrame, model: str, metric: str = "pcc", k: int = 2) -> str:
+    """Which channels ``model`` scores lowest on ``metric`` in a :func:`model_summary` table, with
+    their values, and the channels where F1clf sits at 0 for every model (the classifier recognises
+    none of their generated patches, so that column decides nothing there)."""
+    own = summary[(summary["model"] == model) & (summary["metric"] == metric)].dropna(subset=["estimate"])
+    if own.empty:
+        return f"The table has no {COLUMN_LABELS[metric]} of the {model}."
+    low = own.nsmallest(k, "estimate")
+    named = " and ".join(f"{TARGET_LABELS[r['channel']]} ({format_ci(r['estimate'], r['ci_low'], r['ci_high'], int(r['n']))})"
+                         for _, r in low.iterrows())
+    text = (f"In this run the {model}'s lowest {COLUMN_LABELS[metric]} is on {named}, of "
+            f"{len(own)} channels scored.")
+    f1 = summary[summary["metric"] == "f1clf"].groupby("channel")["estimate"]
+    floor = [TARGET_LABELS[c] for c, v in f1.max().items() if v == 0]
+    if floor:
+        text += (f" F1clf is 0 for every model on {', '.join(floor)}: the classifier recognises none of those "
+                 "generated patches, so the column is at its floor and cannot rank the models there.")
+    return text

@@ -104,6 +104,12 @@ def read_manifest(stage: str | Path) -> pd.DataFrame:
     return resolve_paths(df, stage, ("path", "truth_path", "labels_path"))
 
 
+def one_per_structure(manifest: pd.DataFrame, n: int | None = None) -> pd.DataFrame:
+    """The first FOV of each tagged structure, in the manifest's order (at most ``n`` of them), so a
+    gallery shows every structure's own label at least once."""
+    return manifest.groupby("structure", sort=False).head(1).head(n)
+
+
 def load_fov(row) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """One processed FOV: brightfield ``[1,Z,Y,X]``, target ``[6,Z,Y,X]`` (NaN = no label),
     and the clean truth ``[6,Z,Y,X]`` where the simulator provided it, else ``None``."""
