@@ -14,9 +14,10 @@ from skimage.segmentation import find_boundaries
 from vstain.channels import TARGETS
 from vstain.evaluate.downstream_stage import METRIC_LABELS, OBJECTS
 
-from .views import channel_panel, display_range, scale_bar
+from .views import channel_panel, display_range, scale_bar, show_section
 
-TRUE_COLOUR, SEGMENTED_COLOUR = (0.2, 0.9, 1.0), (1.0, 0.85, 0.1)  # cyan: true outline, yellow: segmented
+# cyan: true outline, magenta: segmented; both stand out on the grey sections (yellow vanished on magma)
+TRUE_COLOUR, SEGMENTED_COLOUR = (0.2, 0.9, 1.0), (1.0, 0.2, 0.85)
 
 
 def _outline(ax, labels: np.ndarray, colour) -> None:
@@ -31,8 +32,8 @@ def segmentation_outlines(volumes: Mapping[str, np.ndarray], true: Mapping[str, 
                           segmented: Mapping[str, Mapping[str, np.ndarray]], voxel_size_zyx: Sequence[float],
                           title: str, z: int | None = None) -> plt.Figure:
     """One XY section per object (rows: nuclei on DNA, cells on membrane) and source (columns): the
-    source's channel in one display range per row (the clean truth's), the true instances'
-    outlines in cyan and the instances segmented from that source in yellow.
+    source's channel in grey, one display range per row (the clean truth's), the true instances'
+    outlines in cyan and the instances segmented from that source in magenta.
 
     Args:
         volumes: source -> ``[6, Z, Y, X]`` (the sources of :func:`vstain.evaluate.downstream_stage.fov_volumes`).
@@ -52,7 +53,11 @@ def segmentation_outlines(volumes: Mapping[str, np.ndarray], true: Mapping[str, 
         vrange = display_range(ref if np.isfinite(ref).any() else None, None, [volumes[s][c] for s in sources])
         for j, source in enumerate(sources):
             ax = axes[i, j]
-            channel_panel(ax, volumes[source][c][z], voxel_size_zyx, "xy", vrange)
+            sec = volumes[source][c][z]
+            if np.isnan(sec).all():
+                channel_panel(ax, sec, voxel_size_zyx, "xy", vrange)
+            else:
+                show_section(ax, sec, voxel_size_zyx, "xy", cmap="gray", vmin=vrange[0], vmax=vrange[1])
             _outline(ax, true[obj][z], TRUE_COLOUR)
             if obj in segmented[source]:
                 _outline(ax, segmented[source][obj][z], SEGMENTED_COLOUR)
@@ -60,8 +65,8 @@ def segmentation_outlines(volumes: Mapping[str, np.ndarray], true: Mapping[str, 
                 ax.set_title(source, fontsize=8)
         axes[i, 0].set_ylabel(f"{obj} ({channel})", fontsize=8)
         scale_bar(axes[i, 0], voxel_size_zyx[2], true[obj].shape[2])
-    fig.suptitle(f"{title}, z = {z}: true instances in cyan, segmented from the panel's image in yellow "
-                 "(drawn on top: where both agree only yellow shows)", fontsize=9)
+    fig.suptitle(f"{title}, z = {z}: true instances in cyan, segmented from the panel's image in magenta "
+                 "(drawn on top: where both agree only magenta shows)", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -26,7 +26,7 @@ SHORT = {"dna": "DNA", "membrane": "Membrane", "mito": "Mito.", "envelope": "N. 
 
 
 def training_curves(history: pd.DataFrame, title: str = "Classifier training") -> plt.Figure:
-    """Loss and accuracy per epoch on the real train patches and the held-out val patches."""
+    """Loss and accuracy per epoch on the measured train patches and the held-out val patches."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
     a.plot(history["epoch"], history["train_loss"], "o-", label="train")
     a.plot(history["epoch"], history["val_loss"], "s-", label="val (held out)")
