@@ -1,0 +1,47 @@
+"""Scores inside the true structure (vstain.evaluate.structure): a blank prediction is called blank
+before any score, and SSIM inside the dilated structure sees what the whole-volume SSIM hides."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from vstain.evaluate import structure as S
+
+
+def sparse_spots(shape=(12, 33, 35), seed=0) -> np.ndarray:
+    """A sparse channel: a few bright blobs on a dark background (under 5% of the voxels)."""
+    rng = np.random.default_rng(seed)
+    vol = np.zeros(shape)
+    for z, y, x in rng.integers([2, 4, 4], [10, 29, 31], size=(5, 3)):
+        vol[z - 1:z + 2, y - 2:y + 3, x - 2:x + 3] = 1.0
+    return vol + 0.01 * rng.standard_normal(shape)
+
+
+def test_a_blank_prediction_keeps_a_high_ssim_but_not_inside_the_structure():
+    ref = sparse_spots()
+    mask = S.structure_mask(ref)
+    assert 0.01 < mask.mean() < 0.2  # dilated, still sparse
+    blank = np.zeros_like(ref)
+    whole, inside = S.ssim_whole_and_inside(blank, ref, mask)
+    good = ref + 0.005 * np.random.default_rng(1).standard_normal(ref.shape)
+    good_whole, good_inside = S.ssim_whole_and_inside(good, ref, mask)
+    assert whole > 0.5 and inside < 0.2  # the background carries the whole-volume SSIM of nothing
+    assert good_inside > 0.9 and good_whole > 0.9
+    assert S.contrast(blank, ref, mask) == 0.0
+    assert abs(S.contrast(0.5 * ref, ref, mask) - 0.5) < 1e-9 and S.contrast(ref, ref, mask) == 1.0
+    assert np.isnan(S.contrast(ref, ref, np.zeros_like(mask))) and not S.structure_mask(np.ones((4, 4, 4))).any()
+
+
+def cells(values: dict[tuple[str, str], list[float]]) -> pd.DataFrame:
+    return pd.DataFrame([{"fov_id": str(i), "model": m, "channel": c, "metric": "contrast", "value": v}
+                         for (m, c), vs in values.items() for i, v in enumerate(vs)])
+
+
+def test_blank_is_called_on_most_fovs_only_and_said_first():
+    table = cells({("WGAN-GP", "nucleoli"): [0.02, 0.05, 0.4, 0.01], ("U-Net", "nucleoli"): [0.6, 0.7, 0.5, 0.8],
+                   ("U-Net", "mito"): [0.05, 0.5, 0.6, 0.7], ("WGAN-GP", "mito"): [np.nan, 0.3, 0.4, 0.5]})
+    blank = S.blank_channels(table)
+    assert blank[["model", "channel", "blank", "n"]].values.tolist() == [["WGAN-GP", "nucleoli", 3, 4]]
+    text = S.blank_sentence(blank)
+    assert text.startswith("**Blank predictions**, read before any score: the WGAN-GP on Nucleoli (3 of 4 FOVs")
+    assert "no prediction is blank" in S.blank_sentence(S.blank_channels(cells({("U-Net", "dna"): [0.9, 0.8]})))
