@@ -168,7 +168,8 @@ def test_plots_draw_a_stage(registry, tmp_path):
     figs = [plots.fov_gallery(fov.bf, fov.target, fov.pixel_size, "t", focus_z=(1, 3)),
             plots.intensity_histograms(samples), plots.label_matrix(fovs, carried),
             plots.brightfield_through_focus(fov.bf, fov.pixel_size, "t", n=3)]
-    assert [len(f.axes) for f in figs] == [14, 8, 1, 4]  # 4: three slices and a colour bar
+    # 18: seven XY and seven XZ panels and a colour bar per carried channel (brightfield, DNA, membrane, the tag)
+    assert [len(f.axes) for f in figs] == [18, 8, 1, 4]  # 4: three slices and a colour bar
     matplotlib.pyplot.close("all")
 
 

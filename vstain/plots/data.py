@@ -69,8 +69,8 @@ def fov_gallery(bf: np.ndarray, target: np.ndarray, pixel_size: Sequence[float],
     pz, py, px = pixel_size
     xz_h = nz * pz / (nx * px)
     xy_h = ny * py / (nx * px)
-    fig, axes = plt.subplots(2, len(CHANNELS), figsize=(2.0 * len(CHANNELS), 2.0 * (xy_h + xz_h) + 0.9),
-                             gridspec_kw={"height_ratios": [xy_h, xz_h]}, squeeze=False)
+    fig, axes = plt.subplots(2, len(CHANNELS), figsize=(2.0 * len(CHANNELS), 2.0 * (xy_h + xz_h) + 1.6),
+                             gridspec_kw={"height_ratios": [xy_h, xz_h]}, squeeze=False, layout="constrained")
     for c, name in enumerate(CHANNELS):
         top, bottom = axes[0, c], axes[1, c]
         top.set_title(LABELS[name], fontsize=9)
@@ -84,7 +84,7 @@ def fov_gallery(bf: np.ndarray, target: np.ndarray, pixel_size: Sequence[float],
             continue
         vmin, vmax = robust_range(ch)
         cmap = "gray" if name == "brightfield" else "magma"
-        top.imshow(ch[z], cmap=cmap, vmin=vmin, vmax=vmax, extent=extent_xy, interpolation="nearest")
+        im = top.imshow(ch[z], cmap=cmap, vmin=vmin, vmax=vmax, extent=extent_xy, interpolation="nearest")
         top.axhline(y * py, color="c", lw=0.6, ls=":")
         bottom.imshow(ch[:, y, :], cmap=cmap, vmin=vmin, vmax=vmax, extent=extent_xz, aspect="equal",
                       interpolation="nearest")
@@ -94,13 +94,16 @@ def fov_gallery(bf: np.ndarray, target: np.ndarray, pixel_size: Sequence[float],
                 bottom.axhline(edge * pz, color="lime", lw=0.8)
         for ax in (top, bottom):
             ax.tick_params(labelsize=6)
-    axes[0, 0].set_ylabel(f"XY at z={z}\ny (µm)", fontsize=8)
-    axes[1, 0].set_ylabel(f"XZ at y={y}\nz (µm)", fontsize=8)
+        cb = fig.colorbar(im, ax=bottom, orientation="horizontal", fraction=0.12, pad=0.35, aspect=15)
+        cb.set_label("counts", fontsize=7)
+        cb.ax.tick_params(labelsize=6)
+    axes[0, 0].set_ylabel(f"XY at z = {z * pz:.1f} µm\ny (µm)", fontsize=8)
+    axes[1, 0].set_ylabel(f"XZ at y = {y * py:.1f} µm\nz (µm)", fontsize=8)
     for ax in axes[1]:
         ax.set_xlabel("x (µm)", fontsize=8)
-    note = "" if focus_z is None else f"; green: true in-focus range z∈[{focus_z[0]}, {focus_z[1]})"
-    fig.suptitle(f"{title}  (dotted cyan: the section of the other row{note})", fontsize=10)
-    fig.tight_layout()
+    note = "" if focus_z is None else (f"; green: true in-focus range z from {focus_z[0] * pz:.1f} to "
+                                       f"{focus_z[1] * pz:.1f} µm")
+    fig.suptitle(f"{title}  (dotted cyan: the section of the other row{note}; colour bars: raw counts)", fontsize=10)
     return fig
 
 
@@ -163,11 +166,12 @@ def brightfield_through_focus(bf: np.ndarray, pixel_size: Sequence[float], title
     for ax, z in zip(axes[0], zs):
         im = ax.imshow(contrast[z], cmap="RdBu_r", vmin=-lim, vmax=lim, extent=(0, nx * px, ny * py, 0))
         inside = focus_z is not None and focus_z[0] <= z < focus_z[1]
-        ax.set_title(f"z={z} ({z * pz:.1f} µm)", fontsize=8, color="green" if inside else "black")
+        ax.set_title(f"z = {z * pz:.1f} µm", fontsize=8, color="green" if inside else "black")
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(im, ax=axes[0].tolist(), fraction=0.02, pad=0.01, label="I / mean − 1")
-    note = "" if focus_z is None else f"; green titles: true in-focus range [{focus_z[0]}, {focus_z[1]})"
+    note = "" if focus_z is None else (f"; green titles: true in-focus range, z from {focus_z[0] * pz:.1f} to "
+                                       f"{focus_z[1] * pz:.1f} µm")
     fig.suptitle(f"{title}: brightfield contrast through focus{note}", fontsize=9)
     return fig
 
