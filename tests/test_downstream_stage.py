@@ -137,7 +137,7 @@ def test_figures(run):
     volumes, labels = ds.fov_volumes(row, dirs)
     segmented = ds.segment_sources(volumes, PX)
     fig = plots.segmentation_outlines(volumes, ds.true_instances(labels), segmented, PX, "FOV")
-    assert len(fig.axes) == 2 * 4
+    assert len(fig.axes) == 2 * 4 + 2  # two objects x four sources, and a colour bar per object
     fig = plots.score_intervals(ds.summarise(t["instances"], [ds.TRUTH, *MODELS], n_resamples=99))
     assert len(fig.axes) == 4
 

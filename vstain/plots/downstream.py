@@ -14,7 +14,7 @@ from skimage.segmentation import find_boundaries
 from vstain.channels import TARGETS
 from vstain.evaluate.downstream_stage import METRIC_LABELS, OBJECTS
 
-from .views import channel_panel, display_range, scale_bar, show_section
+from .views import channel_panel, colorbar, display_range, scale_bar, show_section
 
 # cyan: true outline, magenta: segmented; both stand out on the grey sections (yellow vanished on magma)
 TRUE_COLOUR, SEGMENTED_COLOUR = (0.2, 0.9, 1.0), (1.0, 0.2, 0.85)
@@ -45,19 +45,20 @@ def segmentation_outlines(volumes: Mapping[str, np.ndarray], true: Mapping[str, 
     sources = [s for s in volumes if s in segmented]
     if z is None:
         z = int(np.argmax((true["nuclei"] > 0).sum(axis=(1, 2))))
-    fig, axes = plt.subplots(len(OBJECTS), len(sources), figsize=(2.3 * len(sources), 2.5 * len(OBJECTS)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(OBJECTS), len(sources), figsize=(2.4 * len(sources), 2.5 * len(OBJECTS)),
+                             squeeze=False, layout="constrained")
     for i, (obj, channel) in enumerate(OBJECTS.items()):
         c = TARGETS.index(channel)
         ref = volumes[sources[0]][c]
         vrange = display_range(ref if np.isfinite(ref).any() else None, None, [volumes[s][c] for s in sources])
+        im = None
         for j, source in enumerate(sources):
             ax = axes[i, j]
             sec = volumes[source][c][z]
             if np.isnan(sec).all():
                 channel_panel(ax, sec, voxel_size_zyx, "xy", vrange)
             else:
-                show_section(ax, sec, voxel_size_zyx, "xy", cmap="gray", vmin=vrange[0], vmax=vrange[1])
+                im = show_section(ax, sec, voxel_size_zyx, "xy", cmap="gray", vmin=vrange[0], vmax=vrange[1])
             _outline(ax, true[obj][z], TRUE_COLOUR)
             if obj in segmented[source]:
                 _outline(ax, segmented[source][obj][z], SEGMENTED_COLOUR)
@@ -65,9 +66,10 @@ def segmentation_outlines(volumes: Mapping[str, np.ndarray], true: Mapping[str, 
                 ax.set_title(source, fontsize=8)
         axes[i, 0].set_ylabel(f"{obj} ({channel})", fontsize=8)
         scale_bar(axes[i, 0], voxel_size_zyx[2], true[obj].shape[2])
+        if im is not None:
+            colorbar(fig, im, axes[i].tolist(), fraction=0.02, pad=0.01)
     fig.suptitle(f"{title}, z = {z}: true instances in cyan, segmented from the panel's image in magenta "
                  "(drawn on top: where both agree only magenta shows)", fontsize=9)
-    fig.tight_layout()
     return fig
 
 

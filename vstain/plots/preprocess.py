@@ -13,7 +13,7 @@ from matplotlib.patches import Rectangle
 from vstain.channels import TARGET_LABELS, TARGETS, VOLUME_CHANNELS
 from vstain.preprocess import focus
 
-from .views import robust_range
+from .views import robust_range, scale_bar
 
 LABELS = {"brightfield": "Brightfield", **TARGET_LABELS}
 METHOD_LABELS = {"plls": "PLLS", "nvar": "normalised variance", "brenner": "Brenner gradient",
@@ -147,16 +147,24 @@ def blind_spot(patch: np.ndarray, masked: np.ndarray, mask: np.ndarray, rf: np.n
     return fig
 
 
+def _bar(fig, im, axes, label: str):
+    cb = fig.colorbar(im, ax=axes, fraction=0.046, pad=0.02)
+    cb.set_label(label, fontsize=7)
+    cb.ax.tick_params(labelsize=6)
+
+
 def denoise_gallery(gallery: np.ndarray, rows: pd.DataFrame, methods=("noisy", "n2v", "bm3d", "nlm", "truth"),
                     title: str = "Denoising, one slice per target channel",
-                    method_labels: dict[str, str] | None = None) -> plt.Figure:
+                    method_labels: dict[str, str] | None = None, pixel_um: float | None = None) -> plt.Figure:
     """Before/after per channel: ``gallery [6, len(methods), Y, X]`` (NaN rows: no FOV carries the
     channel; a NaN panel: the method did not run on that FOV). The panels of a row share the noisy
     input's display range, except the clean truth, which has its own. ``method_labels`` overrides
-    :data:`METHOD_LABELS` (e.g. ``{"bm3d": "BM4D"}``)."""
+    :data:`METHOD_LABELS` (e.g. ``{"bm3d": "BM4D"}``). Each row has a colour bar of its shared range
+    and the truth panel its own; ``pixel_um`` (the lateral voxel size) adds a µm scale bar to each row."""
     labels = {**METHOD_LABELS, **(method_labels or {})}
     chans = [c for c in TARGETS if c in set(rows["channel"])]
-    fig, axes = plt.subplots(len(chans), len(methods), figsize=(2.4 * len(methods), 2.4 * len(chans)), squeeze=False)
+    fig, axes = plt.subplots(len(chans), len(methods), figsize=(2.6 * len(methods), 2.4 * len(chans)), squeeze=False,
+                             layout="constrained")
     info = rows.set_index("channel")
     for i, ch in enumerate(chans):
         g = gallery[TARGETS.index(ch)]
@@ -167,9 +175,11 @@ def denoise_gallery(gallery: np.ndarray, rows: pd.DataFrame, methods=("noisy", "
             img = g[j]
             if m == "truth" and np.isfinite(img).any():
                 tv = robust_range(img, (1, 99.7))
-                ax.imshow(img, cmap="magma", vmin=tv[0], vmax=tv[1])
+                _bar(fig, ax.imshow(img, cmap="magma", vmin=tv[0], vmax=tv[1]), ax, "clean signal")
             elif np.isfinite(img).any():
-                ax.imshow(img, cmap="magma", vmin=vmin, vmax=vmax)
+                shared = ax.imshow(img, cmap="magma", vmin=vmin, vmax=vmax)
+                if j == 0 and pixel_um:
+                    scale_bar(ax, pixel_um, img.shape[1])
             else:
                 ax.set_facecolor("0.85")
                 ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes, fontsize=8)
@@ -179,8 +189,9 @@ def denoise_gallery(gallery: np.ndarray, rows: pd.DataFrame, methods=("noisy", "
                 ax.set_title(labels.get(m, m), fontsize=10)
             if j == 0:
                 ax.set_ylabel(f"{LABELS[ch]}\nFOV {info.loc[ch, 'fov_id']}, z {info.loc[ch, 'z']}", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
+        shown = [a for a, m in zip(axes[i], methods) if m != "truth"]
+        _bar(fig, shared, shown, "counts")
+    fig.suptitle(title + " (colour bars: each row's shared range of counts, and the clean truth's own)")
     return fig
 
 
