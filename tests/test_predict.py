@@ -186,5 +186,5 @@ def test_a_model_trained_on_simulated_data_says_so_once_per_batch(stage, tmp_pat
                         str(tmp_path / "out1"), "-q"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stderr.count("learned from simulated hiPSC colonies only") == 1, r.stderr
-    assert "0.5 x 0.3 x 0.3 µm voxels" in r.stderr and "generator width 4" in r.stderr
+    assert "voxels of 0.5 x 0.3 x 0.3 µm" in r.stderr and "generator width 4" in r.stderr
     assert "not to be trusted" in r.stderr and len(list((tmp_path / "out1").glob("*.tif"))) == 2

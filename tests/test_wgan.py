@@ -466,3 +466,16 @@ def test_sharper_verdict_with_a_missing_channel_a_tie_and_a_small_gain():
     assert "**holds**" in small and "The gains are small, though: the median gain is 2." in small
     large = sharper_verdict(_transfer_table(8, 0.2), n_resamples=999)
     assert "For scale: the median gain is 4" in large
+
+
+def test_sharper_verdict_names_a_channel_neither_model_predicts():
+    from vstain.evaluate.sharpness import sharper_verdict
+
+    table = _transfer_table(8, 0.2)
+    table.loc[table["channel"] == "nucleoli", "transfer"] = np.nan
+    text = sharper_verdict(table, n_resamples=999)
+    assert "Nucleoli: neither model reproduces its coarse structure on most FOVs, not compared" in text
+    assert "DNA: WGAN better" in text and "**holds**" in text
+    table.loc[table["channel"] == "dna", "transfer"] = np.nan
+    assert sharper_verdict(table, n_resamples=999).startswith("The coherent transfer of U-Net and WGAN could not be "
+                                                             "compared: no channel where both are defined (DNA: neither")

@@ -212,7 +212,7 @@ def simulated_data_warning(voxel_size_zyx, width: int, steps: int | None) -> str
     """What to say before a model trained on simulated FOVs is applied to anything: what it learned
     from, at which voxel size, width and length of training, and that real stacks need a model
     trained on real data."""
-    voxel = " x ".join(f"{v:g}" for v in voxel_size_zyx) + " µm voxels (z, y, x)" if voxel_size_zyx else \
+    voxel = "voxels of " + " x ".join(f"{v:g}" for v in voxel_size_zyx) + " µm (z, y, x)" if voxel_size_zyx else \
         "an unrecorded voxel size"
     trained = f", {steps} optimiser steps" if steps else ""
     return (f"this model learned from simulated hiPSC colonies only ({voxel}, generator width {width}{trained}); "

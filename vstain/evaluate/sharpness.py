@@ -149,7 +149,8 @@ def sharper_verdict(table: pd.DataFrame, model_a: str = "U-Net", model_b: str = 
     """
     blank = {m: blank_channels(table, m) for m in (model_a, model_b)}
     lost = {c: m for m in (model_a, model_b) for c in blank[m] if c not in blank[model_b if m == model_a else model_a]}
-    long = table[table["model"].isin([model_a, model_b]) & ~table["channel"].isin(lost)]
+    neither = [c for c in blank[model_a] if c in blank[model_b]]
+    long = table[table["model"].isin([model_a, model_b]) & ~table["channel"].isin([*lost, *neither])]
     long = long.rename(columns={"transfer": "value"}).assign(metric="transfer")
     long = long[["model", "fov_id", "channel", "metric", "value"]].dropna()
     parts, rows = [], []
@@ -159,14 +160,17 @@ def sharper_verdict(table: pd.DataFrame, model_a: str = "U-Net", model_b: str = 
         parts.append(f"{TARGET_LABELS[c]}: the {m} predicts almost none (no coarse structure on {k} of {n} FOVs), "
                      f"{other} better")
         rows.append({"channel": c, "model_a": model_a, "model_b": model_b, "n": n, "better": other, "diff": np.nan})
+    parts += [f"{TARGET_LABELS[c]}: neither model reproduces its coarse structure on most FOVs, not compared"
+              for c in neither]
     comp = pd.DataFrame()
     if not long.empty and long["model"].nunique() == 2:
         comp = compare(long, model_a, model_b, higher_is_better=True, n_resamples=n_resamples,
                        confidence=confidence, seed=seed)
         parts += [f"{TARGET_LABELS[r['channel']]}: {channel_verdict(r)}" for _, r in comp.iterrows()]
-    if not parts:
-        return f"The coherent transfer of {model_a} and {model_b} could not be compared: no channel where both are defined."
     cells = pd.concat([comp, pd.DataFrame(rows)], ignore_index=True)
+    if cells.empty:
+        return (f"The coherent transfer of {model_a} and {model_b} could not be compared: no channel where both are "
+                "defined" + (f" ({'; '.join(parts)})." if parts else "."))
     claim = claim_verdict(cells, model_b, "most")
     text = (f"Coherent transfer per FOV, {model_b} against {model_a}, paired over test FOVs ({n_fovs(cells['n'])}): "
             + "; ".join(parts) + f". The claim that the {model_b} is sharper than the {model_a} on most channels "
@@ -192,13 +196,14 @@ def sharpness_report(table: pd.DataFrame, model_a: str = "U-Net", model_b: str =
     means = table.groupby("model")[["coarse", "transfer", "power"]].median()
     a, b = per_channel[("transfer", model_a)], per_channel[("transfer", model_b)]
     higher, compared = int((b > a).sum()), int((a.notna() & b.notna()).sum())
+    where = (f"the {model_b} is higher in {higher} of {compared} channels where both are defined" if compared
+             else "no channel where both are defined")
     shown = {m: f"{v:.3f}" if np.isfinite(v) else "undefined (no coarse structure)" for m, v in means["transfer"].items()}
     calibration = (f"; the measured targets score {shown['measured target']} and "
                    f"{means.loc['measured target', 'power']:.3f}" if "measured target" in means.index else "")
     reference = "clean truth" if table["reference"].iloc[0] == "truth" else "measured targets"
     sentence = (f"Against the {reference}, coherent high-frequency transfer, median over channels and test FOVs: "
-                f"{model_a} {shown[model_a]}, {model_b} {shown[model_b]} (the {model_b} is higher in {higher} of "
-                f"{compared} channels where both are defined). Plain power ratio: {model_a} "
+                f"{model_a} {shown[model_a]}, {model_b} {shown[model_b]} ({where}). Plain power ratio: {model_a} "
                 f"{means.loc[model_a, 'power']:.3f}, {model_b} {means.loc[model_b, 'power']:.3f}{calibration}. Where a "
                 f"model's power ratio rises without its coherent transfer, the extra fine structure is not the truth's.")
     medians = {k: {m: float(v) for m, v in means[k].items()} for k in ("transfer", "power")}

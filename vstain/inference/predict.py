@@ -76,11 +76,13 @@ class Model:
     trained_on: str = "unknown"
     steps: int | None = None
 
-    def warning(self) -> str | None:
-        """The warning to give before predicting with a model trained on simulated data, else None."""
+    def warning(self, named: bool = True) -> str | None:
+        """The warning to give before predicting with a model trained on simulated data (``named``:
+        prefixed with where the model was loaded from), else None."""
         if self.trained_on != "synthetic":
             return None
-        return f"{self.source}: " + simulated_data_warning(self.voxel_size_zyx, self.generator.cfg.base_width, self.steps)
+        text = simulated_data_warning(self.voxel_size_zyx, self.generator.cfg.base_width, self.steps)
+        return f"{self.source}: {text}" if named else text[0].upper() + text[1:] + "."
 
 
 def parse_bytes(text: str | int) -> int:
