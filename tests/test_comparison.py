@@ -159,3 +159,17 @@ def test_galleries_take_one_fov_per_tagged_structure():
                                                                   "envelope", "actomyosin"]})
     assert one_per_structure(fovs)["fov_id"].tolist() == ["a", "c", "e", "g"]
     assert one_per_structure(fovs, 2)["fov_id"].tolist() == ["a", "c"]
+
+
+def test_the_verdict_says_a_blank_prediction_first_and_handles_a_missing_score_and_a_tie():
+    """A tie (identical models) is "no detectable difference"; a channel one model predicts nothing
+    of is said so before its columns; a channel with no score is named as such."""
+    comp = C.pairwise(C.fov_values(pixel_table(8)), None, MODELS, n_resamples=999)
+    blank = pd.DataFrame([{"model": "WGAN-GP", "channel": "membrane", "blank": 7, "n": 8},
+                          {"model": "WGAN-GP", "channel": "nucleoli", "blank": 8, "n": 8}])
+    text = C.verdict(comp, "U-Net", "WGAN-GP", blank=blank)
+    assert ("**Cell membrane**: the WGAN-GP predicts almost none of it (blank on 7 of 8 FOVs); "
+            "no detectable difference with n = 8 FOVs on SSIM, MSE, MAE, PCC.") in text
+    assert "**Nucleoli**: the WGAN-GP predicts almost none of it (blank on 8 of 8 FOVs); not scored on any FOV." in text
+    assert "**DNA**: no detectable difference with n = 8 FOVs on SSIM, MSE, MAE, PCC." in text
+    assert C.verdict(comp, "U-Net", "WGAN-GP") == C.verdict(comp, "U-Net", "WGAN-GP", blank=blank.iloc[:0])

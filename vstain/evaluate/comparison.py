@@ -181,28 +181,38 @@ def styled_table(summary: pd.DataFrame, comparisons: pd.DataFrame, models: list[
     return sty.set_caption(caption) if caption else sty
 
 
-def channel_sentences(comparisons: pd.DataFrame, a: str, b: str) -> list[str]:
-    """Per channel, which of ``a`` and ``b`` is better on which columns, from the paired intervals."""
+def channel_sentences(comparisons: pd.DataFrame, a: str, b: str, blank: pd.DataFrame | None = None) -> list[str]:
+    """Per channel, which of ``a`` and ``b`` is better on which columns, from the paired intervals.
+    A model that predicts (almost) nothing of a channel (a row of ``blank``,
+    :func:`vstain.evaluate.structure.blank_channels`) is said so first, before any column."""
     cells = comparisons[(comparisons["model_a"] == a) & (comparisons["model_b"] == b)]
+    blank = blank if blank is not None else pd.DataFrame(columns=["model", "channel", "blank", "n"])
     out = []
     for channel in TARGETS:
         rows = cells[cells["channel"] == channel]
         rows = rows.iloc[np.argsort([COLUMNS.index(m) for m in rows["metric"]], kind="stable")]
+        empty = blank[(blank["channel"] == channel) & blank["model"].isin([a, b])]
+        first = "".join(f"the {r['model']} predicts almost none of it (blank on {r['blank']} of {r['n']} FOVs); "
+                        for _, r in empty.iterrows())
         if rows.empty:
+            if first:
+                out.append(f"**{TARGET_LABELS[channel]}**: {first}not scored on any FOV.")
             continue
         groups: dict[str, list[str]] = {}
         for _, r in rows.iterrows():
             groups.setdefault(channel_verdict(r), []).append(COLUMN_LABELS[r["metric"]])
         parts = [f"{v} on {', '.join(cols)}" for v, cols in sorted(groups.items(), key=lambda kv: kv[0])]
-        text = "; ".join(parts)
+        text = first + "; ".join(parts)
         out.append(f"**{TARGET_LABELS[channel]}**: {text}{'' if text.endswith('.') else '.'}")
     return out
 
 
-def verdict(comparisons: pd.DataFrame, pixel_model: str, adversarial_model: str) -> str:
+def verdict(comparisons: pd.DataFrame, pixel_model: str, adversarial_model: str,
+            blank: pd.DataFrame | None = None) -> str:
     """The thesis' headline checked against the paired intervals: the pixel-loss model is better on
     most pixel-metric cells (SSIM, MSE, MAE, PCC), and the adversarial model on most F1clf cells.
-    Each half "holds", "does not hold" or "cannot be decided with n = ..."."""
+    Each half "holds", "does not hold" or "cannot be decided with n = ...". ``blank`` names the
+    channels a model predicts (almost) nothing of, said first in that channel's sentence."""
     a, b = pixel_model, adversarial_model
     pair = comparisons[((comparisons["model_a"] == a) & (comparisons["model_b"] == b))
                        | ((comparisons["model_a"] == b) & (comparisons["model_b"] == a))]
@@ -210,7 +220,7 @@ def verdict(comparisons: pd.DataFrame, pixel_model: str, adversarial_model: str)
         raise ValueError(f"no comparison of {a!r} and {b!r} in the table")
     pixel, f1 = pair[pair["metric"].isin(PIXEL)], pair[pair["metric"] == "f1clf"]
     lines = [f"Paired differences over the test FOVs, {b} against {a} ({n_fovs(pair['n'])}):", ""]
-    lines += [f"- {s}" for s in channel_sentences(pair, pair["model_a"].iloc[0], pair["model_b"].iloc[0])]
+    lines += [f"- {s}" for s in channel_sentences(pair, pair["model_a"].iloc[0], pair["model_b"].iloc[0], blank)]
     pix = claim_verdict(pixel, a, "most")
     lines += ["", f"The thesis' claim that the {a} is better on most pixel-metric cells (SSIM, MSE, MAE, PCC "
                   f"of every channel) **{pix}** in this run"]
