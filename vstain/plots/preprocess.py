@@ -79,18 +79,19 @@ def xz_window(stack: np.ndarray, row: pd.Series, pixel_size_zx: tuple[float, flo
     sec = stack[:, y, :]
     dz, dx = pixel_size_zx
     nz, nx = sec.shape
-    fig, ax = plt.subplots(figsize=(7, 7 * nz * dz / (nx * dx) + 1.2))
+    fig, ax = plt.subplots(figsize=(7.6, 7 * nz * dz / (nx * dx) + 1.2), layout="constrained")
     vmin, vmax = robust_range(sec)
-    ax.imshow(sec, cmap="gray", vmin=vmin, vmax=vmax, extent=(0, nx * dx, nz * dz, 0), aspect="equal",
-              interpolation="nearest")
+    im = ax.imshow(sec, cmap="gray", vmin=vmin, vmax=vmax, extent=(0, nx * dx, nz * dz, 0), aspect="equal",
+                   interpolation="nearest")
+    _bar(fig, im, ax, "counts")
     for z, style, lab in ((row["z_lo"], "-", "selected window"), (row["z_hi"], "-", None)):
         ax.axhline(z * dz, color="tab:orange", ls=style, lw=2, label=lab)
     if np.isfinite(row.get("true_center", np.nan)) and "true_lo" in row:
         for z, lab in ((row["true_lo"], "true in-focus range"), (row["true_hi"], None)):
             ax.axhline(z * dz, color="tab:cyan", ls="--", lw=1.5, label=lab)
-    ax.set(xlabel="x (µm)", ylabel="z (µm)", title=title or f"{LABELS.get(channel, channel)}, XZ section at y = {y}")
+    ax.set(xlabel="x (µm)", ylabel="z (µm)",
+           title=title or f"{LABELS.get(channel, channel)}, XZ section at y = {y * dx:.1f} µm")
     ax.legend(fontsize=8, loc="upper right", framealpha=0.8)
-    fig.tight_layout()
     return fig
 
 
@@ -114,9 +115,9 @@ def blind_spot(patch: np.ndarray, masked: np.ndarray, mask: np.ndarray, rf: np.n
     input, (C) a ``2 zoom + 1`` crop around one masked pixel ``at``: the network's receptive field
     there (``rf``, a centred ``|d out / d in|`` map) and the pixel itself left out, its value replaced
     by a neighbour's from the dashed ``roi_size`` box."""
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.6))
+    fig, axes = plt.subplots(1, 3, figsize=(12.5, 4.6), layout="constrained")
     vmin, vmax = robust_range(patch)
-    axes[0].imshow(patch, cmap="gray", vmin=vmin, vmax=vmax)
+    _bar(fig, axes[0].imshow(patch, cmap="gray", vmin=vmin, vmax=vmax), axes[:2].tolist(), "counts")
     yy, xx = np.nonzero(mask)
     axes[0].plot(xx, yy, "s", ms=3, mfc="none", mec="tab:red", mew=0.8)
     axes[0].set_title(f"(A) patch and its {int(mask.sum())} masked pixels", fontsize=10)
@@ -132,7 +133,8 @@ def blind_spot(patch: np.ndarray, masked: np.ndarray, mask: np.ndarray, rf: np.n
     field /= field.max() or 1.0
     ax = axes[2]
     ax.imshow(masked, cmap="gray", vmin=vmin, vmax=vmax)
-    ax.imshow(np.ma.masked_where(field < 1e-3, field), cmap="viridis", alpha=0.6, vmin=0, vmax=1)
+    _bar(fig, ax.imshow(np.ma.masked_where(field < 1e-3, field), cmap="viridis", alpha=0.6, vmin=0, vmax=1), ax,
+         "receptive field (relative |d out / d in|)")
     ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), 1, 1, fc="white", ec="tab:red", lw=1.5))
     r = roi_size // 2
     ax.add_patch(Rectangle((x0 - r - 0.5, y0 - r - 0.5), roi_size, roi_size, fill=False, ec="tab:red", ls="--", lw=1))
@@ -143,7 +145,6 @@ def blind_spot(patch: np.ndarray, masked: np.ndarray, mask: np.ndarray, rf: np.n
         a.set_xticks([])
         a.set_yticks([])
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
     return fig
 
 
