@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from vstain.channels import TARGETS
 from vstain.evaluate import structure as S
 
 
@@ -45,3 +46,41 @@ def test_blank_is_called_on_most_fovs_only_and_said_first():
     text = S.blank_sentence(blank)
     assert text.startswith("**Blank predictions**, read before any score: the WGAN-GP on Nucleoli (3 of 4 FOVs")
     assert "no prediction is blank" in S.blank_sentence(S.blank_channels(cells({("U-Net", "dna"): [0.9, 0.8]})))
+
+
+def test_structure_table_calls_a_blank_model_and_keeps_a_faithful_one(tmp_path):
+    """On a processed set of sparse blobs: the truth copied scores contrast 1 and no blank channel;
+    a prediction of zeros is blank on every channel, though its whole-volume SSIM stays high."""
+    from test_seeds import _blob_set
+
+    from vstain.volumes import read_volume, write_volume
+
+    stage, faithful = _blob_set(tmp_path)
+    zeros = tmp_path / "zeros"
+    for f in faithful.glob("*.tif"):
+        write_volume(zeros / f.name, np.zeros_like(read_volume(f)))
+    table = S.structure_table(stage, {"copy": faithful, "zeros": zeros})
+    assert set(table["reference"]) == {"truth"} and set(table["metric"]) == {"ssim", "ssim_fg", "contrast"}
+    common = table[table["channel"].isin(["dna", "membrane"])]  # every FOV carries them: the copy is exact
+    med = common.groupby(["model", "metric"])["value"].median()
+    assert med["copy", "contrast"] > 0.99 and med["zeros", "contrast"] == 0
+    assert med["zeros", "ssim_fg"] < med["zeros", "ssim"]
+    blank = S.blank_channels(table)
+    assert sorted(blank.loc[blank["model"] == "zeros", "channel"]) == sorted(TARGETS)
+    assert not ({"dna", "membrane"} & set(blank.loc[blank["model"] == "copy", "channel"]))
+    summary = S.structure_summary(table)
+    assert list(summary.index) == list(TARGETS) and ("contrast", "copy") in summary.columns
+
+
+def test_the_through_focus_sentence_says_what_the_slices_measure():
+    from vstain.data.stage import brightfield_contrast, contrast_through_focus
+
+    lower = np.array([0.05, 0.05, 0.02, 0.01, 0.02, 0.05])
+    text = contrast_through_focus(lower, (2, 5), 0.5)
+    assert text.startswith("In this FOV the relative contrast is weakest at z = 1.5 µm (0.010), inside the true")
+    assert "lower in focus on average, as for a weak phase object" in text
+    assert "higher in focus on average" in contrast_through_focus(lower.max() - lower + 0.01, (2, 5), 0.5)
+    assert "no slice on the other side" in contrast_through_focus(lower, (0, 6), 0.5)
+    assert "real data give no true in-focus range" in contrast_through_focus(lower, None, 0.5)
+    flat = np.ones((1, 3, 4, 5)) * np.array([1.0, 2.0, 3.0])[:, None, None]
+    assert np.allclose(brightfield_contrast(flat), 0)

@@ -479,3 +479,14 @@ def test_sharper_verdict_names_a_channel_neither_model_predicts():
     table.loc[table["channel"] == "dna", "transfer"] = np.nan
     assert sharper_verdict(table, n_resamples=999).startswith("The coherent transfer of U-Net and WGAN could not be "
                                                              "compared: no channel where both are defined (DNA: neither")
+
+
+def test_blank_note_names_blank_channels_before_any_number():
+    from vstain.evaluate.sharpness import blank_note
+
+    table = _transfer_table(4, 0.1)
+    assert "no channel is blank" in blank_note(table, ["U-Net", "WGAN"])
+    table.loc[(table["model"] == "WGAN") & (table["channel"] == "dna"), "transfer"] = np.nan
+    assert blank_note(table, ["U-Net", "WGAN"]).startswith(
+        "**Before any number:** no coarse structure of the truth, so (almost) nothing predicted, for the WGAN on DNA "
+        "(4 of 4 FOVs).")

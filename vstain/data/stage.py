@@ -195,19 +195,20 @@ def brightfield_contrast(bf: np.ndarray) -> np.ndarray:
 
 
 def contrast_through_focus(contrast: np.ndarray, focus_z: tuple[int, int] | None, pixel_z_um: float) -> str:
-    """Where a FOV's brightfield contrast (:func:`brightfield_contrast`) is weakest, and whether that is
-    in focus, in a sentence: a weak phase object's contrast vanishes in focus, a FOV whose cells
-    also absorb or scatter keeps contrast there."""
+    """Where a FOV's brightfield contrast (:func:`brightfield_contrast`) is weakest, and its mean inside
+    and outside the true in-focus range, in a sentence: a weak phase object's contrast falls in
+    focus, cells that also absorb or scatter keep contrast there."""
     low = int(np.argmin(contrast))
     text = f"In this FOV the relative contrast is weakest at z = {low * pixel_z_um:.1f} µm ({contrast[low]:.3f})"
     if focus_z is None:
         return text + "; real data give no true in-focus range to compare with."
     inside = np.zeros(len(contrast), bool)
     inside[focus_z[0]:focus_z[1]] = True
-    c_in, c_out = contrast[inside].mean(), contrast[~inside].mean() if (~inside).any() else float("nan")
-    where = "inside" if inside[low] else "outside"
-    verdict = ("so the contrast does fall in focus, as for a weak phase object" if c_in < c_out else
-               "so the contrast does not vanish in focus here: the in-focus slices are, on average, the most "
-               "contrasted, and the generator reads in-focus structure rather than a phase signal that flips sign")
-    return (text + f", {where} the true in-focus range; the mean contrast is {c_in:.3f} inside that range and "
-            f"{c_out:.3f} outside it, {verdict}.")
+    text += f", {'inside' if inside[low] else 'outside'} the true in-focus range"
+    if inside.all() or not inside.any():
+        return text + "; the stack has no slice on the other side of that range to compare with."
+    c_in, c_out = contrast[inside].mean(), contrast[~inside].mean()
+    trend = ("lower in focus on average, as for a weak phase object" if c_in < c_out else
+             "higher in focus on average: the contrast does not vanish in focus in this simulation")
+    return (text + f". Its mean is {c_in:.3f} over the slices in that range and {c_out:.3f} over the others (the "
+            f"empty margins above and below the cells included): {trend}.")

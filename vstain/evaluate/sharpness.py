@@ -133,6 +133,17 @@ def blank_channels(table: pd.DataFrame, model: str, share: float = BLANK_SHARE) 
     return out
 
 
+def blank_note(table: pd.DataFrame, models) -> str:
+    """Which channels each of ``models`` predicts (almost) nothing of (:func:`blank_channels`), to be
+    read before any sharpness number."""
+    parts = [f"the {m} on {TARGET_LABELS[c]} ({k} of {n} FOVs)" for m in models
+             for c, (k, n) in blank_channels(table, m).items()]
+    if not parts:
+        return "Every model reproduces the coarse structure of every channel on most FOVs: no channel is blank."
+    return ("**Before any number:** no coarse structure of the truth, so (almost) nothing predicted, for "
+            + "; ".join(parts) + ". Their transfer is undefined, and each is a loss for that model in the verdict.")
+
+
 def sharper_verdict(table: pd.DataFrame, model_a: str = "U-Net", model_b: str = "WGAN", n_resamples: int = 9999,
                     confidence: float = 0.95, seed: int = 0) -> str:
     """Whether ``model_b`` is sharper than ``model_a``, channel by channel, then the claim "sharper on

@@ -68,7 +68,7 @@ def segmentation_outlines(volumes: Mapping[str, np.ndarray], true: Mapping[str, 
         scale_bar(axes[i, 0], voxel_size_zyx[2], true[obj].shape[2])
         if im is not None:
             colorbar(fig, im, axes[i].tolist(), fraction=0.02, pad=0.01)
-    fig.suptitle(f"{title}, z = {z}: true instances in cyan, segmented from the panel's image in magenta "
+    fig.suptitle(f"{title}, z = {z * voxel_size_zyx[0]:.1f} µm: true instances in cyan, segmented from the panel's image in magenta "
                  "(drawn on top: where both agree only magenta shows)", fontsize=9)
     return fig
 

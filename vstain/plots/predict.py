@@ -22,8 +22,8 @@ def prediction_with_uncertainty(bf: np.ndarray, pred: np.ndarray, spread: np.nda
     fig, axes = plt.subplots(len(TARGETS) + 1, 3, figsize=(8.4, 2.4 * (len(TARGETS) + 1)),
                              gridspec_kw={"width_ratios": [1, 1, 1]})
     ax = axes[0, 0]
-    ax.imshow(bf[z], cmap="gray")
-    ax.set_title(f"brightfield input, z = {z}", fontsize=9)
+    fig.colorbar(ax.imshow(bf[z], cmap="gray"), ax=ax, shrink=0.8, label="counts")
+    ax.set_title(f"brightfield input, z = {z * float(voxel_size_zyx[0]):.1f} µm", fontsize=9)
     px = float(voxel_size_zyx[2])
     bar = 10.0 / px
     ax.plot([bf.shape[2] * 0.05, bf.shape[2] * 0.05 + bar], [bf.shape[1] * 0.92] * 2, color="white", lw=3, gid="scale bar")

@@ -171,6 +171,7 @@ def denoise_gallery(gallery: np.ndarray, rows: pd.DataFrame, methods=("noisy", "
         g = gallery[TARGETS.index(ch)]
         ref = g[list(methods).index("noisy")]
         vmin, vmax = robust_range(ref, (1, 99.7))
+        shared = None
         for j, m in enumerate(methods):
             ax = axes[i, j]
             img = g[j]
@@ -191,7 +192,8 @@ def denoise_gallery(gallery: np.ndarray, rows: pd.DataFrame, methods=("noisy", "
             if j == 0:
                 ax.set_ylabel(f"{LABELS[ch]}\nFOV {info.loc[ch, 'fov_id']}, z {info.loc[ch, 'z']}", fontsize=8)
         shown = [a for a, m in zip(axes[i], methods) if m != "truth"]
-        _bar(fig, shared, shown, "counts")
+        if shared is not None:
+            _bar(fig, shared, shown, "counts")
     fig.suptitle(title + " (colour bars: each row's shared range of counts, and the clean truth's own)")
     return fig
 

@@ -175,6 +175,7 @@ def section_grid(bf: np.ndarray, rows: Sequence[tuple[str, np.ndarray]], ranges:
         axes[0, c + 1].set_title(label, fontsize=9)
         if drawn[c]:
             colorbar(fig, drawn[c][0], list(axes[:, c + 1]), location="bottom", shrink=0.9, aspect=12)
-    where = f"XY section at z={z}" if view == "xy" else f"XZ section at y={y}"
+    where = (f"XY section at z = {z * voxel_size_zyx[0]:.1f} µm" if view == "xy"
+             else f"XZ section at y = {y * voxel_size_zyx[1]:.1f} µm")
     fig.suptitle(f"{title} {where}\n{RANGE_RULE}".strip(), fontsize=9)
     return fig
