@@ -20,7 +20,7 @@ from .views import (RANGE_RULE, brightfield_panel, channel_panel, channel_ranges
     show_section, voxel_size)
 
 PALETTE = {REAL: "0.6", "U-Net": "tab:blue", "WGAN": "tab:orange", "WGAN-GP": "tab:orange",
-           "WGAN from U-Net": "tab:green"}
+           "WGAN-GP from U-Net": "tab:green"}
 SHORT = {"dna": "DNA", "membrane": "Membrane", "mito": "Mito.", "envelope": "N. env.",
          "actomyosin": "Actomyosin", "nucleoli": "Nucleoli"}
 
