@@ -208,14 +208,15 @@ def trained_on(stage_path) -> str:
         return "unknown"
 
 
-def simulated_data_warning(voxel_size_zyx, width: int, steps: int | None) -> str:
+def simulated_data_warning(voxel_size_zyx, width: int, steps: int | None, sentence: bool = False) -> str:
     """What to say before a model trained on simulated FOVs is applied to anything: what it learned
     from, at which voxel size, width and length of training, and that real stacks need a model
     trained on real data."""
     voxel = "voxels of " + " x ".join(f"{v:g}" for v in voxel_size_zyx) + " µm (z, y, x)" if voxel_size_zyx else \
         "an unrecorded voxel size"
     trained = f", {steps} optimiser steps" if steps else ""
-    return (f"this model learned from simulated hiPSC colonies only ({voxel}, generator width {width}{trained}); "
+    text = (f"this model learned from simulated hiPSC colonies only ({voxel}, generator width {width}{trained}); "
             "its predictions of real microscope stacks are not to be trusted until it is trained on real data "
             "(real Allen Cell stacks are sampled at 0.29 x 0.108 x 0.108 µm)")
+    return text[0].upper() + text[1:] + "." if sentence else text
 

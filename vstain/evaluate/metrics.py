@@ -67,10 +67,15 @@ def thesis_table41(thesis_names: bool = False) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 # One channel
 # ---------------------------------------------------------------------------------------------
+def ssim_window(shape) -> int:
+    """The SSIM window: 7 voxels, or the largest odd size that fits a smaller axis."""
+    return min(7, *(s if s % 2 else s - 1 for s in shape))
+
+
 def ssim3d(pred: np.ndarray, target: np.ndarray) -> float:
     """3D SSIM (scikit-image, uniform 7-voxel window, or the largest odd window that fits a smaller
     axis) with ``data_range`` = the target's max - min."""
-    win = min(7, *(s if s % 2 else s - 1 for s in target.shape))
+    win = ssim_window(target.shape)
     if win < 3:
         raise ValueError(f"SSIM needs at least 3 voxels along every axis, got a volume of shape {target.shape}")
     rng = float(target.max() - target.min())

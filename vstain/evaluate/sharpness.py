@@ -14,6 +14,7 @@ from vstain.channels import TARGET_LABELS, TARGETS
 from vstain.preprocess import processed
 from vstain.volumes import read_volume
 
+from .structure import BLANK_SHARE  # a blank channel: on at least this share of the FOVs
 from .stats import channel_verdict, claim_verdict, compare, n_fovs
 
 
@@ -116,7 +117,6 @@ def sharpness_table(stage_in, pred_dirs: dict[str, str | Path], split: str = "te
 
 
 SMALL_GAIN = 0.05  # a median gain in coherent transfer under 5% of the other model's is called small
-BLANK_SHARE = 0.5  # a model that reproduces no coarse structure on at least half the FOVs predicts (almost) none
 
 
 def blank_channels(table: pd.DataFrame, model: str, share: float = BLANK_SHARE) -> dict[str, tuple[int, int]]:

@@ -27,6 +27,8 @@ from skimage.metrics import structural_similarity
 from vstain.channels import TARGET_LABELS, TARGETS
 from vstain.preprocess.processed import load_fov, read_manifest, read_volume
 
+from .metrics import ssim_window
+
 BLANK_FRACTION = 0.1  # under a tenth of the reference's contrast on the structure: (almost) nothing predicted
 BLANK_SHARE = 0.5  # ... on at least this share of the FOVs
 
@@ -44,7 +46,7 @@ def ssim_whole_and_inside(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray) -
     """The 3D SSIM of ``pred`` against ``ref`` (7-voxel window, data range of ``ref``, as
     :func:`vstain.evaluate.metrics.ssim3d`) over the whole volume, and its map averaged over ``mask``
     (NaN for an empty mask)."""
-    win = min(7, *(s if s % 2 else s - 1 for s in ref.shape))
+    win = ssim_window(ref.shape)
     rng = float(np.ptp(ref)) or 1.0
     whole, full = structural_similarity(pred.astype(np.float64), ref.astype(np.float64), data_range=rng,
                                         win_size=win, full=True)

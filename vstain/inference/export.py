@@ -215,7 +215,7 @@ trained as the {kind} of the executable reproduction `vstain` of {THESIS}
 
 ## Limits
 
-- {(lambda t: t[0].upper() + t[1:] + '.')(simulated_data_warning(voxel, generator.cfg.base_width, info.get('global_step')))
+- {simulated_data_warning(voxel, generator.cfg.base_width, info.get('global_step'), sentence=True)
    if info['trained_on'] == 'synthetic'
    else 'Trained on one cell type (hiPSC), one microscope and one voxel size; other samples are out of distribution.'}
 - The outputs are predictions, not measurements: in the thesis (Table 4.1) the cell membrane and

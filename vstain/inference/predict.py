@@ -81,8 +81,8 @@ class Model:
         prefixed with where the model was loaded from), else None."""
         if self.trained_on != "synthetic":
             return None
-        text = simulated_data_warning(self.voxel_size_zyx, self.generator.cfg.base_width, self.steps)
-        return f"{self.source}: {text}" if named else text[0].upper() + text[1:] + "."
+        text = simulated_data_warning(self.voxel_size_zyx, self.generator.cfg.base_width, self.steps, not named)
+        return f"{self.source}: {text}" if named else text
 
 
 def parse_bytes(text: str | int) -> int:

@@ -13,7 +13,7 @@ from matplotlib.patches import Rectangle
 from vstain.channels import TARGET_LABELS, TARGETS, VOLUME_CHANNELS
 from vstain.preprocess import focus
 
-from .views import robust_range, scale_bar
+from .views import colorbar, robust_range, scale_bar
 
 LABELS = {"brightfield": "Brightfield", **TARGET_LABELS}
 METHOD_LABELS = {"plls": "PLLS", "nvar": "normalised variance", "brenner": "Brenner gradient",
@@ -83,7 +83,7 @@ def xz_window(stack: np.ndarray, row: pd.Series, pixel_size_zx: tuple[float, flo
     vmin, vmax = robust_range(sec)
     im = ax.imshow(sec, cmap="gray", vmin=vmin, vmax=vmax, extent=(0, nx * dx, nz * dz, 0), aspect="equal",
                    interpolation="nearest")
-    _bar(fig, im, ax, "counts")
+    colorbar(fig, im, ax, label="counts", fraction=0.046, pad=0.02)
     for z, style, lab in ((row["z_lo"], "-", "selected window"), (row["z_hi"], "-", None)):
         ax.axhline(z * dz, color="tab:orange", ls=style, lw=2, label=lab)
     if np.isfinite(row.get("true_center", np.nan)) and "true_lo" in row:
@@ -117,7 +117,8 @@ def blind_spot(patch: np.ndarray, masked: np.ndarray, mask: np.ndarray, rf: np.n
     by a neighbour's from the dashed ``roi_size`` box."""
     fig, axes = plt.subplots(1, 3, figsize=(12.5, 4.6), layout="constrained")
     vmin, vmax = robust_range(patch)
-    _bar(fig, axes[0].imshow(patch, cmap="gray", vmin=vmin, vmax=vmax), axes[:2].tolist(), "counts")
+    colorbar(fig, axes[0].imshow(patch, cmap="gray", vmin=vmin, vmax=vmax), axes[:2].tolist(), label="counts",
+             fraction=0.046, pad=0.02)
     yy, xx = np.nonzero(mask)
     axes[0].plot(xx, yy, "s", ms=3, mfc="none", mec="tab:red", mew=0.8)
     axes[0].set_title(f"(A) patch and its {int(mask.sum())} masked pixels", fontsize=10)
@@ -133,8 +134,8 @@ def blind_spot(patch: np.ndarray, masked: np.ndarray, mask: np.ndarray, rf: np.n
     field /= field.max() or 1.0
     ax = axes[2]
     ax.imshow(masked, cmap="gray", vmin=vmin, vmax=vmax)
-    _bar(fig, ax.imshow(np.ma.masked_where(field < 1e-3, field), cmap="viridis", alpha=0.6, vmin=0, vmax=1), ax,
-         "receptive field (relative |d out / d in|)")
+    colorbar(fig, ax.imshow(np.ma.masked_where(field < 1e-3, field), cmap="viridis", alpha=0.6, vmin=0, vmax=1), ax,
+         label="receptive field (relative |d out / d in|)", fraction=0.046, pad=0.02)
     ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), 1, 1, fc="white", ec="tab:red", lw=1.5))
     r = roi_size // 2
     ax.add_patch(Rectangle((x0 - r - 0.5, y0 - r - 0.5), roi_size, roi_size, fill=False, ec="tab:red", ls="--", lw=1))
@@ -146,12 +147,6 @@ def blind_spot(patch: np.ndarray, masked: np.ndarray, mask: np.ndarray, rf: np.n
         a.set_yticks([])
     fig.suptitle(title)
     return fig
-
-
-def _bar(fig, im, axes, label: str):
-    cb = fig.colorbar(im, ax=axes, fraction=0.046, pad=0.02)
-    cb.set_label(label, fontsize=7)
-    cb.ax.tick_params(labelsize=6)
 
 
 def denoise_gallery(gallery: np.ndarray, rows: pd.DataFrame, methods=("noisy", "n2v", "bm3d", "nlm", "truth"),
@@ -177,7 +172,8 @@ def denoise_gallery(gallery: np.ndarray, rows: pd.DataFrame, methods=("noisy", "
             img = g[j]
             if m == "truth" and np.isfinite(img).any():
                 tv = robust_range(img, (1, 99.7))
-                _bar(fig, ax.imshow(img, cmap="magma", vmin=tv[0], vmax=tv[1]), ax, "clean signal")
+                colorbar(fig, ax.imshow(img, cmap="magma", vmin=tv[0], vmax=tv[1]), ax, label="clean signal",
+                         fraction=0.046, pad=0.02)
             elif np.isfinite(img).any():
                 shared = ax.imshow(img, cmap="magma", vmin=vmin, vmax=vmax)
                 if j == 0 and pixel_um:
@@ -193,7 +189,7 @@ def denoise_gallery(gallery: np.ndarray, rows: pd.DataFrame, methods=("noisy", "
                 ax.set_ylabel(f"{LABELS[ch]}\nFOV {info.loc[ch, 'fov_id']}, z {info.loc[ch, 'z']}", fontsize=8)
         shown = [a for a, m in zip(axes[i], methods) if m != "truth"]
         if shared is not None:
-            _bar(fig, shared, shown, "counts")
+            colorbar(fig, shared, shown, label="counts", fraction=0.046, pad=0.02)
     fig.suptitle(title + " (colour bars: each row's shared range of counts, and the clean truth's own)")
     return fig
 

@@ -111,10 +111,10 @@ def brightfield_panel(ax, sec: np.ndarray, voxel_size_zyx: Sequence[float], view
     return show_section(ax, sec, voxel_size_zyx, view, cmap="gray", vmin=lo, vmax=hi)
 
 
-def colorbar(fig, im, axes, **kw):
-    """A colour bar of ``im`` beside ``axes`` labelled in z-score units (:data:`COLORBAR_LABEL`)."""
+def colorbar(fig, im, axes, label: str = COLORBAR_LABEL, **kw):
+    """A colour bar of ``im`` beside ``axes``, labelled (default: z-score units, :data:`COLORBAR_LABEL`)."""
     cb = fig.colorbar(im, ax=axes, **kw)
-    cb.set_label(COLORBAR_LABEL, fontsize=7)
+    cb.set_label(label, fontsize=7)
     cb.ax.tick_params(labelsize=6)
     return cb
 
