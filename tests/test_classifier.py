@@ -123,7 +123,7 @@ def test_scores_of_a_copy_equal_the_real_ones(tmp_path):
     assert np.allclose(summ.xs(P.REAL, level="model")["f1clf"], summ.xs("copy", level="model")["f1clf"], equal_nan=True)
 
 
-def _simulated_set(tmp_path, n_per=3, shape=(24, 64, 64), window=16):
+def _simulated_set(tmp_path, n_per=3, shape=(32, 64, 64), window=16):
     """A processed set of simulated FOVs (measured channels, not denoised), as 03_denoising writes it."""
     from vstain.data.simulate import STRUCTURES, SimConfig, simulate_fov
 

@@ -280,7 +280,7 @@ def test_bad_source_and_registry_for_synthetic():
 # ---------------------------------------------------------------------------------------------
 def test_simulated_stage_offline(tmp_path, no_network):
     pytest.importorskip("vstain.data.simulate")
-    shape = (21, 38, 45)
+    shape = (32, 38, 45)
     df = stage.run_data_stage(tmp_path, source="synthetic", n_per_structure=1, shape=shape,
                              pixel_size=(0.6, 0.31, 0.29), seed=1)
     assert sorted(df["gene"]) == sorted(channels.DEFAULT_STRUCTURES)

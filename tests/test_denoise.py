@@ -130,7 +130,7 @@ def test_denoise_stage_caps_bm3d_volumes(tmp_path, monkeypatch, cap):
     from test_focus import write_stage01
 
     monkeypatch.setattr(denoise, "train_n2v", identity_n2v)
-    stage01 = write_stage01(tmp_path / "01_data", n_per_structure=3, shape=(24, 24, 24))
+    stage01 = write_stage01(tmp_path / "01_data", n_per_structure=3, shape=(32, 24, 24))
     stages.run_focus_stage(stage01, tmp_path / "02_plls", window=4)
     out = tmp_path / "03_denoising"
     res = stages.run_denoise_stage(stage01, tmp_path / "02_plls", out, denoise.N2VConfig(**TINY),
@@ -219,7 +219,7 @@ def test_processed_set_with_an_entirely_nan_channel(tmp_path):
 def test_denoise_stage_end_to_end_on_simulated_fovs(tmp_path):
     from test_focus import write_stage01
 
-    stage01 = write_stage01(tmp_path / "01_data", n_per_structure=3, shape=(24, 32, 36))
+    stage01 = write_stage01(tmp_path / "01_data", n_per_structure=3, shape=(32, 32, 36))
     stages.run_focus_stage(stage01, tmp_path / "02_plls", window=8)
     cfg = denoise.N2VConfig(**{**TINY, "tile_size": (8, 32, 32), "tile_overlap": (0, 8, 8)})
     out = tmp_path / "03_denoising"

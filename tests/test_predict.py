@@ -130,6 +130,10 @@ def test_focus_window_keeps_n_slices(stage, tmp_path):
     out = predict_file(load_model(stage), tmp_path / "f.tif", tmp_path / "o", focus_window=8)
     assert read_ome(out)[0].shape == (6, 8, 37, 42)
     assert "focus_z_lo" in json.loads(out.with_name("f_vstain.json").read_text())
+    # a window that starts at the first slice is recorded too
+    write_fov(tmp_path / "g.tif", shape=(8, 37, 42))
+    out = predict_file(load_model(stage), tmp_path / "g.tif", tmp_path / "o", focus_window=8)
+    assert json.loads(out.with_name("g_vstain.json").read_text())["focus_z_lo"] == 0
 
 
 def test_tiled_prediction_within_a_small_memory_budget(stage, tmp_path):

@@ -30,14 +30,24 @@ from scipy import ndimage, signal
 
 def widefield_psf_sigmas(wavelength_um: float, na: float, n_medium: float) -> tuple[float, float]:
     """Gaussian approximation ``(sigma_z, sigma_xy)`` in µm of a widefield PSF (Zhang, Zerubia and
-    Olivo-Marin 2007): ``sigma_xy = 0.21 lambda / NA``, ``sigma_z = 0.66 lambda n / NA^2``.
-
-    For the Allen 1.25-NA water objective at 520 nm this gives about (0.29, 0.09) µm; the
-    simulator's defaults are wider (aberrations deep in live cells, spinning-disk pinhole crosstalk).
-    """
+    Olivo-Marin 2007): ``sigma_xy = 0.21 lambda / NA``, ``sigma_z = 0.66 lambda n / NA^2``
+    (about (0.29, 0.09) µm for the Allen 1.25-NA water objective at 520 nm)."""
     if not (0 < na < n_medium):
         raise ValueError(f"numerical aperture {na} must lie in (0, n_medium={n_medium})")
     return 0.66 * wavelength_um * n_medium / na**2, 0.21 * wavelength_um / na
+
+
+FWHM_PER_SIGMA = 2 * np.sqrt(2 * np.log(2))
+
+
+def confocal_psf_sigmas(excitation_um: float, na: float, n_medium: float) -> tuple[float, float]:
+    """Gaussian ``(sigma_z, sigma_xy)`` in µm of a confocal PSF with a pinhole of about one Airy
+    unit (a spinning disk at 100x): FWHM ``0.51 lambda_ex / NA`` laterally and
+    ``0.88 lambda_ex / (n - sqrt(n^2 - NA^2))`` axially (Wilhelm et al., Zeiss CLSM principles)."""
+    if not (0 < na < n_medium):
+        raise ValueError(f"numerical aperture {na} must lie in (0, n_medium={n_medium})")
+    axial = 0.88 * excitation_um / (n_medium - np.sqrt(n_medium**2 - na**2))
+    return float(axial / FWHM_PER_SIGMA), float(0.51 * excitation_um / na / FWHM_PER_SIGMA)
 
 
 def gaussian_psf(sigma_zyx_px: tuple[float, float, float], truncate: float = 3.0) -> np.ndarray:

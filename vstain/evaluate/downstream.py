@@ -179,7 +179,7 @@ def compartments(nuclei_labels: np.ndarray, cell_labels: np.ndarray, voxel_size_
 
 
 def plausibility(pred6: np.ndarray, nuclei_labels: np.ndarray, cell_labels: np.ndarray,
-                 voxel_size_zyx: Sequence[float] = (0.5, 0.3, 0.3), shell_um: float = 0.5,
+                 voxel_size_zyx: Sequence[float] = (0.6, 0.3, 0.3), shell_um: float = 0.5,
                  channels: Sequence[str] = CHANNELS) -> dict[str, float]:
     """Per channel, the fraction of its signal that lies in the compartment where it belongs.
 

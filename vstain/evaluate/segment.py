@@ -30,7 +30,7 @@ from skimage.feature import peak_local_max
 from skimage.filters import threshold_multiotsu, threshold_otsu
 from skimage.segmentation import relabel_sequential, watershed
 
-VOXEL_SIZE_ZYX: tuple[float, float, float] = (0.5, 0.3, 0.3)  # µm, the simulator's default sampling
+VOXEL_SIZE_ZYX: tuple[float, float, float] = (0.6, 0.3, 0.3)  # µm, the simulator's default sampling
 
 
 def _voxel(voxel_size_zyx: Sequence[float]) -> np.ndarray:
@@ -75,26 +75,29 @@ def _drop_small(labels: np.ndarray, min_voxels: float) -> np.ndarray:
 
 
 def segment_nuclei(dna: np.ndarray, voxel_size_zyx: Sequence[float] = VOXEL_SIZE_ZYX, smooth_um: float = 0.3,
-                   seed_distance_um: float = 2.5, min_volume_um3: float = 5.0) -> np.ndarray:
-    """Nuclei of a DNA channel: Otsu foreground split by a distance-transform watershed.
+                   seed_distance_um: float = 5.0, min_volume_um3: float = 5.0) -> np.ndarray:
+    """Nuclei of a DNA channel: Otsu foreground split by a distance-transform watershed. The
+    foreground is above the lower of two three-class Otsu thresholds (background, nuclei, the
+    brightest chromatin), so a mitotic cell's condensed chromosomes, several times brighter than
+    interphase nuclei, do not raise it above them.
 
     Args:
         dna: the DNA channel ``Z Y X`` (any positive affine scale: ADU or z-scored).
-        voxel_size_zyx: voxel size in µm, default the simulator's (0.5, 0.3, 0.3).
+        voxel_size_zyx: voxel size in µm, default the simulator's (0.6, 0.3, 0.3).
         smooth_um: standard deviation of the Gaussian smoothing in µm (default 0.3: suppresses
             camera noise and chromatin texture, keeps the ~1 µm gaps between nuclei).
         seed_distance_um: two maxima of the distance transform closer than this (µm) along every
-            axis seed one nucleus (default 2.5, about half a hiPSC nucleus' width): larger merges touching
+            axis seed one nucleus (default 5, about half a hiPSC nucleus' width): larger merges touching
             nuclei, smaller splits elongated ones.
         min_volume_um3: objects smaller than this are dropped (default 5 µm³; a hiPSC nucleus
-            holds 50-200 µm³, a nucleus cut by the FOV border can be small).
+            holds a few hundred µm³, a nucleus cut by the FOV border can be small).
 
     Returns:
         int32 labels ``Z Y X``: 0 = background, nuclei 1..N.
     """
     vox = _voxel(voxel_size_zyx)
     x = _smooth(_channel(dna, "dna"), smooth_um, vox)
-    fg = ndimage.binary_fill_holes(x > threshold_otsu(x))
+    fg = ndimage.binary_fill_holes(x > threshold_multiotsu(x, classes=3)[0])
     # distance to the background in µm, lightly smoothed so a flat ridge gives one maximum
     dist = ndimage.gaussian_filter(ndimage.distance_transform_edt(fg, sampling=vox), 1.0) * fg
     components, n = ndimage.label(fg)

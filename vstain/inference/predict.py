@@ -219,7 +219,7 @@ def predict_file(model: Model, path: Path, out_dir: Path, channel=None, focus_wi
         pred = resample(pred, shape)
     out = out_dir / f"{path.name.split('.')[0]}_vstain.ome.tif"
     write_ome(out, np.ascontiguousarray(pred, np.float32), chans, voxel or model.voxel_size_zyx or (1.0, 1.0, 1.0))
-    if z_lo:
+    if focus_window:  # where the window starts, slice 0 included, so the prediction can be placed in the stack
         out.with_suffix("").with_suffix(".json").write_text(json.dumps({"focus_z_lo": int(z_lo), "source": str(path)}))
     return out
 

@@ -154,46 +154,55 @@ def gallery(fov_ids: list[str], targets: list[np.ndarray], preds: list[np.ndarra
     return fig
 
 
-def patch_rule(ref: np.ndarray, all_starts, kept_starts, patch, title: str, z: int | None = None) -> plt.Figure:
+def patch_rule(ref: np.ndarray, all_starts, kept_starts, patch, title: str, z: int | None = None,
+               pixel_x_um: float | None = None) -> plt.Figure:
     """The background rule on one channel: the central plane of ``ref [Z,Y,X]`` with the grid's
-    patches that cross it, kept ones in green, excluded ones in red (dashed)."""
+    patches that cross it, kept ones in green, excluded ones in red (dashed); a colour bar in the
+    channel's z-score units and, given the voxel width, a µm scale bar."""
     z = ref.shape[0] // 2 if z is None else z
     kept = set(map(tuple, kept_starts))
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = plt.subplots(figsize=(5.2, 4.5), layout="constrained")
     lo, hi = robust_range(ref[z])
-    ax.imshow(ref[z], cmap="magma", vmin=lo, vmax=hi)
+    im = ax.imshow(ref[z], cmap="magma", vmin=lo, vmax=hi)
+    colorbar(fig, im, ax)
     for s in all_starts:
         if not s[0] <= z < s[0] + patch[0]:
             continue
         ok = tuple(s) in kept
         ax.add_patch(Rectangle((s[2] - 0.5, s[1] - 0.5), patch[2], patch[1], fill=False,
                                ec="lime" if ok else "red", ls="-" if ok else "--", lw=1.5 if ok else 1))
+    if pixel_x_um is not None:
+        scale_bar(ax, pixel_x_um, ref.shape[2])
     ax.set_title(title, fontsize=10)
     ax.axis("off")
-    fig.tight_layout()
     return fig
 
 
 def patch_examples(patches: np.ndarray, classes: np.ndarray, per_class: int = 4, title: str = "",
-                   seed: int = 0) -> plt.Figure:
-    """A few patches ``[N,pz,py,px]`` of each class (central plane), one row per class."""
+                   seed: int = 0, pixel_x_um: float | None = None) -> plt.Figure:
+    """A few patches ``[N,pz,py,px]`` of each class (central plane), one row per class, drawn in one
+    display range per class with its colour bar (z-score units), and a µm scale bar given the voxel width."""
     rng = np.random.default_rng(seed)
-    fig, axes = plt.subplots(len(TARGETS), per_class, figsize=(1.5 * per_class + 1, 1.5 * len(TARGETS)), squeeze=False)
+    fig, axes = plt.subplots(len(TARGETS), per_class, figsize=(1.5 * per_class + 1.6, 1.5 * len(TARGETS)),
+                             squeeze=False, layout="constrained")
     for c, name in enumerate(TARGETS):
-        idx = np.flatnonzero(classes == c)
-        pick = rng.permutation(idx)[:per_class]
+        pick = rng.permutation(np.flatnonzero(classes == c))[:per_class]
+        lo, hi = robust_range(patches[pick]) if len(pick) else (0.0, 1.0)
+        im = None
         for k in range(per_class):
             ax = axes[c, k]
             ax.set_xticks([])
             ax.set_yticks([])
             if k < len(pick):
                 p = patches[pick[k]]
-                lo, hi = robust_range(p)
-                ax.imshow(p[p.shape[0] // 2], cmap="magma", vmin=lo, vmax=hi)
+                im = ax.imshow(p[p.shape[0] // 2], cmap="magma", vmin=lo, vmax=hi)
+                if k == 0 and pixel_x_um is not None:
+                    scale_bar(ax, pixel_x_um, p.shape[2])
             if k == 0:
                 ax.set_ylabel(SHORT[name], fontsize=8)
+        if im is not None:
+            colorbar(fig, im, axes[c, :], label="z-score")
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
