@@ -281,3 +281,15 @@ def test_registry_rejects_unknown_structure(tmp_path):
     with pytest.raises(ValueError, match="golgi"):
         write_registry(tmp_path, 1, SimConfig(shape=(32, 32, 32)), structures=("golgi",))
     assert STRUCTURES == ("mito", "envelope", "actomyosin", "nucleoli")
+
+
+def test_registry_is_the_same_from_worker_processes(tmp_path):
+    cfg = SimConfig(shape=(32, 24, 28))
+    one = write_registry(tmp_path / "one", 1, cfg, seed=3, structures=("mito", "nucleoli"), workers=1)
+    two = write_registry(tmp_path / "two", 1, cfg, seed=3, structures=("mito", "nucleoli"), workers=2)
+    assert one != two
+    a, b = (pd.read_csv(tmp_path / d / ALLEN_PACKAGE / "metadata.csv") for d in ("one", "two"))
+    pd.testing.assert_frame_equal(a, b)
+    for key in a["fov_path"].unique():
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "one" / ALLEN_PACKAGE / key),
+                                      tifffile.imread(tmp_path / "two" / ALLEN_PACKAGE / key))

@@ -4,12 +4,16 @@ real one, and a single FOV as a microscope would save it (:func:`write_plain_fov
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from vstain.channels import ALLEN_PACKAGE, CHANNEL_COLUMNS, DEFAULT_GENE_MAP, LABEL_CHANNELS, TARGETS
 from vstain.volumes import write_ome
@@ -34,8 +38,26 @@ def _genes(gene_map: dict[str, str] | None) -> dict[str, str]:
     return genes
 
 
+PARALLEL_FROM = 8  # FOVs from which the simulation runs in worker processes (their start-up costs ~1 s)
+
+
+def _write_fov(folder: Path, cfg: SimConfig, structure: str, seed: int, fov_id: int) -> dict:
+    """Simulate FOV ``fov_id`` and write its three files; returns what its metadata rows need."""
+    fov = simulate_fov(cfg, structure, np.random.SeedSequence([seed, fov_id]).generate_state(1)[0])
+    order = CHANNEL_ORDERS[fov_id % len(CHANNEL_ORDERS)]
+    keys = {"fov": f"fov_path/{fov_id}.ome.tiff", "truth": f"truth_path/{fov_id}_truth.ome.tiff",
+            "labels": f"truth_labels_path/{fov_id}_labels.ome.tiff"}
+    write_ome(folder / keys["fov"], np.stack([fov[c] for c in order]), [CHANNEL_NAMES[c] for c in order], cfg.pixel_size)
+    write_ome(folder / keys["truth"], fov["truth"], list(TARGETS), cfg.pixel_size)
+    write_ome(folder / keys["labels"], np.stack([fov["labels"][c] for c in LABEL_CHANNELS]), list(LABEL_CHANNELS),
+              cfg.pixel_size)
+    return {"fov_id": fov_id, "structure": structure, "order": order, "keys": keys, "cells": fov["cells"],
+            "focus": (fov["focus_z_lo"], fov["focus_z_hi"])}
+
+
 def write_registry(out_dir: str | Path, n_per_structure: int, cfg: SimConfig | None = None, seed: int = 0,
-                   structures: Sequence[str] = STRUCTURES, gene_map: dict[str, str] | None = None) -> str:
+                   structures: Sequence[str] = STRUCTURES, gene_map: dict[str, str] | None = None,
+                   workers: int | None = None, progress: bool = False) -> str:
     """Simulate FOVs and publish them in the Allen layout as a local quilt3 registry.
 
     Args:
@@ -51,6 +73,10 @@ def write_registry(out_dir: str | Path, n_per_structure: int, cfg: SimConfig | N
         structures: the tagged structures (TARGETS keys of :data:`STRUCTURES`).
         gene_map: gene -> structure as :data:`vstain.channels.DEFAULT_GENE_MAP`; the first gene listed
             for a structure names its cell line (``structure_name``).
+        workers: processes that simulate FOVs side by side (None: one per CPU core from
+            :data:`PARALLEL_FROM` FOVs on, else 1). Every FOV depends on its seed only, so the
+            registry is the same for any number of workers.
+        progress: show a progress bar over the FOVs.
 
     Returns:
         The registry URI: ``quilt3.Package.browse(ALLEN_PACKAGE, registry=uri)`` reads it offline.
@@ -68,31 +94,29 @@ def write_registry(out_dir: str | Path, n_per_structure: int, cfg: SimConfig | N
         raise ValueError(f"n_per_structure must be >= 1, got {n_per_structure}")
     folder = Path(out_dir) / ALLEN_PACKAGE
     shutil.rmtree(folder, ignore_errors=True)
-    rows, cell_id, fov_id = [], 0, 0
-    for structure in structures:
-        for _ in range(n_per_structure):
-            fov = simulate_fov(cfg, structure, np.random.SeedSequence([seed, fov_id]).generate_state(1)[0])
-            order = CHANNEL_ORDERS[fov_id % len(CHANNEL_ORDERS)]
-            key, tkey = f"fov_path/{fov_id}.ome.tiff", f"truth_path/{fov_id}_truth.ome.tiff"
-            lkey = f"truth_labels_path/{fov_id}_labels.ome.tiff"
-            write_ome(folder / key, np.stack([fov[c] for c in order]),
-                      [CHANNEL_NAMES[c] for c in order], cfg.pixel_size)
-            write_ome(folder / tkey, fov["truth"], list(TARGETS), cfg.pixel_size)
-            write_ome(folder / lkey, np.stack([fov["labels"][c] for c in LABEL_CHANNELS]), list(LABEL_CHANNELS),
-                      cfg.pixel_size)
-            outlier_rng = np.random.default_rng([seed, fov_id, 1])
-            for j, c in enumerate(fov["cells"].itertuples()):
-                rows.append({
-                    "CellId": cell_id, "FOVId": fov_id, "structure_name": genes[structure], "fov_path": key,
-                    **{CHANNEL_COLUMNS[ch]: order.index(ch) for ch in order},
-                    "outlier": "Yes" if j > 0 and outlier_rng.random() < 0.05 else "No",
-                    "truth_path": tkey, "truth_labels_path": lkey,
-                    "focus_z_lo": fov["focus_z_lo"], "focus_z_hi": fov["focus_z_hi"],
-                    "PixelScaleZ": cfg.pixel_size[0], "PixelScaleY": cfg.pixel_size[1],
-                    "PixelScaleX": cfg.pixel_size[2], "cell_y_um": round(c.y_um, 3),
-                    "cell_x_um": round(c.x_um, 3)})
-                cell_id += 1
-            fov_id += 1
+    jobs = [(folder, cfg, structure, seed, k) for k, structure in
+            enumerate(s for s in structures for _ in range(n_per_structure))]
+    if workers is None:
+        workers = min(os.cpu_count() or 1, len(jobs)) if len(jobs) >= PARALLEL_FROM else 1
+    bar = dict(total=len(jobs), desc="simulate", unit="FOV", disable=not progress)
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            written = list(tqdm(pool.map(_write_fov, *zip(*jobs)), **bar))
+    else:
+        written = [_write_fov(*job) for job in tqdm(jobs, **bar)]
+    rows, cell_id = [], 0
+    for w in written:
+        outlier_rng = np.random.default_rng([seed, w["fov_id"], 1])
+        for j, c in enumerate(w["cells"].itertuples()):
+            rows.append({
+                "CellId": cell_id, "FOVId": w["fov_id"], "structure_name": genes[w["structure"]],
+                "fov_path": w["keys"]["fov"], **{CHANNEL_COLUMNS[ch]: w["order"].index(ch) for ch in w["order"]},
+                "outlier": "Yes" if j > 0 and outlier_rng.random() < 0.05 else "No",
+                "truth_path": w["keys"]["truth"], "truth_labels_path": w["keys"]["labels"],
+                "focus_z_lo": w["focus"][0], "focus_z_hi": w["focus"][1],
+                "PixelScaleZ": cfg.pixel_size[0], "PixelScaleY": cfg.pixel_size[1],
+                "PixelScaleX": cfg.pixel_size[2], "cell_y_um": round(c.y_um, 3), "cell_x_um": round(c.x_um, 3)})
+            cell_id += 1
     pd.DataFrame(rows).to_csv(folder / "metadata.csv", index=False)
     return publish_local(folder, out_dir, ALLEN_PACKAGE)
 

@@ -83,7 +83,7 @@ def run_data_stage(out_dir: str | os.PathLike, source: str = "synthetic", regist
                              f"but these genes share one ({dict(zip(structures, targets))})")
         shutil.rmtree(out / "registry", ignore_errors=True)
         geometry = {k: tuple(v) for k, v in (("shape", shape), ("pixel_size", pixel_size)) if v is not None}
-        registry = write_registry(out / "registry", n_per_structure, SimConfig(**geometry), seed,
+        registry = write_registry(out / "registry", n_per_structure, SimConfig(**geometry), seed, progress=True,
                                   structures=targets, gene_map={g: gene_map[g] for g in structures})
     elif registry is None:
         registry = ALLEN_REGISTRY
