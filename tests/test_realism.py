@@ -11,7 +11,7 @@ import pytest
 
 from vstain.channels import TARGETS
 from vstain.data import cells
-from vstain.data.simconfig import MITOTIC_PHASE, REAL_PIXEL_SIZE
+from vstain.data.simconfig import REAL_PIXEL_SIZE
 from vstain.data.simulate import SimConfig, simulate_fov
 from vstain.evaluate import realism
 from vstain.evaluate.metrics import thesis_table41

@@ -87,7 +87,8 @@ def colony(cfg: SimConfig, rng: np.random.Generator) -> Colony:
     tilt_angle = np.deg2rad(rng.uniform(0, cfg.wall_tilt_deg, n))
     tilt_dir = rng.uniform(0, 2 * np.pi, n)
     tilt = np.tan(tilt_angle)[:, None] * np.stack([np.sin(tilt_dir), np.cos(tilt_dir)], 1)  # [n, 2] µm per µm
-    h = height * np.exp(np.clip(rng.normal(0, 1, n), -2, 2) * cfg.height_cv) * np.where(mitotic, cfg.mitotic_rounding, 1.0)
+    spread = np.exp(np.clip(rng.normal(0, 1, n), -2, 2) * cfg.height_cv)
+    h = height * spread * np.where(mitotic, cfg.mitotic_rounding, 1.0)
     edge = np.where(mitotic, 0.3, draw(rng, cfg.dome_edge, n))
     z_u = rng.uniform()
     wobble = [smooth_field_um(extent, cfg.wall_wobble_corr, rng) for _ in range(2)]
@@ -170,19 +171,3 @@ def _nuclei(cfg: SimConfig, centre: np.ndarray, r_in: np.ndarray, h: np.ndarray,
     a, b, c = (np.where(mitotic, plate_a, a), np.where(mitotic, plate_c, b), np.where(mitotic, plate_a, c))
     cy, cx = np.where(mitotic, centre[:, 0], cy), np.where(mitotic, centre[:, 1], cx)
     return {"a": a, "b": b, "c": c, "theta": theta, "cy": cy, "cx": cx, "cz": cz}
-
-
-def nuclear_voronoi_distance(label_2d: np.ndarray, nuclei_yx: np.ndarray, pixel_yx: tuple[float, float]) -> float:
-    """Median distance (µm) from the cell walls of one slice to the walls of the Voronoi partition
-    of the nuclei's centres: 0 when the walls follow from the nuclei alone."""
-    from scipy import ndimage
-
-    ny, nx = label_2d.shape
-    yy, xx = np.meshgrid((np.arange(ny) + 0.5) * pixel_yx[0], (np.arange(nx) + 0.5) * pixel_yx[1], indexing="ij")
-    vor = cKDTree(nuclei_yx).query(np.stack([yy.ravel(), xx.ravel()], -1))[1].reshape(ny, nx)
-    walls = ndimage.maximum_filter(label_2d, 3) != ndimage.minimum_filter(label_2d, 3)
-    vwalls = ndimage.maximum_filter(vor, 3) != ndimage.minimum_filter(vor, 3)
-    if not walls.any() or not vwalls.any():
-        return float("nan")
-    dist = ndimage.distance_transform_edt(~vwalls, sampling=pixel_yx)
-    return float(np.median(dist[walls]))

@@ -12,6 +12,7 @@ varies from cell to cell and is partly internalised into endosomes (bright punct
 from __future__ import annotations
 
 import numpy as np
+
 from .cells import Colony
 from .fields import draw, occupancy, sheet, shell, step, texture
 from .simconfig import SimConfig

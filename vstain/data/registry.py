@@ -47,7 +47,8 @@ def _write_fov(folder: Path, cfg: SimConfig, structure: str, seed: int, fov_id: 
     order = CHANNEL_ORDERS[fov_id % len(CHANNEL_ORDERS)]
     keys = {"fov": f"fov_path/{fov_id}.ome.tiff", "truth": f"truth_path/{fov_id}_truth.ome.tiff",
             "labels": f"truth_labels_path/{fov_id}_labels.ome.tiff"}
-    write_ome(folder / keys["fov"], np.stack([fov[c] for c in order]), [CHANNEL_NAMES[c] for c in order], cfg.pixel_size)
+    write_ome(folder / keys["fov"], np.stack([fov[c] for c in order]), [CHANNEL_NAMES[c] for c in order],
+              cfg.pixel_size)
     write_ome(folder / keys["truth"], fov["truth"], list(TARGETS), cfg.pixel_size)
     write_ome(folder / keys["labels"], np.stack([fov["labels"][c] for c in LABEL_CHANNELS]), list(LABEL_CHANNELS),
               cfg.pixel_size)

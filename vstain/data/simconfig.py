@@ -38,7 +38,8 @@ class SimConfig:
     pixel_size: tuple[float, float, float] = (0.6, 0.3, 0.3)
     margin_slices: int = 2
     # --- colony geometry (per FOV unless said) ---
-    cell_diameter: Range = (13.0, 16.0)  # mean lateral spacing; from 1160-2320 µm³ interphase cells (allen_sizescaling) at these heights
+    # mean lateral spacing: 1160-2320 µm³ interphase cells (allen_sizescaling) at these heights
+    cell_diameter: Range = (13.0, 16.0)
     cell_height: Range = (8.0, 11.0)  # apex height inside a colony; hiPSCs are up to 20 µm tall (allencell_methods)
     height_cv: float = 0.08  # per-cell spread of the apex height, clipped at 2 sd (assumption)
     dome_edge: Range = (0.75, 0.9)  # apical height at a cell's edge / its apex: flat-topped colonies (assumption)
@@ -51,7 +52,8 @@ class SimConfig:
     nucleus_lateral: Range = (0.85, 1.05)  # nucleus lateral semi-axis / inscribed cell radius, clipped by the walls
     nucleus_axial: Range = (0.36, 0.42)  # nucleus axial semi-axis / cell height: nuclei span most of the height
     wall_gap: float = 0.5  # µm of cytoplasm kept between a nucleus and its cell's wall (assumption)
-    nucleoli_count: tuple[float, float, float] = (0.4, 0.35, 0.25)  # P(1, 2, 3) per nucleus: few, prominent (thomson1998; assumption)
+    # P(1, 2, 3 nucleoli) per nucleus: few, prominent (thomson1998; the shares are an assumption)
+    nucleoli_count: tuple[float, float, float] = (0.4, 0.35, 0.25)
     nucleoli_radius: Range = (0.5, 1.5)  # µm: 1-3 µm nucleoli (assumption; none published for hiPSC)
     # --- cell cycle ---
     # G1 19 %, S 65.5 %, G2/M 15.5 % in hESC (becker2006); M ~4 % of a 15.8 h cycle with a ~1 h
@@ -89,7 +91,7 @@ class SimConfig:
         ("envelope", (60.0, 200.0)), ("actomyosin", (50.0, 160.0)), ("nucleoli", (80.0, 250.0)))
     background: Range = (3.0, 10.0)  # photons per voxel (autofluorescence, out-of-focus haze)
     membrane_uptake_cv: float = 0.3  # per-cell spread of CellMask uptake (assumption)
-    membrane_internalised: float = 0.25  # share of CellMask endocytosed into puncta (assumption; the dye internalises over time)
+    membrane_internalised: float = 0.25  # share of CellMask endocytosed into puncta over time (assumption)
     # spinning-disk confocal, pinhole ~1 Airy unit: FWHM 0.51 lambda_ex / NA laterally and
     # 0.88 lambda_ex / (n - sqrt(n^2 - NA^2)) axially (wilhelm_clsm), per channel's excitation
     excitation_um: tuple[tuple[str, float], ...] = (

@@ -32,10 +32,12 @@ GEOMETRY = (
     Published("cell volume (interphase)", "µm³", 1160, 2320, "allen_sizescaling", "cells", "cell_um3"),
     Published("cell height", "µm", 8, 15, "allencell_methods", "cells", "height_um"),
     Published("cell diameter", "µm", 11, 17, "allen_sizescaling", "cells", "diameter_um"),
-    Published("nucleus / cytoplasm volume", "", None, None, "thomson1998 (high; no value published)", "cells", "nc_ratio"),
+    Published("nucleus / cytoplasm volume", "", None, None, "thomson1998 (high; no value published)", "cells",
+              "nc_ratio"),
     Published("nucleoli per nucleus", "", 1, 3, "thomson1998 (prominent; assumption)", "cells", "nucleoli"),
     Published("nucleolus diameter", "µm", 1, 3, "assumption", "cells", "nucleolus_diameter_um"),
-    Published("mitotic fraction", "", 0.033, 0.045, "becker2006 (15.8 h cycle, ~1 h mitosis)", "fovs", "mitotic_fraction"),
+    Published("mitotic fraction", "", 0.033, 0.045, "becker2006 (15.8 h cycle, ~1 h mitosis)", "fovs",
+              "mitotic_fraction"),
     Published("mitochondria / cytoplasm volume", "", 0.04, 0.072, "rossmel1972, facucho2009", "fovs", "mito_fraction"),
     Published("lipid droplets / cytoplasm volume", "", None, None, "assumption", "fovs", "lipid_fraction"),
     Published("vesicles / cytoplasm volume", "", None, None, "assumption", "fovs", "vesicle_fraction"),
@@ -86,7 +88,8 @@ def psf_table(cfg: SimConfig) -> pd.DataFrame:
     for name, ex in cfg.excitation_um:
         cz, cxy = optics.confocal_psf_sigmas(ex, cfg.na_objective, cfg.n_medium)
         wz, wxy = optics.widefield_psf_sigmas(EMISSION_UM[name], cfg.na_objective, cfg.n_medium)
-        rows.append({"channel": name, "excitation (nm)": round(ex * 1000), "emission (nm)": round(EMISSION_UM[name] * 1000),
+        rows.append({"channel": name, "excitation (nm)": round(ex * 1000),
+                     "emission (nm)": round(EMISSION_UM[name] * 1000),
                      "confocal FWHM xy": cxy * k, "confocal FWHM z": cz * k,
                      "widefield FWHM xy": wxy * k, "widefield FWHM z": wz * k})
     return pd.DataFrame(rows)

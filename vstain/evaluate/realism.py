@@ -218,7 +218,8 @@ def learnability(pixel_metrics: pd.DataFrame, model: str = "U-Net", n_resamples:
     channels lie within :data:`WITHIN` of the thesis."""
     pcc = pixel_metrics[(pixel_metrics["model"] == model) & (pixel_metrics["metric"] == "pcc")]
     if pcc.empty:
-        raise ValueError(f"no PCC of model {model!r} in the pixel metrics (models: {sorted(pixel_metrics['model'].unique())})")
+        models = sorted(pixel_metrics["model"].unique())
+        raise ValueError(f"no PCC of model {model!r} in the pixel metrics (models: {models})")
     thesis = thesis_table41()["pcc_mean"].xs("U-Net", level="model")
     samples = [pcc.loc[pcc["channel"] == c, "value"].dropna().to_numpy() for c in TARGETS]
     missing = [c for c, s in zip(TARGETS, samples) if len(s) == 0]

@@ -77,7 +77,8 @@ def learnability_scatter(table: pd.DataFrame, summary: pd.DataFrame):
     ax.plot(lim, lim, color="0.5", lw=0.8)
     ax.scatter(table["thesis_pcc"], table["pcc"], color="tab:blue", zorder=3)
     for r in table.itertuples():
-        ax.annotate(f"{r.label} (n={r.n})", (r.thesis_pcc, r.pcc), textcoords="offset points", xytext=(5, 3), fontsize=8)
+        ax.annotate(f"{r.label} (n={r.n})", (r.thesis_pcc, r.pcc), textcoords="offset points", xytext=(5, 3),
+                    fontsize=8)
     ax.set_xlim(lim)
     ax.set_ylim(lim)
     ax.set_xlabel("thesis U-Net PCC (Table 4.1, measured Allen data)")
