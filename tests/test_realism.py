@@ -150,3 +150,14 @@ def test_published_table_marks_what_lies_in_range():
     assert (psf["confocal FWHM z"] < psf["widefield FWHM z"]).all()
     assert psf["confocal FWHM xy"].idxmax() == "membrane"
     assert psf.loc["mito", "confocal FWHM xy"] == pytest.approx(0.51 * 0.488 / 1.25, rel=1e-6)
+
+
+def test_brightfield_shares_split_the_image_by_compartment():
+    f = simulate_fov(BOOK, "nucleoli", 2)
+    shares = realism.brightfield_shares(f, BOOK)
+    assert set(shares) >= {"cytoplasm", "nucleus", "nucleoli", "mito", "lipid", "membrane"}
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert shares["mito"] > 0.02 and shares["nucleoli"] > 0
+    # a compartment without an index step is invisible
+    flat = dataclasses.replace(BOOK, n_nucleoli=BOOK.n_nucleus)
+    assert realism.brightfield_shares(f, flat)["nucleoli"] == 0

@@ -35,7 +35,7 @@ from .fields import draw
 from .organelles import structures
 from .simconfig import REAL_PIXEL_SIZE, SimConfig
 
-__all__ = ["STRUCTURES", "REAL_PIXEL_SIZE", "SimConfig", "simulate_fov", "refractive_index"]
+__all__ = ["STRUCTURES", "REAL_PIXEL_SIZE", "SimConfig", "simulate_fov", "refractive_index", "index_terms"]
 
 STRUCTURES: tuple[str, ...] = ("mito", "envelope", "actomyosin", "nucleoli")
 PLASMA_SHELL_UM = 0.1 * np.sqrt(2 * np.pi)  # the integral across the plasma membrane's Gaussian shell
@@ -45,18 +45,24 @@ PLASMA_SHELL_UM = 0.1 * np.sqrt(2 * np.pi)  # the integral across the plasma mem
 # Imaging
 
 
-def refractive_index(cfg: SimConfig, d: dict[str, np.ndarray], scale: float = 1.0) -> np.ndarray:
-    """The refractive index above the medium ``[Z, Y, X]``: each compartment's index where it is,
-    the organelles by their volume fraction, the plasma membrane by its bilayer's optical
-    thickness (``membrane_dn_um`` per wall), a metaphase plate by its compaction."""
+def index_terms(cfg: SimConfig, d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each compartment's share of the refractive index above the medium ``[Z, Y, X]``: its
+    index step where it is, the organelles by their volume fraction, the plasma membrane by its
+    bilayer's optical thickness (``membrane_dn_um`` per wall), a metaphase plate by its compaction.
+    The terms add up to :func:`refractive_index`."""
     cyto = cfg.n_cytoplasm
     chromosomes = (cfg.n_nucleus - cfg.n_medium) * cfg.chromatin_compaction + cfg.n_medium
-    dn = ((cyto - cfg.n_medium) * d["cell"] + (cfg.n_nucleus - cyto) * d["nucleus"]
-          + (chromosomes - cyto) * d["chromosomes"] + (cfg.n_nucleoli - cfg.n_nucleus) * d["nucleoli"]
-          + (cfg.n_mito - cyto) * d["mito"] + (cfg.n_lipid - cyto) * d["lipid"]
-          + (cfg.n_vesicle - cyto) * d["vesicles"] + (cfg.n_actomyosin - cyto) * np.clip(d["actomyosin"], 0, 1)
-          + cfg.membrane_dn_um / PLASMA_SHELL_UM * d["plasma"])
-    return (scale * dn).astype(np.float32)
+    return {"cytoplasm": (cyto - cfg.n_medium) * d["cell"], "nucleus": (cfg.n_nucleus - cyto) * d["nucleus"],
+            "chromosomes": (chromosomes - cyto) * d["chromosomes"],
+            "nucleoli": (cfg.n_nucleoli - cfg.n_nucleus) * d["nucleoli"], "mito": (cfg.n_mito - cyto) * d["mito"],
+            "lipid": (cfg.n_lipid - cyto) * d["lipid"], "vesicles": (cfg.n_vesicle - cyto) * d["vesicles"],
+            "actomyosin": (cfg.n_actomyosin - cyto) * np.clip(d["actomyosin"], 0, 1),
+            "membrane": cfg.membrane_dn_um / PLASMA_SHELL_UM * d["plasma"]}
+
+
+def refractive_index(cfg: SimConfig, d: dict[str, np.ndarray], scale: float = 1.0) -> np.ndarray:
+    """The refractive index above the medium ``[Z, Y, X]``: the sum of :func:`index_terms`."""
+    return (scale * sum(index_terms(cfg, d).values())).astype(np.float32)
 
 
 def _brightfield(cfg: SimConfig, d: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:

@@ -22,8 +22,8 @@ from scipy import ndimage, stats
 from scipy.spatial import cKDTree
 
 from vstain.channels import TARGET_LABELS, TARGETS
-from vstain.data import stage
-from vstain.data.simulate import PHASES, SimConfig, simulate_fov
+from vstain.data import optics, stage
+from vstain.data.simulate import PHASES, SimConfig, index_terms, simulate_fov
 
 from .metrics import thesis_table41
 from .published import GEOMETRY, INDEX, compare, psf_table
@@ -119,13 +119,42 @@ def _snr_rows(f: dict, cfg: SimConfig) -> list[dict]:
     return rows
 
 
+def brightfield_shares(f: dict, cfg: SimConfig) -> dict[str, float]:
+    """Each compartment's share of the brightfield's fine-scale variance in the cell layer.
+
+    The brightfield model is linear in the refractive index, so the stack is the sum of the stacks
+    of each compartment's index term (:func:`vstain.data.simulate.index_terms`); each is imaged
+    alone, band-passed (Gaussians of 1 and 4 voxels laterally: the scale of organelles and walls),
+    and its variance taken over the in-focus slices. The shares add up to about 1 (cross terms
+    aside)."""
+    lo, hi = f["focus_z_lo"], f["focus_z_hi"]
+    out = {}
+    for name, dn in index_terms(cfg, f["density"]).items():
+        phase = (2 * np.pi * cfg.pixel_size[0] / cfg.bf_wavelength * dn).astype(np.float32)
+        image = optics.brightfield_stack(phase, np.zeros_like(phase), cfg.pixel_size, wavelength_um=cfg.bf_wavelength,
+                                         na_objective=cfg.na_objective, na_condenser=cfg.na_condenser,
+                                         n_medium=cfg.n_medium)[lo:hi]
+        band = ndimage.gaussian_filter(image, (0, 1, 1)) - ndimage.gaussian_filter(image, (0, 4, 4))
+        out[name] = float(band.var())
+    total = sum(out.values()) or 1.0
+    return {k: v / total for k, v in out.items()}
+
+
+def brightfield_sentence(shares: pd.DataFrame) -> str:
+    """The brightfield shares (mean, min, max over FOVs per compartment) in words, largest first."""
+    t = shares.sort_values("mean", ascending=False)
+    parts = [f"{r.compartment} {r.mean:.0%} ({r.min:.0%}-{r.max:.0%})" for r in t.itertuples()]
+    return "Share of the brightfield's fine-scale variance, mean (range over FOVs): " + "; ".join(parts) + "."
+
+
 def measure_world(cfg: SimConfig, n_fovs: int = 4, seed: int = 0) -> dict[str, pd.DataFrame]:
     """Simulate ``n_fovs`` FOVs (cycling the tagged structures) and measure them.
 
     Returns tables: ``cells`` (one row per whole cell), ``fovs`` (per FOV: mitotic fraction,
     organelle volume fractions, wall offset from the nuclei's Voronoi walls), ``index`` (per FOV and
-    compartment, the refractive index), ``snr`` (per FOV and channel)."""
-    cells, fovs, index, snr = [], [], [], []
+    compartment, the refractive index), ``snr`` (per FOV and channel), ``brightfield`` (per FOV and
+    compartment, its share of the brightfield's fine-scale variance)."""
+    cells, fovs, index, snr, bright = [], [], [], [], []
     structures = ("mito", "envelope", "actomyosin", "nucleoli")
     for k in range(n_fovs):
         f = simulate_fov(cfg, structures[k % 4], seed * 1000 + k)
@@ -138,8 +167,9 @@ def measure_world(cfg: SimConfig, n_fovs: int = 4, seed: int = 0) -> dict[str, p
                      "wall_offset_um": wall_offset_um(f["labels"]["cells"], f["labels"]["nuclei"], f["pixel_size"])})
         index.append({"fov": k, **_index_rows(f, cfg)})
         snr += [{"fov": k, **r} for r in _snr_rows(f, cfg)]
+        bright += [{"fov": k, "compartment": c, "share": v} for c, v in brightfield_shares(f, cfg).items()]
     return {"cells": pd.concat(cells, ignore_index=True), "fovs": pd.DataFrame(fovs),
-            "index": pd.DataFrame(index), "snr": pd.DataFrame(snr)}
+            "index": pd.DataFrame(index), "snr": pd.DataFrame(snr), "brightfield": pd.DataFrame(bright)}
 
 
 def cycle_table(cells: pd.DataFrame) -> pd.DataFrame:
@@ -299,7 +329,8 @@ def run_realism_stage(out_dir: str | Path, stage01: str | Path, pixel_metrics: s
             geometry-only predictor (half fit, half scored).
 
     Returns the tables: ``geometry``, ``index`` (published vs simulated), ``psf``, ``cycle``,
-    ``snr`` (per channel, mean over FOVs), ``predictability`` and, with pixel metrics,
+    ``snr`` (per channel, mean over FOVs), ``brightfield`` (each compartment's share of the
+    brightfield's fine-scale variance: mean, min and max over FOVs), ``predictability`` and, with pixel metrics,
     ``learnability`` and ``rho``.
     """
     out = Path(out_dir)
@@ -315,8 +346,9 @@ def run_realism_stage(out_dir: str | Path, stage01: str | Path, pixel_metrics: s
         f = stage.read_stage_fov(row)
         sample.append((f.truth, {"cells": f.labels[0], "nuclei": f.labels[1]}, f.pixel_size, f.focus_z))
     snr = world["snr"].groupby("channel", sort=False)[["snr", "noise_ceiling"]].mean().reset_index()
+    shares = world["brightfield"].groupby("compartment", sort=False)["share"].agg(["mean", "min", "max"]).reset_index()
     tables = {"geometry": compare(GEOMETRY, world), "index": compare(INDEX, world), "psf": psf_table(cfg),
-              "cycle": cycle_table(world["cells"]), "snr": snr, "predictability": geometry_predictability(sample),
+              "cycle": cycle_table(world["cells"]), "snr": snr, "brightfield": shares, "predictability": geometry_predictability(sample),
               "cells": world["cells"], "fovs": world["fovs"]}
     if pixel_metrics is not None:
         tables["learnability"], tables["rho"] = learnability(pd.read_csv(pixel_metrics, dtype={"fov_id": str}), model,

@@ -87,3 +87,18 @@ def learnability_scatter(table: pd.DataFrame, summary: pd.DataFrame):
     ax.set_title(f"Spearman's rho = {s['rho']:.2f}{interval}")
     ax.legend(loc="lower right", fontsize=8)
     return fig
+
+
+def brightfield_shares(table: pd.DataFrame):
+    """Each compartment's share of the brightfield's fine-scale variance: mean over FOVs, with
+    the range of the FOVs as a line."""
+    t = table.sort_values("mean", ascending=False)
+    fig, ax = plt.subplots(figsize=(8, 3.4), layout="constrained")
+    x = np.arange(len(t))
+    ax.bar(x, t["mean"], color="tab:gray")
+    ax.vlines(x, t["min"], t["max"], color="black", lw=1)
+    ax.set_xticks(x, t["compartment"], rotation=30)
+    ax.set_ylabel("share of the fine-scale variance")
+    ax.set_ylim(0, max(1e-3, float(t["max"].max())) * 1.1)
+    ax.set_title("What the brightfield carries of each compartment (bars: mean over FOVs; lines: their range)")
+    return fig
