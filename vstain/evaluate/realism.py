@@ -348,8 +348,8 @@ def run_realism_stage(out_dir: str | Path, stage01: str | Path, pixel_metrics: s
     snr = world["snr"].groupby("channel", sort=False)[["snr", "noise_ceiling"]].mean().reset_index()
     shares = world["brightfield"].groupby("compartment", sort=False)["share"].agg(["mean", "min", "max"]).reset_index()
     tables = {"geometry": compare(GEOMETRY, world), "index": compare(INDEX, world), "psf": psf_table(cfg),
-              "cycle": cycle_table(world["cells"]), "snr": snr, "brightfield": shares, "predictability": geometry_predictability(sample),
-              "cells": world["cells"], "fovs": world["fovs"]}
+              "cycle": cycle_table(world["cells"]), "snr": snr, "brightfield": shares,
+              "predictability": geometry_predictability(sample), "cells": world["cells"], "fovs": world["fovs"]}
     if pixel_metrics is not None:
         tables["learnability"], tables["rho"] = learnability(pd.read_csv(pixel_metrics, dtype={"fov_id": str}), model,
                                                              n_resamples, confidence, seed)
