@@ -36,6 +36,8 @@ GEOMETRY = (
               "nc_ratio"),
     Published("nucleoli per nucleus", "", 1, 3, "thomson1998 (prominent; assumption)", "cells", "nucleoli"),
     Published("nucleolus diameter", "µm", 1, 3, "assumption", "cells", "nucleolus_diameter_um"),
+    Published("nucleoli / nucleus volume", "", None, None, "assumption (none published for hiPSC)", "cells",
+              "nucleoli_fraction"),
     Published("mitotic fraction", "", 0.033, 0.045, "becker2006 (15.8 h cycle, ~1 h mitosis)", "fovs",
               "mitotic_fraction"),
     Published("mitochondria / cytoplasm volume", "", 0.04, 0.072, "rossmel1972, facucho2009", "fovs", "mito_fraction"),
@@ -58,8 +60,9 @@ def _fmt(v: float | None) -> str:
 
 
 def compare(rows: tuple[Published, ...], world: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Each quantity's published range beside the simulated median and 10-90 % range, with ``n``
-    (cells or FOVs measured) and whether the median lies in the published range."""
+    """Each quantity's published range (or the assumed one, where its source is an assumption)
+    beside the simulated median and 10-90 % range, with ``n`` (cells or FOVs measured) and whether
+    the median lies in that range."""
     out = []
     for r in rows:
         v = world[r.table][r.column].dropna()
@@ -68,7 +71,8 @@ def compare(rows: tuple[Published, ...], world: dict[str, pd.DataFrame]) -> pd.D
         med = float(v.median()) if len(v) else np.nan
         inside = None if r.lo is None else bool(r.lo <= med <= r.hi)
         out.append({"quantity": r.quantity, "unit": r.unit,
-                    "published": "none published" if r.lo is None else f"{_fmt(r.lo)} - {_fmt(r.hi)}",
+                    "published": ("none published" if r.lo is None else
+                                  f"{'assumed ' if 'assumption' in r.source else ''}{_fmt(r.lo)} - {_fmt(r.hi)}"),
                     "source": r.source, "simulated median": med,
                     "simulated 10-90 %": f"{v.quantile(0.1):.3g} - {v.quantile(0.9):.3g}" if len(v) else "",
                     "n": len(v), "in range": {None: "", True: "yes", False: "no"}[inside]})

@@ -75,6 +75,8 @@ def _cell_rows(f: dict, fov: int) -> pd.DataFrame:
     owner = ndimage.maximum(f["labels"]["cells"], comp, np.arange(1, n_comp + 1)) if n_comp else np.array([])
     size = ndimage.sum(nucleoli, comp, np.arange(1, n_comp + 1)) * float(np.prod(px)) if n_comp else np.array([])
     t["nucleoli"] = [int((owner == i).sum()) for i in t["id"]]
+    in_cell = np.bincount(f["labels"]["cells"][nucleoli], minlength=int(t["id"].max()) + 1) * float(np.prod(px))
+    t["nucleoli_fraction"] = in_cell[t["id"].to_numpy()] / t["nucleus_um3"].clip(lower=1e-6)
     t["nucleolus_diameter_um"] = [float(np.mean(2 * (3 * size[owner == i] / (4 * np.pi)) ** (1 / 3)))
                                   if (owner == i).any() else np.nan for i in t["id"]]
     cells = f["labels"]["cells"]
