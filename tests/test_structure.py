@@ -46,6 +46,9 @@ def test_blank_is_called_on_most_fovs_only_and_said_first():
     text = S.blank_sentence(blank)
     assert text.startswith("**Blank predictions**, read before any score: the WGAN-GP on Nucleoli (3 of 4 FOVs")
     assert "no prediction is blank" in S.blank_sentence(S.blank_channels(cells({("U-Net", "dna"): [0.9, 0.8]})))
+    # a median contrast just below zero reads "0%", not "-0%"
+    text = S.blank_sentence(S.blank_channels(cells({("U-Net", "nucleoli"): [-0.004, -0.003, 0.002]})))
+    assert "median contrast 0% of" in text and "-0%" not in text
 
 
 def test_structure_table_calls_a_blank_model_and_keeps_a_faithful_one(tmp_path):

@@ -122,7 +122,7 @@ def blank_sentence(blank: pd.DataFrame, fraction: float = BLANK_FRACTION) -> str
         return (f"Every model puts at least {fraction:.0%} of the reference's contrast on the true structure of "
                 "every channel on most FOVs: no prediction is blank.")
     parts = [f"the {r['model']} on {TARGET_LABELS[r['channel']]} ({r['blank']} of {r['n']} FOVs, median contrast "
-             f"{r['median_contrast']:.0%} of the reference's)" for _, r in blank.iterrows()]
+             f"{round(r['median_contrast'], 2) + 0.0:.0%} of the reference's)" for _, r in blank.iterrows()]  # no "-0%"
     return ("**Blank predictions**, read before any score: " + "; ".join(parts) + f". Each puts under {fraction:.0%} "
             "of the reference's contrast on the true structure, so it predicts (almost) nothing there, whatever "
             "its whole-volume SSIM says.")
