@@ -145,6 +145,10 @@ def test_published_table_marks_what_lies_in_range():
     assert t.loc["volume", "simulated median"] == 1600 and t.loc["volume", "n"] == 2  # the mitotic cell left out
     assert t.loc["volume", "in range"] == "yes" and t.loc["f", "in range"] == "no" and t.loc["g", "in range"] == ""
     assert t.loc["g", "published"] == "none published"
+    # a fraction of cells is pooled over the FOVs' cells, not the median FOV's
+    world = {"fovs": pd.DataFrame({"cells": [10, 10, 20], "m": [0.0, 0.0, 0.1]})}
+    pooled = compare((Published("m", "", 0.03, 0.05, "x", "fovs", "m", pooled=True),), world).iloc[0]
+    assert pooled["simulated median"] == pytest.approx(0.05) and pooled["in range"] == "yes"
     psf = psf_table(BOOK).set_index("channel")
     # the pinhole narrows the PSF in z; the far-red membrane dye is widest
     assert (psf["confocal FWHM z"] < psf["widefield FWHM z"]).all()

@@ -26,6 +26,7 @@ class Published:
     source: str  # bib key(s), or "assumption"
     table: str  # which table of measure_world holds the measurement
     column: str
+    pooled: bool = False  # a per-FOV fraction of cells: pooled over all cells (weighted by the FOV's "cells")
 
 
 GEOMETRY = (
@@ -39,7 +40,7 @@ GEOMETRY = (
     Published("nucleoli / nucleus volume", "", None, None, "assumption (none published for hiPSC)", "cells",
               "nucleoli_fraction"),
     Published("mitotic fraction", "", 0.033, 0.045, "becker2006 (15.8 h cycle, ~1 h mitosis)", "fovs",
-              "mitotic_fraction"),
+              "mitotic_fraction", pooled=True),
     Published("mitochondria / cytoplasm volume", "", 0.04, 0.072, "rossmel1972, facucho2009", "fovs", "mito_fraction"),
     Published("lipid droplets / cytoplasm volume", "", None, None, "assumption", "fovs", "lipid_fraction"),
     Published("vesicles / cytoplasm volume", "", None, None, "assumption", "fovs", "vesicle_fraction"),
@@ -61,14 +62,17 @@ def _fmt(v: float | None) -> str:
 
 def compare(rows: tuple[Published, ...], world: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Each quantity's published range (or the assumed one, where its source is an assumption)
-    beside the simulated median and 10-90 % range, with ``n`` (cells or FOVs measured) and whether
-    the median lies in that range."""
+    beside the simulated median (for a pooled row, the share among all cells) and 10-90 % range,
+    with ``n`` (cells or FOVs measured) and whether that value lies in the range."""
     out = []
     for r in rows:
         v = world[r.table][r.column].dropna()
         if r.table == "cells" and r.column == "cell_um3" and "phase" in world["cells"]:
             v = world["cells"].loc[world["cells"]["phase"] != "M", r.column].dropna()
         med = float(v.median()) if len(v) else np.nan
+        if r.pooled and len(v):  # the share among all cells measured, not the median FOV's
+            cells = world[r.table].loc[v.index, "cells"]
+            med = float((v * cells).sum() / cells.sum())
         inside = None if r.lo is None else bool(r.lo <= med <= r.hi)
         out.append({"quantity": r.quantity, "unit": r.unit,
                     "published": ("none published" if r.lo is None else
