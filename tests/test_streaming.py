@@ -89,7 +89,7 @@ def test_n2v_trains_on_disk_stacks_as_on_arrays(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------- peak memory, N and 2N FOVs
 
-FOV_SHAPE, WINDOW = (24, 64, 64), 12
+FOV_SHAPE, WINDOW = (32, 64, 64), 12
 FOV_BYTES = 7 * np.prod(FOV_SHAPE) * 4  # one [7, Z, Y, X] float32 FOV file
 
 
