@@ -57,7 +57,7 @@ def predictability_bars(table: pd.DataFrame):
     for k, (source, colour) in enumerate((("cells and nuclei", "tab:blue"), ("nuclei only", "tab:orange"))):
         t = table[table["source"] == source].set_index("channel").reindex(list(TARGETS))
         ax.bar(x + (k - 0.5) * 0.38, t["pcc"], 0.38, color=colour, label=f"from {source}")
-    ax.set_xticks(x, [TARGET_LABELS[c] for c in TARGETS])
+    ax.set_xticks(x, [TARGET_LABELS[c] for c in TARGETS], rotation=20, ha="right")
     ax.set_ylabel("PCC with the clean truth")
     ax.set_ylim(min(0.0, float(table["pcc"].min()) - 0.05), 1)
     ax.axhline(0, color="0.5", lw=0.8)
