@@ -121,7 +121,7 @@ PROSE_CONSTANTS = {
     "07_results": {"0.65", "0.108 µm"},  # the thesis' membrane PCC (Table 4.1); the real lateral voxel size
     "08_downstream": {"0.5", "0.5 µm"},  # the IoU of a match; the envelope's shell width
     "09_predict": {"0.29", "0.108"},  # the real dataset's voxel size
-    "10_realism": {"7.2", "1.25"},  # the published mitochondrial fraction (Ross and Mel 1972); the objective's NA
+    "10_realism": {"7.2", "1.25", "0.29 µm", "0.108 µm"},  # published values: the mitochondrial fraction, the NA, the real voxel size
 }
 _MATH_AND_CODE = re.compile(r"\{cite[^}]*\}`[^`]*`|`[^`]*`|\$[^$]*\$|\[[^\]]*\]\([^)]*\)")
 _RESULT_LIKE = re.compile(r"(?<![\w.-])(\d+(?:\.\d+)*)(?:\s*(s|min|minutes?|seconds?|hours?|h|µm|GB|GiB|MiB)\b)?")
