@@ -25,13 +25,14 @@ from vstain.channels import TARGET_LABELS, TARGETS
 from vstain.data import optics, stage
 from vstain.data.simulate import PHASES, SimConfig, index_terms, simulate_fov
 
+from .downstream import noise_ceiling
 from .metrics import thesis_table41
 from .published import GEOMETRY, INDEX, compare, psf_table
 
 COMPARTMENTS = ("cytoplasm", "nucleus", "nucleoli", "mito", "lipid", "vesicles")
 
 
-def _walls(label: np.ndarray) -> np.ndarray:
+def walls(label: np.ndarray) -> np.ndarray:
     """Voxels where the label changes within one voxel (a 2D or 3D label image)."""
     return ndimage.maximum_filter(label, 3) != ndimage.minimum_filter(label, 3)
 
@@ -59,7 +60,7 @@ def wall_offset_um(cells: np.ndarray, nuclei: np.ndarray, pixel_size: tuple[floa
     has_nucleus[np.unique(nuclei)] = True
     has_nucleus[0] = False
     true_walls = (hi != lo) & has_nucleus[hi] & has_nucleus[lo]
-    vor_walls = _walls(vor)
+    vor_walls = walls(vor)
     if not true_walls.any() or not vor_walls.any():
         return float("nan")
     dist = ndimage.distance_transform_edt(~vor_walls, sampling=(1e3, *pixel_size[1:]))  # per slice
@@ -105,19 +106,20 @@ def _index_rows(f: dict, cfg: SimConfig) -> dict:
 
 def _snr_rows(f: dict, cfg: SimConfig) -> list[dict]:
     """Per target: signal-to-noise ratio (mean signal above background inside the structure over
-    the noise's standard deviation there) and noise ceiling (PCC of one camera image with the clean
-    signal), in the cell layer."""
+    the noise's standard deviation there) and noise ceiling (:func:`downstream.noise_ceiling` of one
+    image from the simulator's camera against the clean signal), in the cell layer."""
     lo, hi = f["focus_z_lo"], f["focus_z_hi"]
     rng = np.random.default_rng(0)
+    clean = f["truth"][:, lo:hi]
+    noisy = np.stack([optics.camera(c / cfg.gain, rng, gain=cfg.gain, offset=cfg.offset, read_noise=cfg.read_noise)
+                      for c in clean]).astype(np.float32)
+    ceiling = noise_ceiling(noisy, clean, TARGETS)
     rows = []
     for i, name in enumerate(TARGETS):
-        clean = f["truth"][i, lo:hi]
-        noisy = rng.poisson(clean / cfg.gain).astype(np.float32) * cfg.gain + rng.normal(0, cfg.read_noise, clean.shape)
-        signal = clean - np.median(clean)
+        signal = clean[i] - np.median(clean[i])
         inside = signal > 0.5 * np.quantile(signal, 0.999)
-        noise = np.sqrt(cfg.gain * clean[inside] + cfg.read_noise**2).mean()
-        rows.append({"channel": name, "snr": float(signal[inside].mean() / noise),
-                     "noise_ceiling": float(stats.pearsonr(noisy.ravel(), clean.ravel())[0])})
+        noise = np.sqrt(cfg.gain * clean[i][inside] + cfg.read_noise**2).mean()
+        rows.append({"channel": name, "snr": float(signal[inside].mean() / noise), "noise_ceiling": ceiling[name]})
     return rows
 
 
@@ -190,8 +192,8 @@ HEIGHT_BIN = 0.6  # µm
 
 def _features(cells: np.ndarray, nuclei: np.ndarray, pixel_size, lo: int, nuclei_only: bool) -> np.ndarray:
     """Per voxel of the focus window ``[lo:]``: one bin index of (wall distance, nucleus distance, height)."""
-    walls = _walls(nuclear_voronoi(nuclei, pixel_size) if nuclei_only else cells)
-    d_wall = ndimage.distance_transform_edt(~walls, sampling=pixel_size)
+    boundary = walls(nuclear_voronoi(nuclei, pixel_size) if nuclei_only else cells)
+    d_wall = ndimage.distance_transform_edt(~boundary, sampling=pixel_size)
     inside = nuclei > 0
     s_nuc = (ndimage.distance_transform_edt(~inside, sampling=pixel_size)
              - ndimage.distance_transform_edt(inside, sampling=pixel_size))

@@ -27,10 +27,12 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 from skimage.feature import peak_local_max
-from skimage.filters import threshold_multiotsu, threshold_otsu
+from skimage.filters import threshold_multiotsu
 from skimage.segmentation import relabel_sequential, watershed
 
-VOXEL_SIZE_ZYX: tuple[float, float, float] = (0.6, 0.3, 0.3)  # µm, the simulator's default sampling
+from vstain.data.simconfig import SimConfig
+
+VOXEL_SIZE_ZYX: tuple[float, float, float] = SimConfig.pixel_size  # µm, the simulator's default sampling
 
 
 def _voxel(voxel_size_zyx: Sequence[float]) -> np.ndarray:

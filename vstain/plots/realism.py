@@ -5,7 +5,6 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
 from vstain.channels import TARGET_LABELS, TARGETS
 from vstain.evaluate import realism
@@ -31,8 +30,8 @@ def walls_and_index(f: dict, n_medium: float, title: str):
     im = axes[0].imshow(bf, cmap="gray", extent=ext)
     colorbar(fig, im, axes[0], label="brightfield (counts)")
     for lab, colour, name in ((cells, "cyan", "true cell walls"), (vor, "magenta", "Voronoi walls of the nuclei")):
-        walls = ndimage.maximum_filter(lab, 3) != ndimage.minimum_filter(lab, 3)
-        axes[0].contour(walls.astype(float), levels=[0.5], colors=colour, linewidths=1.0, extent=ext, origin="upper")
+        axes[0].contour(realism.walls(lab).astype(float), levels=[0.5], colors=colour, linewidths=1.0, extent=ext,
+                        origin="upper")
         axes[0].plot([], [], color=colour, label=name)
     axes[0].contour((nuclei[z] > 0).astype(float), levels=[0.5], colors="yellow", linewidths=0.8, linestyles="--",
                     extent=ext, origin="upper")
