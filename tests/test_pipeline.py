@@ -308,13 +308,16 @@ def test_study_seed_run_differs_from_the_book_unet_only_in_its_seed(tmp_path):
     params = pipeline.resolve_parameters(pipeline.load_profile(study), _profile_stages(study, tmp_path), "runs/book")
     stages = {s.stem: s for s in _profile_stages(study, tmp_path)}
     defaults = {stem: {k: ast.literal_eval(v["default"]) for k, v in papermill.inspect_notebook(str(stages[stem].source)).items()}
-                for stem in ("04_unet", "04c_unet_seed", "07c_adversarial_sweep")}
+                for stem in ("04_unet", "04c_unet_seed", "07c_adversarial_sweep", "07d_flow")}
     unet = {**defaults["04_unet"], **params["04_unet"]}
     seed = {**defaults["04c_unet_seed"], **params["04c_unet_seed"]}
     assert {k: v for k, v in seed.items() if k != "seed"} == {k: unet[k] for k in seed if k != "seed"}
     assert seed["seed"] != unet["seed"]
     sweep = {**defaults["07c_adversarial_sweep"], **params["07c_adversarial_sweep"]}
     assert sweep["base_width"] == unet["base_width"]  # every fine-tune starts from the book's U-Net
+    flow = {**defaults["07d_flow"], **params["07d_flow"]}  # the flow trains at the U-Net's recipe and steps
+    recipe = ("base_width", "optimizer", "lr", "batch_size", "crop", "samples", "max_steps", "seed")
+    assert {k: flow[k] for k in recipe} == {k: unet[k] for k in recipe}
 
 
 def test_the_tests_run_in_their_own_runs_folder(monkeypatch, tmp_path):

@@ -12,6 +12,7 @@ norm would give 23.10 M and 6.21 M.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -241,6 +242,123 @@ class Critic(nn.Module):
     def receptive_field(self) -> int:
         """Voxels (per axis) of input seen by one output score: 54 for the thesis' critic."""
         return receptive_field(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Velocity network of the conditional flow (Lipman et al. 2023; Liu et al. 2023)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class VelocityConfig:
+    """The flow's velocity network: the generator, widened at its input to the brightfield plus the
+    noisy targets, with time gains.
+
+    Args:
+        base_width: the generator's width (as :class:`GeneratorConfig`).
+        out_channels: target channels (6); the input has ``1 + out_channels``.
+        negative_slope: LeakyReLU slope, in [0, 1).
+        time_features: sinusoidal features of the time ``t`` in [0, 1], even and >= 2.
+    """
+
+    base_width: int = 64  # = the thesis' generator
+    out_channels: int = 6  # the six fluorescent channels
+    negative_slope: float = 0.05  # thesis 3.2.2
+    time_features: int = 32  # sin/cos pairs of t at 16 frequencies (assumption: as DiT's time embedding)
+
+    def __post_init__(self):
+        _check_positive(self, "base_width", "out_channels", "time_features")
+        if self.time_features % 2 or not 0 <= self.negative_slope < 1:
+            raise ValueError(f"time_features must be even and negative_slope in [0, 1), got {self.time_features}, "
+                             f"{self.negative_slope}")
+
+    def generator_config(self) -> GeneratorConfig:
+        return GeneratorConfig(self.base_width, 1 + self.out_channels, self.out_channels, self.negative_slope)
+
+
+MIN_REMAINING = 0.05  # 1 - t is clipped here: the velocity's 1 / (1 - t) stays <= 20 (Li & He 2025)
+
+
+def velocity_from_clean(y1_hat: Tensor, y_t: Tensor, t) -> Tensor:
+    """The straight path's velocity towards a predicted clean target: ``(ŷ_1 - y_t) / (1 - t)``."""
+    return (y1_hat - y_t) / torch.clamp(1 - torch.as_tensor(t, dtype=y_t.dtype, device=y_t.device),
+                                         min=MIN_REMAINING)
+
+
+class VelocityNet(nn.Module):
+    """The flow's network: from the brightfield and the noisy targets ``y_t`` at time ``t`` it
+    predicts the clean targets ``y_1`` (:meth:`forward`); the velocity that carries noise ``y_0`` to
+    the targets along the straight path is then ``(ŷ_1 - y_t) / (1 - t)`` (:meth:`velocity`).
+
+    Predicting the clean targets rather than the velocity keeps the network's output in the
+    targets' units, as the U-Net's, and puts the part of the velocity that is linear in ``y_t``
+    into the formula instead of the network, whose instance norms discard the input's scale
+    (x-prediction, as Li & He 2025 advocate for high-dimensional outputs).
+
+    The network is a :class:`Generator` whose input is the brightfield and the noisy targets
+    ``[N, 1 + 6, Z, Y, X]``. Time enters as a per-channel gain ``1 + g(t)`` on the input of each
+    resampling convolution (the three ``Down`` and the three transposed convolutions), FiLM without
+    the shift: every convolution block ends in instance norm, which removes any per-channel
+    constant, so an added time bias would vanish where a gain survives. ``g`` is a small MLP on
+    sinusoidal features of ``t``, its last layer zero at initialisation (the gains start at 1).
+
+    At a fixed ``t`` a gain on a convolution's input channel is a gain on that channel's weights, so
+    :meth:`at` returns a plain :class:`Generator` with the gains folded in, exactly the same function:
+    whole-FOV prediction and its seam-free tiling serve each step of the ODE unchanged.
+
+    Args:
+        cfg: a :class:`VelocityConfig`.
+    """
+
+    def __init__(self, cfg: VelocityConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or VelocityConfig()
+        self.unet = Generator(cfg.generator_config())
+        w = cfg.base_width
+        self.gain_channels = (w, 2 * w, 4 * w, 8 * w, 4 * w, 2 * w)  # into down1-3, up3.up, up2.up, up1.up
+        self.time = nn.Sequential(nn.Linear(cfg.time_features, 4 * w), nn.SiLU(),
+                                  nn.Linear(4 * w, sum(self.gain_channels)))
+        nn.init.zeros_(self.time[-1].weight)
+        nn.init.zeros_(self.time[-1].bias)
+
+    def gains(self, t: Tensor) -> list[Tensor]:
+        """The six gains ``[N, C_k]`` at times ``t`` ``[N]`` (or a scalar)."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=self.time[0].weight.device).reshape(-1)
+        half = self.cfg.time_features // 2
+        freqs = torch.exp(torch.linspace(0.0, math.log(1000.0), half, device=t.device))  # 1 .. 1000 rad per unit t
+        emb = torch.cat([torch.sin(t[:, None] * freqs), torch.cos(t[:, None] * freqs)], dim=1)  # [N, F]
+        return list(torch.split(1 + self.time(emb), self.gain_channels, dim=1))
+
+    def forward(self, x: Tensor, y_t: Tensor, t: Tensor) -> Tensor:
+        h = torch.cat([x, y_t], dim=1)  # [N, 7, Z, Y, X]
+        check_size(h.shape, "velocity input")
+        h, crop = pad_to_multiple(h, SIZE_MULTIPLE)
+        g1, g2, g3, g4, g5, g6 = (g[:, :, None, None, None].expand(h.shape[0], -1, 1, 1, 1) for g in self.gains(t))
+        u = self.unet
+        e1 = u.enc1(h)  # [N, w, Z', Y', X']
+        e2 = u.enc2(u.down1(e1 * g1))  # [N, 2w, Z'/2, ...]
+        e3 = u.enc3(u.down2(e2 * g2))  # [N, 4w, Z'/4, ...]
+        b = u.bottleneck(u.down3(e3 * g3))  # [N, 8w, Z'/8, ...]
+        d3 = u.up3(b * g4, e3)  # [N, 4w, Z'/4, ...]
+        d2 = u.up2(d3 * g5, e2)  # [N, 2w, Z'/2, ...]
+        d1 = u.up1(d2 * g6, e1)  # [N, w, Z', Y', X']
+        return u.head(d1)[crop]  # [N, 6, Z, Y, X]
+
+    def velocity(self, x: Tensor, y_t: Tensor, t: Tensor) -> Tensor:
+        """``(ŷ_1 - y_t) / (1 - t)``, with ``1 - t`` held at :data:`MIN_REMAINING` or more."""
+        t = torch.as_tensor(t, dtype=y_t.dtype, device=y_t.device).reshape(-1, *([1] * (y_t.dim() - 1)))
+        return velocity_from_clean(self(x, y_t, t.reshape(-1)), y_t, t)
+
+    def at(self, t: float) -> Generator:
+        """The network at time ``t`` as a :class:`Generator` of ``[N, 7, Z, Y, X]`` inputs that
+        predicts ``ŷ_1`` (gains folded into the weights), on the same device, in eval mode."""
+        g = copy.deepcopy(self.unet).eval()
+        with torch.no_grad():
+            gains = [k[0] for k in self.gains(torch.tensor([float(t)]))]
+            convs = (g.down1, g.down2, g.down3, g.up3.up, g.up2.up, g.up1.up)
+            for conv, gain in zip(convs, gains):
+                # Conv3d weights are [out, in, ...], ConvTranspose3d weights [in, out, ...]
+                shape = (-1, 1, 1, 1, 1) if isinstance(conv, nn.ConvTranspose3d) else (1, -1, 1, 1, 1)
+                conv.weight.mul_(gain.view(shape))
+        return g
 
 
 # --------------------------------------------------------------------------------------------

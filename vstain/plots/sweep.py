@@ -11,7 +11,8 @@ CMAP = "viridis"
 
 
 def perception_distortion(summary: pd.DataFrame, models: list[str], distortion_reference: str | None = None,
-                          panel_size: tuple[float, float] = (4.3, 3.2)) -> plt.Figure:
+                          panel_size: tuple[float, float] = (4.3, 3.2), join: bool = True,
+                          title: str = "Perception-distortion plane of the adversarial weight sweep") -> plt.Figure:
     """Perception against distortion, one panel per (distortion, perception) pair: x is ``1 - PCC``
     or ``1 - SSIM`` (right: more distortion), y F1clf, the perceptual distance or the coherent
     sharpness, each arrow pointing to more realism. One point per model with its interval in both
@@ -22,6 +23,8 @@ def perception_distortion(summary: pd.DataFrame, models: list[str], distortion_r
         models: the models in weight order (the control first); their labels are drawn.
         distortion_reference: ``"truth"`` or ``"target"``; default the truth when the table has it.
         panel_size: inches per panel.
+        join: join the points in model order (a sweep); False for unordered models.
+        title: the figure's title (the interval level is added).
     """
     need = ["metric", "reference", "model", "estimate", "ci_low", "ci_high", "higher_is_better", "label", "role"]
     missing = [c for c in need if c not in summary.columns]
@@ -43,7 +46,8 @@ def perception_distortion(summary: pd.DataFrame, models: list[str], distortion_r
             shown = [m for m in models if m in xt.index and m in yt.index]
             px = [1 - xt.loc[m, "estimate"] for m in shown]
             py = [yt.loc[m, "estimate"] for m in shown]
-            ax.plot(px, py, color="0.7", lw=1, zorder=0)
+            if join:
+                ax.plot(px, py, color="0.7", lw=1, zorder=0)
             for m, x, y in zip(shown, px, py):
                 c = colors[models.index(m)]
                 xerr = [[x - (1 - xt.loc[m, "ci_high"])], [(1 - xt.loc[m, "ci_low"]) - x]]
@@ -54,8 +58,7 @@ def perception_distortion(summary: pd.DataFrame, models: list[str], distortion_r
             ax.set(xlabel=f"1 − {roles.loc[xm, 'label']} vs {ref} (distortion, right: worse)",
                    ylabel=f"{label} ({'up' if hib else 'down'}: more realistic)")
             ax.grid(color="0.92")
-    fig.suptitle("Perception-distortion plane of the adversarial weight sweep (intervals: 95% over test FOVs)",
-                 fontsize=10)
+    fig.suptitle(f"{title} (intervals: 95% over test FOVs)", fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from vstain.channels import TARGETS
 from vstain.losses import PIXEL_LOSSES
-from vstain.models import NORMS, CriticConfig, GeneratorConfig
+from vstain.models import NORMS, CriticConfig, GeneratorConfig, VelocityConfig
 from vstain.preprocess.processed import SAMPLINGS, check_channels
 
 OPTIMIZERS = ("rmsprop", "adam")
@@ -160,6 +160,37 @@ class UNetConfig(DictConfig):
     def optimiser_steps(self) -> int:
         return self.max_steps
 
+
+
+@dataclass
+class FlowConfig(UNetConfig):
+    """A conditional flow-matching run (Lipman et al. 2023): the U-Net's recipe (optimiser, rate,
+    crops, steps) with the velocity network (:class:`vstain.models.VelocityNet`) in place of the
+    generator, regressing the path's velocity with the masked MSE.
+
+    Args:
+        time_features: sinusoidal features of the time ``t`` (even).
+        (others): as :class:`UNetConfig`; ``loss`` must be ``"mse"`` (the flow-matching loss: its
+            minimiser is the conditional mean velocity), ``norm`` ``"instance"`` and ``channels``
+            empty (one joint model of all six targets).
+    """
+
+    loss: str = "mse"  # flow matching regresses E[y_1 - y_0 | y_t, t, brightfield]
+    time_features: int = 32  # sin/cos features of t
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss != "mse" or self.norm != "instance" or self.channels:
+            raise ValueError(f"a flow trains all six channels with loss 'mse' and norm 'instance', got loss "
+                             f"{self.loss!r}, norm {self.norm!r}, channels {self.channels}")
+        self.velocity_config()  # validates time_features
+
+    def velocity_config(self) -> VelocityConfig:
+        return VelocityConfig(base_width=self.base_width, out_channels=len(TARGETS),
+                              negative_slope=self.negative_slope, time_features=self.time_features)
+
+    def generator_config(self) -> GeneratorConfig:
+        return self.velocity_config().generator_config()
 
 @dataclass
 class WGANConfig(DictConfig):

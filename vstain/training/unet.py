@@ -78,11 +78,12 @@ class UNetModule(L.LightningModule):
 # --------------------------------------------------------------------------------------------
 # One call per stage
 # --------------------------------------------------------------------------------------------
-def fit_unet(cfg: UNetConfig, stage_in, out_dir, progress: bool = True,
-             callbacks=None) -> tuple[UNetModule, ResumingTrainer]:
+def fit_unet(cfg: UNetConfig, stage_in, out_dir, progress: bool = True, callbacks=None,
+             module_cls=UNetModule, model: str = "unet") -> tuple[UNetModule, ResumingTrainer]:
     """Train (or resume) the U-Net baseline on the processed set in ``stage_in``, writing
     checkpoints and logs into ``out_dir``. Returns the module and its trainer (``callbacks``: extra
-    Lightning callbacks).
+    Lightning callbacks). ``module_cls`` and ``model`` (the name in ``model.json``) train another
+    module of a :class:`UNetConfig` the same way (the flow of :mod:`vstain.training.flow`).
 
     With ``cfg.devices > 1`` and a DDP ``cfg.strategy`` each process trains on its own crops
     (``batch_size`` per process); the files are written by process 0 only (``strategy="ddp"``
@@ -91,13 +92,13 @@ def fit_unet(cfg: UNetConfig, stage_in, out_dir, progress: bool = True,
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
         prepare_out_dir(out_dir, cfg, run_config(cfg.to_dict(), stage_in))
-        save_model_json(out_dir, run_config(cfg.to_dict(), stage_in), model="unet",
+        save_model_json(out_dir, run_config(cfg.to_dict(), stage_in), model=model,
                         generator=asdict(cfg.generator_config()))
     set_threads(cfg)
     trainer = make_trainer(out_dir, cfg.max_steps, cfg.device, cfg.precision, cfg.devices, cfg.strategy,
                            ckpt_every=cfg.ckpt_every, val_every=cfg.val_every, seed=cfg.seed, progress=progress,
                            callbacks=callbacks)
-    module = UNetModule(cfg)  # built after seeding: the initial weights depend on cfg.seed only
+    module = module_cls(cfg)  # built after seeding: the initial weights depend on cfg.seed only
     dm = CropDataModule(stage_in, cfg.crop, cfg.batch_size, cfg.samples, cfg.seed, cfg.val_samples, cfg.num_workers,
                         cfg.sampling, cfg.channels)
     trainer.fit(module, datamodule=dm)
