@@ -42,12 +42,12 @@ def toy_batch(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def toy_flow() -> FlowModule:
-    """A width-4 flow trained 400 steps on the toy (~15 s on 2 cores)."""
+    """A width-4 flow trained 800 steps on the toy (~30 s on 2 cores)."""
     torch.manual_seed(0)
     module = FlowModule(FlowConfig(base_width=4, crop=(8, 8, 8), optimizer="adam", lr=3e-3))
     opt = torch.optim.Adam(module.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(400):
+    for _ in range(800):
         loss = module.flow_loss(*toy_batch(8, g))
         opt.zero_grad()
         loss.backward()
@@ -234,3 +234,21 @@ def test_calibration_display_and_sampling_cost():
     cost = pd.DataFrame({"fov_id": ["1", "2", "3"], "unet_seconds": [0.5, 0.6, 0.5]})
     table, sentence = sampling_cost(sampling, cost, k=4, passes=32)
     assert len(table) == 2 and "11.0 s on average" in sentence and "20 times as long" in sentence
+
+
+def test_kid_is_near_zero_for_one_distribution_and_positive_for_a_shifted_one():
+    import pandas as pd
+
+    from vstain.evaluate.kid import ALL, kid, kid_table
+    from vstain.evaluate.patches import REAL
+    rng = np.random.default_rng(0)
+    n, d = 300, 16
+    real, same, shifted = rng.normal(size=(n, d)), rng.normal(size=(n, d)), rng.normal(size=(n, d)) + 0.5
+    assert abs(kid(real, same)) < 0.02
+    assert kid(real, shifted) > 0.1
+    meta = pd.DataFrame({"fov_id": [str(i % 6) for i in range(n)], "channel": "dna"})
+    table = kid_table(meta, {REAL: real, "same": same, "shifted": shifted}, ["same", "shifted"], control="same",
+                      n_resamples=99)
+    at = table[table["channel"] == ALL].set_index("model")
+    assert at.loc["same", "low"] <= 0.02 and at.loc["shifted", "low"] > 0.05 and at.loc["shifted", "n"] == 6
+    assert at.loc["shifted", "decided"] and at.loc["shifted", "diff_low"] > 0 and not at.loc["same", "decided"]

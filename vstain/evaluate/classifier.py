@@ -148,16 +148,23 @@ def autocast(device: str, precision: str):
 
 
 @torch.no_grad()
-def predict(model, patches: np.ndarray, cfg: ClassifierConfig, device: str = "cpu", precision: str = "32-true",
-            batch_size: int = 64) -> np.ndarray:
-    """Class probabilities ``[N,6]`` of patches ``[N,pz,py,px]``."""
+def apply_batches(model, patches: np.ndarray, cfg: ClassifierConfig, fn, device: str = "cpu",
+                  precision: str = "32-true", batch_size: int = 64) -> np.ndarray:
+    """``fn(model, x)`` of the normalised patches ``[N,pz,py,px]``, batch by batch, as one float32 array."""
     model.eval().to(device)
     out = []
     for i in range(0, len(patches), batch_size):
         x = normalise(torch.from_numpy(patches[i:i + batch_size])[:, None].to(device), cfg.patch_norm)
         with autocast(device, precision):
-            out.append(torch.softmax(model(x).float(), 1).cpu())
+            out.append(fn(model, x).float().cpu())
     return torch.cat(out).numpy()
+
+
+def predict(model, patches: np.ndarray, cfg: ClassifierConfig, device: str = "cpu", precision: str = "32-true",
+            batch_size: int = 64) -> np.ndarray:
+    """Class probabilities ``[N,6]`` of patches ``[N,pz,py,px]``."""
+    return apply_batches(model, patches, cfg, lambda m, x: torch.softmax(m(x).float(), 1), device, precision,
+                         batch_size)
 
 
 def train_classifier(stage_in, cfg: ClassifierConfig, device: str = "cpu", precision: str = "32-true",

@@ -21,13 +21,15 @@ from flow_matching.solver import ODESolver
 from flow_matching.utils import ModelWrapper
 from torch import Tensor
 
+from vstain.channels import TARGETS
 from vstain.models import velocity_from_clean
 
 from .infer import predict_volume
 
-# torchdiffeq's fixed-grid solvers (function evaluations per step: 1, 2, 2, 4)
+# torchdiffeq's fixed-grid solvers (velocity evaluations per step: 1, 2, 2, 4)
 METHODS = {"euler": 1, "midpoint": 2, "heun2": 2, "rk4": 4}
 PATH = AffineProbPath(scheduler=CondOTScheduler())  # y_t = (1 - t) y_0 + t y_1
+DYES = ("dna", "membrane")  # the two dyes every FOV carries beside its one tagged structure
 
 
 def path_sample(y0: Tensor, y1: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -42,18 +44,41 @@ def noise_seed(seed: int, k: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(k)]).generate_state(1)[0])
 
 
+def channel_groups(channels=TARGETS) -> list[tuple[int, ...]]:
+    """The channel sets a training FOV carries together: the two dyes (DNA, membrane) and one
+    tagged structure. Without the structures the dyes form the one group."""
+    dyes = [channels.index(c) for c in DYES if c in channels]
+    rest = [i for i in range(len(channels)) if i not in dyes]
+    return [tuple(dyes + [i]) for i in rest] or [tuple(dyes)]
+
+
 class _Velocity(ModelWrapper):
-    """The solver's view of the network: ``v(y, t)`` for one FOV, through whole-FOV prediction."""
+    """The solver's view of the network: ``v(y, t)`` for one FOV, through whole-FOV prediction.
+
+    The network never saw two tagged structures together in training (a FOV carries one), and
+    showing it all six noisy channels at once takes it outside what it learned (measured: PCC
+    0.58 instead of 0.93 for a structure at t = 0.5). So each velocity is one pass per
+    :func:`channel_groups` group, the other channels zero as in training: each structure's clean
+    estimate from its own pass, the dyes' averaged over the passes."""
 
     def __init__(self, net, brightfield: Tensor, max_voxels, workdir):
         super().__init__(net)
         self.x, self.max_voxels, self.workdir = brightfield, max_voxels, workdir
+        self.groups = channel_groups(TARGETS[:net.cfg.out_channels]) if net.cfg.out_channels == len(TARGETS) \
+            else [tuple(range(net.cfg.out_channels))]
 
     def forward(self, x: Tensor, t: Tensor, **extras) -> Tensor:
         g = self.model.at(float(t))
-        inp = torch.cat([self.x, x[0].to(self.x.device)], dim=0)  # [7, Z, Y, X]
-        y1_hat = predict_volume(g, inp, max_voxels=self.max_voxels, workdir=self.workdir)  # [6, Z, Y, X]
-        return velocity_from_clean(torch.from_numpy(y1_hat)[None].to(x.device), x, float(t))
+        y = x[0].to(self.x.device)  # [6, Z, Y, X]
+        total, count = torch.zeros_like(y), torch.zeros(len(y), 1, 1, 1)
+        for group in self.groups:
+            keep = torch.zeros(len(y), 1, 1, 1)
+            keep[list(group)] = 1
+            inp = torch.cat([self.x, y * keep], dim=0)  # [7, Z, Y, X]
+            y1_hat = predict_volume(g, inp, max_voxels=self.max_voxels, workdir=self.workdir)  # [6, Z, Y, X]
+            total += torch.from_numpy(y1_hat) * keep
+            count += keep
+        return velocity_from_clean((total / count)[None].to(x.device), x, float(t))
 
 
 def sample_volume(net, x, steps: int = 8, method: str = "euler", seed: int = 0, max_voxels: int | None = None,

@@ -20,6 +20,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from vstain.channels import TARGETS
+from vstain.evaluate import kid
 from vstain.evaluate.calibration import LEVELS, calibration_summary, coverage_rows, object_auroc, object_rows
 from vstain.evaluate.stats import format_ci, min_pairs, n_fovs
 from vstain.inference.infer import predict_volume
@@ -190,3 +191,31 @@ def calibration_display(table: pd.DataFrame) -> pd.DataFrame:
     wide = t.pivot_table(index=["model", "channel"], columns="column", values="text", aggfunc="first", sort=False)
     cols = [c for c in [f"coverage {lv:.0%}" for lv in LEVELS] + ["voxel AUROC", "object AUROC"] if c in wide]
     return wide[cols].fillna("–")
+
+
+def kid_scores(clf, clf_cfg, stage_in, dirs: dict[str, Path], split: str = "test", reference: str = "target",
+               n_resamples: int = 999, confidence: float = 0.95, seed: int = 0, device: str = "cpu",
+               precision: str = "32-true") -> pd.DataFrame:
+    """Every model's KID to the measured patches in the classifier's feature space
+    (:func:`vstain.evaluate.kid.kid_table`), paired against the U-Net."""
+    meta, vectors = kid.patch_embeddings(clf, clf_cfg, stage_in, {m: Path(d) / "predictions" for m, d in dirs.items()},
+                                         split, reference, device, precision)
+    return kid.kid_table(meta, vectors, list(dirs), control=UNET, n_resamples=n_resamples, confidence=confidence,
+                         seed=seed)
+
+
+def kid_verdict(table: pd.DataFrame) -> str:
+    """Over all channels: each model's KID with its interval and, against the U-Net, whether it is
+    lower (more realistic), higher, or not detectably different."""
+    at = table[table["channel"] == kid.ALL]
+    parts = []
+    for _, r in at.iterrows():
+        head = f"**{r['model']}** {r['kid']:.3g} [{r['low']:.3g}, {r['high']:.3g}]"
+        if r["model"] != UNET:
+            said = ("lower than the U-Net's" if r["diff"] < 0 else "higher than the U-Net's") if r["decided"] else \
+                "no detectable difference from the U-Net"
+            head += f" ({said}: {r['diff']:+.3g} [{r['diff_low']:.3g}, {r['diff_high']:.3g}])"
+        parts.append(head)
+    n = int(at["n"].max()) if len(at) else 0
+    return (f"KID over all channels' patches (lower: closer to the measured patches' distribution; 95% intervals "
+            f"resampling the n = {n} test FOVs): " + "; ".join(parts) + ".")
