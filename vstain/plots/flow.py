@@ -14,15 +14,16 @@ from vstain.volumes import read_volume
 
 
 def flow_curves(losses: pd.DataFrame) -> plt.Figure:
-    """The flow-matching loss per step (training, thin) and at each validation (points)."""
+    """The flow's loss per step (training, thin) and at each validation (points): the masked squared
+    error of the predicted clean targets."""
     fig, ax = plt.subplots(figsize=(6, 3.2))
     tr = losses.dropna(subset=["train_loss"])
     ax.plot(tr["step"], tr["train_loss"], lw=0.6, alpha=0.6, label="training batch")
     if "val_loss" in losses:
         va = losses.dropna(subset=["val_loss"])
         ax.plot(va["step"], va["val_loss"], "o-", ms=3, label="validation (fixed noise and times)")
-    ax.set(xlabel="optimiser step", ylabel="masked velocity MSE", yscale="log",
-           title="Conditional flow matching: the velocity loss")
+    ax.set(xlabel="optimiser step", ylabel="masked MSE of the clean targets", yscale="log",
+           title="Conditional flow matching: training loss")
     ax.grid(color="0.92")
     ax.legend(fontsize=8)
     fig.tight_layout()

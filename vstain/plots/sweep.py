@@ -48,12 +48,13 @@ def perception_distortion(summary: pd.DataFrame, models: list[str], distortion_r
             py = [yt.loc[m, "estimate"] for m in shown]
             if join:
                 ax.plot(px, py, color="0.7", lw=1, zorder=0)
-            for m, x, y in zip(shown, px, py):
+            for i, (m, x, y) in enumerate(zip(shown, px, py)):
                 c = colors[models.index(m)]
                 xerr = [[x - (1 - xt.loc[m, "ci_high"])], [(1 - xt.loc[m, "ci_low"]) - x]]
                 yerr = [[y - yt.loc[m, "ci_low"]], [yt.loc[m, "ci_high"] - y]]
                 ax.errorbar(x, y, xerr=_finite(xerr), yerr=_finite(yerr), fmt="o", color=c, capsize=2)
-                ax.annotate(m, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color=c)
+                below = not join and i % 2  # unordered points: every other label below its point
+                ax.annotate(m, (x, y), textcoords="offset points", xytext=(5, -10 if below else 4), fontsize=7, color=c)
             hib, label = roles.loc[ym, "higher_is_better"], roles.loc[ym, "label"]
             ax.set(xlabel=f"1 − {roles.loc[xm, 'label']} vs {ref} (distortion, right: worse)",
                    ylabel=f"{label} ({'up' if hib else 'down'}: more realistic)")
