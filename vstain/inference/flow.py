@@ -25,6 +25,7 @@ from vstain.channels import TARGETS
 from vstain.models import velocity_from_clean
 
 from .infer import predict_volume
+from .tta import mean_and_sd
 
 # torchdiffeq's fixed-grid solvers (velocity evaluations per step: 1, 2, 2, 4)
 METHODS = {"euler": 1, "midpoint": 2, "heun2": 2, "rk4": 4}
@@ -122,14 +123,14 @@ def sample_fov(net, x, k: int = 4, steps: int = 8, method: str = "euler", seed: 
     standard deviation with ``k - 1`` degrees of freedom (0 for one sample)."""
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k (samples per FOV) must be a positive integer, got {k!r}")
-    first = mean = m2 = None
-    for j in range(k):
-        y = sample_volume(net, x, steps, method, noise_seed(seed, j), max_voxels, workdir)
-        if first is None:  # Welford: a running mean and sum of squares
-            first, mean, m2 = y, y.copy(), np.zeros_like(y)
-            continue
-        delta = y - mean
-        mean += delta / (j + 1)
-        m2 += delta * (y - mean)
-    sd = np.sqrt(m2 / (k - 1)) if k > 1 else m2
-    return first, mean.astype(np.float32), sd.astype(np.float32)
+    first = []
+
+    def samples():
+        for j in range(k):
+            y = sample_volume(net, x, steps, method, noise_seed(seed, j), max_voxels, workdir)
+            if not first:
+                first.append(y)
+            yield y
+
+    mean, sd = mean_and_sd(samples(), ddof=1)
+    return first[0], mean, sd

@@ -34,14 +34,26 @@ def predict_tta(generator, x, predict_fn=predict_volume, **kwargs) -> tuple[np.n
     x = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float32)
     if x.ndim != 4:
         raise ValueError(f"predict_tta expects a [1, Z, Y, X] brightfield volume, got shape {x.shape}")
+    flips = (np.flip(np.asarray(predict_fn(generator, np.ascontiguousarray(np.flip(x, axes)) if axes else x,
+                                           **kwargs), dtype=np.float32), axes) for axes in FLIPS)
+    return mean_and_sd(flips, ddof=0)
+
+
+def mean_and_sd(volumes, ddof: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (``ddof`` as numpy's; 0 where fewer than ``ddof + 1``) of the
+    arrays an iterable yields, in one pass (Welford: a running mean and sum of squares, two arrays
+    in memory however many are averaged). Both float32."""
     mean = m2 = None
-    for k, axes in enumerate(FLIPS, 1):
-        flipped = np.ascontiguousarray(np.flip(x, axes)) if axes else x
-        y = np.flip(np.asarray(predict_fn(generator, flipped, **kwargs), dtype=np.float32), axes)
-        if mean is None:  # Welford: a running mean and sum of squares, two arrays, not four
+    n = 0
+    for n, y in enumerate(volumes, 1):
+        y = np.asarray(y, dtype=np.float32)
+        if mean is None:
             mean, m2 = y.copy(), np.zeros_like(y)
             continue
         delta = y - mean
-        mean += delta / k
+        mean += delta / n
         m2 += delta * (y - mean)
-    return mean.astype(np.float32), np.sqrt(m2 / len(FLIPS)).astype(np.float32)
+    if mean is None:
+        raise ValueError("mean_and_sd needs at least one array")
+    sd = np.sqrt(m2 / (n - ddof)) if n > ddof else np.zeros_like(m2)
+    return mean.astype(np.float32), sd.astype(np.float32)

@@ -82,11 +82,10 @@ def plane_verdict(summary: pd.DataFrame, k: int) -> str:
     for flow in flow_names(k):
         for control, g in summary[(summary["model"] == flow)].groupby("control", sort=False):
             rows = g[(g["role"] != "distortion") | (g["reference"] == fid)]
-            better = [MEASURES[r["metric"]][1] for _, r in rows.iterrows() if _said(r).startswith("better")]
-            worse = [MEASURES[r["metric"]][1] for _, r in rows.iterrows() if _said(r).startswith("worse")]
-            same = [MEASURES[r["metric"]][1] for _, r in rows.iterrows() if _said(r).startswith("no detectable")]
-            open_ = [MEASURES[r["metric"]][1] for _, r in rows.iterrows() if _said(r).startswith("undecided")]
-            detail = "; ".join(f"{MEASURES[r['metric']][1]} {_said(r)}" for _, r in rows.iterrows())
+            said = [(MEASURES[r["metric"]][1], _said(r)) for _, r in rows.iterrows()]
+            better, worse, same, open_ = ([name for name, text in said if text.startswith(word)]
+                                          for word in ("better", "worse", "no detectable", "undecided"))
+            detail = "; ".join(f"{name} {text}" for name, text in said)
             head = (f"beats the {control} on {', '.join(better)}" if better else f"beats the {control} on no measure")
             tail = (f"; loses on {', '.join(worse)}" if worse else "") + \
                    (f"; no detectable difference on {', '.join(same)}" if same else "") + \
