@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from lightning import seed_everything
 from lightning.pytorch.callbacks import Callback
 from scipy.ndimage import gaussian_filter
 
@@ -490,3 +491,48 @@ def test_blank_note_names_blank_channels_before_any_number():
     assert blank_note(table, ["U-Net", "WGAN"]).startswith(
         "**Before any number:** no coarse structure of the truth, so (almost) nothing predicted, for the WGAN on DNA "
         "(4 of 4 FOVs).")
+
+
+# --------------------------------------------------------------------------------------------
+# λ_adv = 0: the L1-only control of the fine-tune
+# --------------------------------------------------------------------------------------------
+class Batches(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.seen.append((batch[0].clone(), batch[1].clone()))
+
+
+@pytest.mark.slow
+def test_l1_only_control_is_plain_l1_on_each_iterations_generator_batch(stage_in, tmp_path):
+    """At λ_adv = 0 the critic is skipped, the step count and the batches stay those of an
+    adversarial run, and the generator equals Adam on the masked L1 of each iteration's last
+    batch, the batch a λ_adv > 0 run trains its generator on; snapshots fall at generator iterations."""
+    cfg = tiny_config(lambda_adv=0.0, samples=6, snapshots=2)
+    seen = Batches()
+    seed_everything(cfg.seed, verbose=False)
+    initial = wgan.WGAN(cfg)  # the seeded initial weights, as fit_wgan builds them
+    module, trainer, stopped = wgan.fit_wgan(cfg, stage_in, tmp_path, progress=False, callbacks=[seen])
+    assert stopped == "" and trainer.global_step == cfg.iterations * cfg.steps_per_iteration
+    for a, b in zip(module.critic.state_dict().values(), initial.critic.state_dict().values()):
+        torch.testing.assert_close(a, b)  # the critic never trained
+    hist = wgan.history_frame(module.history)
+    assert list(hist.loc[hist["kind"] == "generator", "step"]) == [2, 5, 8, 11]
+    # the same generator from a plain loop
+    ref = initial.generator
+    opt = torch.optim.Adam(ref.parameters(), lr=cfg.lr_generator, betas=cfg.betas)
+    for x, y in seen.seen[cfg.n_critic - 1::cfg.n_critic]:
+        opt.zero_grad()
+        masked_l1(ref(x), y).backward()
+        opt.step()
+    # the same function (the biases in front of an instance norm get round-off gradients only, which
+    # Adam scales up to steps of any sign, but the norm removes them again)
+    x = seen.seen[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(module.generator(x), ref(x), rtol=1e-4, atol=1e-4)
+    weights = [k for k in ref.state_dict() if k.endswith("weight")]
+    for k in weights:
+        torch.testing.assert_close(module.generator.state_dict()[k], ref.state_dict()[k], rtol=1e-4, atol=1e-6)
+    snaps = pd.read_csv(tmp_path / "snapshots.csv")
+    assert snaps["step"].tolist() == [2, 4]  # generator iterations, log-spaced up to 4

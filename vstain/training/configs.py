@@ -59,6 +59,12 @@ class DictConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
+def check_snapshots(n) -> None:
+    """``snapshots`` is 0 (none) or a count of at least 2 (a curve needs two points)."""
+    if not isinstance(n, int) or n < 0 or n == 1:
+        raise ValueError(f"snapshots must be 0 (none) or an integer >= 2, got {n!r}")
+
+
 @dataclass
 class UNetConfig(DictConfig):
     """Everything that defines a U-Net baseline run; saved in every checkpoint and ``model.json``.
@@ -97,6 +103,8 @@ class UNetConfig(DictConfig):
             :data:`vstain.channels.TARGETS` names (default empty: all six, one joint model). A
             subset trains only on the FOVs that carry every one of them (one model per structure,
             as Ounkomol et al. 2018).
+        snapshots: generator snapshots kept at log-spaced steps for the test-set learning curves
+            (:func:`vstain.training.snapshots.log_steps`; 0: none).
     """
 
     base_width: int = 64  # thesis 3.1.1
@@ -124,6 +132,7 @@ class UNetConfig(DictConfig):
     norm: str = "instance"  # thesis 3.1.1: InstanceNorm3d
     sampling: str = "uniform"  # every training FOV equally often
     channels: tuple[str, ...] = ()  # all six targets: one joint model (thesis)
+    snapshots: int = 0  # log-spaced generator snapshots for learning curves (0: none)
     RESUMABLE_KEYS: ClassVar[tuple[str, ...]] = (  # may change between an interrupted run and its resumption
         "max_steps", "val_every", "ckpt_every", "device", "precision", "devices", "strategy", "num_threads",
         "num_workers", "channels_last", "torch_compile")
@@ -144,6 +153,7 @@ class UNetConfig(DictConfig):
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
         self.channels = check_channels(self.channels)
+        check_snapshots(self.snapshots)
         self.check_run_fields(("base_width", "batch_size", "samples", "val_samples", "max_steps", "val_every",
                                "ckpt_every", "devices"))
 
@@ -229,8 +239,8 @@ class WGANConfig(DictConfig):
         channels_last, critic_channels_last: store the generator's / the critic's weights and
             activations as ``channels_last_3d`` (a CPU speed option; oneDNN's weight gradient of the
             critic's 7-channel stride-2 first convolution is far slower in the default layout).
-        device, precision, devices, strategy, num_threads, num_workers: as in
-            :class:`UNetConfig`.
+        device, precision, devices, strategy, num_threads, num_workers, snapshots: as in
+            :class:`UNetConfig` (snapshots at log-spaced generator iterations).
     """
 
     base_width: int = 64  # thesis 3.1.1
@@ -262,6 +272,7 @@ class WGANConfig(DictConfig):
     num_workers: int = 0
     channels_last: bool = False
     critic_channels_last: bool = False
+    snapshots: int = 0  # log-spaced generator snapshots for learning curves (0: none)
     RESUMABLE_KEYS: ClassVar[tuple[str, ...]] = (  # may change between an interrupted run and its resumption
         "iterations", "val_every", "ckpt_every", "device", "precision", "devices", "strategy", "num_threads",
         "num_workers", "max_wasserstein", "channels_last", "critic_channels_last")
@@ -282,6 +293,7 @@ class WGANConfig(DictConfig):
         for name in ("lambda_adv", "lambda_gp"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_snapshots(self.snapshots)
         self.check_run_fields(("base_width", "critic_width", "n_critic", "batch_size", "samples", "val_samples",
                                "iterations", "val_every", "ckpt_every", "devices"))
 

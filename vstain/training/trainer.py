@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+from torch import nn
 from torch.multiprocessing import ProcessRaisedException
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
@@ -347,6 +348,41 @@ def mean_over_processes(module: L.LightningModule, values: dict) -> dict:
         return values
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=module.device)
     return dict(zip(values, module.trainer.strategy.reduce(t, reduce_op="mean").tolist()))
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients and random draws of one network among several
+# --------------------------------------------------------------------------------------------
+def grad_norm(module: nn.Module) -> float:
+    """L2 norm of all parameter gradients of ``module`` (0 when none)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device):
+    """Run the block with the global RNG of ``device`` seeded by ``seed``, restoring it afterwards,
+    so draws inside (the gradient penalty's ``ε``) depend on ``seed`` only."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else [], enabled=True):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Parameters of ``module`` do not require grad inside the block (no weight gradients are
+    computed or stored for them), as for the critic during a generator step."""
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
 
 
 def error_message(error: BaseException, kind: type[BaseException]) -> str | None:

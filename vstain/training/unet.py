@@ -20,6 +20,7 @@ from vstain.modelfiles import prepare_out_dir, run_config, save_model_json, writ
 from vstain.models import Generator, num_params
 
 from .configs import UNetConfig
+from .snapshots import Snapshots, log_steps
 from .trainer import CropDataModule, ResumingTrainer, make_optimizer, make_trainer, set_threads
 
 
@@ -95,6 +96,8 @@ def fit_unet(cfg: UNetConfig, stage_in, out_dir, progress: bool = True, callback
         save_model_json(out_dir, run_config(cfg.to_dict(), stage_in), model=model,
                         generator=asdict(cfg.generator_config()))
     set_threads(cfg)
+    if cfg.snapshots:
+        callbacks = [*(callbacks or []), Snapshots(out_dir, log_steps(cfg.max_steps, cfg.snapshots))]
     trainer = make_trainer(out_dir, cfg.max_steps, cfg.device, cfg.precision, cfg.devices, cfg.strategy,
                            ckpt_every=cfg.ckpt_every, val_every=cfg.val_every, seed=cfg.seed, progress=progress,
                            callbacks=callbacks)

@@ -27,7 +27,6 @@ Tensors are ``N C Z Y X``; targets hold NaN in the channels a FOV does not carry
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -49,8 +48,9 @@ from vstain.modelfiles import (CHECKPOINTS, LAST, LOSSES_CSV, init_checkpoint, i
 from vstain.models import Critic, Generator, num_params
 
 from .configs import WGANConfig
-from .trainer import (CropDataModule, backward_and_average, error_message, make_optimizer, make_trainer,
-    mean_over_processes)
+from .snapshots import Snapshots, log_steps
+from .trainer import (CropDataModule, backward_and_average, error_message, frozen, grad_norm, make_optimizer,
+    make_trainer, mean_over_processes, seeded_rng)
 
 log = logging.getLogger(__name__)
 
@@ -64,41 +64,6 @@ LOSS_COLUMNS = ("step", "iteration", "epoch", "kind", "critic_loss", "wasserstei
 class TrainingDiverged(RuntimeError):
     """Raised (before the offending optimiser step) when a loss is NaN/inf or the Wasserstein
     estimate explodes; the last checkpoint written before it is the last good state."""
-
-
-# --------------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------------
-def grad_norm(module: nn.Module) -> float:
-    """L2 norm of all parameter gradients of ``module`` (0 when none)."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-
-
-@contextlib.contextmanager
-def seeded_rng(seed: int, device: torch.device):
-    """Run the block with the global RNG of ``device`` seeded by ``seed``, restoring it afterwards,
-    so draws inside (the gradient penalty's ``ε``) depend on ``seed`` only."""
-    cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else [], enabled=True):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            torch.cuda.manual_seed(seed)
-        yield
-
-
-@contextlib.contextmanager
-def frozen(module: nn.Module):
-    """Parameters of ``module`` do not require grad inside the block (no weight gradients are
-    computed or stored for them), as for the critic during a generator step."""
-    flags = [p.requires_grad for p in module.parameters()]
-    for p in module.parameters():
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(module.parameters(), flags):
-            p.requires_grad_(f)
 
 
 def _f(t: Tensor) -> float:
@@ -183,6 +148,9 @@ class WGAN(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         step = int(self.global_step)  # optimiser steps so far
+        if self.cfg.lambda_adv == 0:
+            self._l1_only_step(x, y, step)
+            return
         if step % self.cfg.steps_per_iteration < self.cfg.n_critic - 1:
             self._record(step, "critic", self.critic_step(x, y, step), x.shape[0])
             return
@@ -192,6 +160,21 @@ class WGAN(L.LightningModule):
         self._record(step, "critic", self.critic_step(x, y, step, pred=pred.detach()), x.shape[0])
         self._record(step + 1, "generator", self.generator_step(x, y, step + 1, pred=pred), x.shape[0])
         iteration = (step + 2) // self.cfg.steps_per_iteration  # iterations completed
+        if iteration % self.cfg.val_every == 0:
+            self._record(step + 2, "val", {"val_l1": self.validate()}, x.shape[0])
+
+    def _l1_only_step(self, x: Tensor, y: Tensor, step: int) -> None:
+        """λ_adv = 0, the L1-only control: the critic cannot reach the generator, so its steps are
+        skipped. Their batches are still drawn and each still counts as an optimiser step (an
+        update without gradients changes no weight), so the generator trains on exactly the
+        batches, at exactly the steps, of a run with λ_adv > 0 and the same seed."""
+        opt_c, _ = self._optimizers()
+        opt_c.zero_grad(set_to_none=True)
+        opt_c.step()  # no gradients: no update, one step counted
+        if step % self.cfg.steps_per_iteration < self.cfg.n_critic - 1:
+            return
+        self._record(step + 1, "generator", self.generator_step(x, y, step + 1), x.shape[0])
+        iteration = (step + 2) // self.cfg.steps_per_iteration
         if iteration % self.cfg.val_every == 0:
             self._record(step + 2, "val", {"val_l1": self.validate()}, x.shape[0])
 
@@ -266,6 +249,15 @@ class WGAN(L.LightningModule):
             pred = self.generator(self._g(x))
         fake, _ = mask_pair(pred, y)
         l1 = masked_l1(pred, y)  # thesis 3.2.1: mean |y - ỹ| over the labelled voxels only
+        if self.cfg.lambda_adv == 0:  # the L1-only control: no critic term at all
+            opt_g.zero_grad(set_to_none=True)
+            self._backward(l1, self.generator)
+            m = mean_over_processes(self, {"l1": _f(l1)})
+            out = {"l1": m["l1"], "lambda_adv": 0.0, "generator_loss": m["l1"], "grad_ratio": 0.0}
+            self._check(out, step)
+            out["grad_norm_generator"] = grad_norm(self.generator)
+            opt_g.step()
+            return out
         with frozen(self.critic):  # the critic is a fixed loss here
             adv = -self.critic(*self._c(x, fake)).mean()  # -mean D_w(x, ỹ)
         g_l1, = torch.autograd.grad(l1, pred, retain_graph=True)
@@ -386,6 +378,9 @@ def fit_wgan(cfg: WGANConfig, stage_in, out_dir, progress: bool = True, callback
     if cfg.device == "cpu" and cfg.num_threads > 0:
         torch.set_num_threads(int(cfg.num_threads))
     spi = cfg.steps_per_iteration
+    if cfg.snapshots:  # at generator iterations
+        callbacks = [*(callbacks or []), Snapshots(out_dir, log_steps(cfg.iterations, cfg.snapshots),
+                                                   step_of=lambda trainer: int(trainer.global_step) // spi)]
     trainer = make_trainer(out_dir, cfg.iterations * spi, cfg.device, cfg.precision, cfg.devices, cfg.strategy,
                            ckpt_every=cfg.ckpt_every * spi, val_every=None, seed=cfg.seed,
                            progress=progress, callbacks=callbacks)

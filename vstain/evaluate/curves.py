@@ -1,0 +1,100 @@
+"""Test-set learning curves: metrics of every kept snapshot, and whether the gap between two models
+closes, holds or widens over the second half of training.
+
+The long table of the curves has one row per ``model, step, wall_s, metric, channel`` with the mean
+over the test FOVs, its interval and ``n`` (:func:`curve_table`). The trend of a gap is decided, not
+read off a plot (:func:`gap_trend`): for each FOV the paired gap ``b - a`` is taken at each model's
+snapshot half-way through its training and at its last one, and the change of the gap (signed so
+that positive means the gap grew) gets a bootstrap interval over the FOVs
+(:func:`vstain.evaluate.stats.paired_difference`). An interval above 0 is *widening*, below 0
+*closing*, one that holds 0 *stable* (no detectable change).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .stats import Difference, decided, paired_difference
+
+TRENDS = ("closing", "stable", "widening")
+CURVE_COLUMNS = ["model", "step", "wall_s", "metric", "channel", "mean", "low", "high", "n"]
+
+
+@dataclass(frozen=True)
+class Trend:
+    """The change of a paired gap ``b - a`` between two checkpoints.
+
+    Args:
+        trend: ``"closing"``, ``"stable"`` or ``"widening"``.
+        gap_mid, gap_last: mean gap at the half-way and the last checkpoint.
+        change: the interval of the change of the gap, signed so that > 0 means it grew
+            (:class:`vstain.evaluate.stats.Difference` of ``s * gap_mid`` and ``s * gap_last``,
+            ``s`` the sign of the gap at half-way, or at the end when it was 0 there).
+    """
+
+    trend: str
+    gap_mid: float
+    gap_last: float
+    change: Difference
+
+
+def gap_trend(a_mid, b_mid, a_last, b_last, confidence: float = 0.95, seed: int = 0) -> Trend:
+    """Whether the gap ``b - a`` closes, holds or widens from the half-way to the last checkpoint.
+
+    Args:
+        a_mid, b_mid: one value per FOV of models ``a`` and ``b`` at half-way (same FOV order).
+        a_last, b_last: the same at the last checkpoint.
+        confidence: interval level; a trend other than stable needs the interval to exclude 0 on at
+            least :func:`vstain.evaluate.stats.min_pairs` FOVs.
+    """
+    mid = np.asarray(b_mid, float) - np.asarray(a_mid, float)
+    last = np.asarray(b_last, float) - np.asarray(a_last, float)
+    if mid.shape != last.shape:
+        raise ValueError(f"gap_trend needs the same FOVs at both checkpoints, got {mid.size} and {last.size} values")
+    sign = np.sign(np.nanmean(mid)) or np.sign(np.nanmean(last)) or 1.0
+    change = paired_difference(sign * mid, sign * last, confidence=confidence, seed=seed)
+    if not decided(change, confidence):
+        trend = "stable"
+    else:
+        trend = "widening" if change.diff > 0 else "closing"
+    return Trend(trend, float(np.nanmean(mid)), float(np.nanmean(last)), change)
+
+
+def half_way(steps) -> tuple[int, int]:
+    """The kept step nearest half of the last one, and the last one."""
+    steps = np.sort(np.asarray(list(steps), int))
+    if steps.size < 2:
+        raise ValueError(f"a trend needs at least two snapshots, got steps {steps.tolist()}")
+    last = int(steps[-1])
+    earlier = steps[:-1]
+    return int(earlier[np.argmin(np.abs(earlier - last / 2))]), last
+
+
+def model_trend(per_fov: pd.DataFrame, model_a: str, model_b: str, metric: str, channel: str,
+                confidence: float = 0.95) -> Trend:
+    """:func:`gap_trend` on the per-FOV table of the curves (``model, step, fov_id, channel, metric,
+    value``), each model at its own half-way and last snapshot."""
+    sel = per_fov[(per_fov["metric"] == metric) & (per_fov["channel"] == channel)]
+    values = {}
+    for model in (model_a, model_b):
+        rows = sel[sel["model"] == model]
+        if rows.empty:
+            raise ValueError(f"no {metric} of {channel} for model {model!r} in the curves")
+        mid, last = half_way(rows["step"].unique())
+        values[model] = [rows[rows["step"] == s].set_index("fov_id")["value"] for s in (mid, last)]
+    fovs = sorted(set(values[model_a][1].index) & set(values[model_b][1].index)
+                  & set(values[model_a][0].index) & set(values[model_b][0].index))
+    (a_mid, a_last), (b_mid, b_last) = ([s.reindex(fovs).to_numpy() for s in values[m]] for m in (model_a, model_b))
+    return gap_trend(a_mid, b_mid, a_last, b_last, confidence=confidence)
+
+
+def trend_sentence(t: Trend, model_a: str, model_b: str, metric: str, channel: str, digits: int = 3) -> str:
+    """One sentence: the gap's size at half-way and at the end, and the decided trend."""
+    c = t.change
+    how = {"closing": "closes", "widening": "widens",
+           "stable": "shows no detectable change"}[t.trend]
+    return (f"{channel} {metric}: the gap {model_b} - {model_a} {how} over the second half of training "
+            f"({t.gap_mid:+.{digits}f} at half-way, {t.gap_last:+.{digits}f} at the end; change of its size "
+            f"{c.diff:+.{digits}f}, 95% CI {c.ci_low:+.{digits}f} to {c.ci_high:+.{digits}f}, n = {c.n} FOVs).")
