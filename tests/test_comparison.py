@@ -173,3 +173,16 @@ def test_the_verdict_says_a_blank_prediction_first_and_handles_a_missing_score_a
     assert "**Nucleoli**: the WGAN-GP predicts almost none of it (blank on 8 of 8 FOVs); not scored on any FOV." in text
     assert "**DNA**: no detectable difference with n = 8 FOVs on SSIM, MSE, MAE, PCC." in text
     assert C.verdict(comp, "U-Net", "WGAN-GP") == C.verdict(comp, "U-Net", "WGAN-GP", blank=blank.iloc[:0])
+
+
+def test_f1_discrimination_names_channels_at_floor_or_ceiling():
+    from vstain.evaluate.comparison import f1_discrimination, f1_discrimination_sentence
+    rows = [dict(channel=c, model=m, metric="f1clf", estimate=v, ci_low=v, ci_high=v, n=6)
+            for c, vals in (("mito", (0.0, 0.02)), ("dna", (0.97, 1.0)), ("nucleoli", (0.2, 0.9)))
+            for m, v in zip(("A", "B"), vals)]
+    t = f1_discrimination(pd.DataFrame(rows), ["A", "B"]).set_index("channel")
+    assert t.loc["mito", "state"] == "floor" and t.loc["dna", "state"] == "ceiling"
+    assert t.loc["nucleoli", "state"] == "discriminates"
+    text = f1_discrimination_sentence(t.reset_index())
+    assert "below 0.05 for every model on mitochondria" in text and "above 0.95 for every model on DNA" in text
+    assert "nucleoli" not in text.lower()

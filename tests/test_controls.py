@@ -56,9 +56,9 @@ def test_controls_need_the_clean_truth(tmp_path):
         write_controls(stage, tmp_path / "controls")
 
 
-def summary_row(metric, model, diff, decided, estimate, higher=True, label=None):
+def summary_row(metric, model, diff, decided, estimate, higher=True, label=None, n=8):
     return dict(metric=metric, reference="truth", model=model, estimate=estimate, diff=diff, decided=decided,
-                higher_is_better=higher, label=label or metric.upper())
+                higher_is_better=higher, label=label or metric.upper(), n=n)
 
 
 def test_findings_tell_realism_from_correspondence_and_blindness():
@@ -81,3 +81,21 @@ def test_findings_tell_realism_from_correspondence_and_blindness():
     text = controls_sentence(f.reset_index())
     assert "KID gets worse under blur but not" in text and "F1clf does not get worse" in text
     assert "PCC gets worse under blur and under the shift" in text
+    few = control_findings(pd.DataFrame(rows).assign(n=4))
+    assert set(few["judges"]) == {"undecided"} and "fewer than 6 FOVs" in controls_sentence(few)
+
+
+def test_kid_rows_and_the_display_table():
+    from vstain.studies.controls import control_display, kid_rows
+    kt = pd.DataFrame([dict(channel=c, model=m, kid=k, low=k - .1, high=k + .1, n=8, patches=40, diff=k,
+                            diff_low=k - .1, diff_high=k + .1, decided=m != TRUTH and k > .1)
+                       for c in ("all", "dna") for m, k in ((TRUTH, 0.0), (blur_name(4), 2.0), (SHIFT, 0.05))])
+    rows = kid_rows(kt)
+    assert len(rows) == 3 and set(rows["metric"]) == {"kid"} and not rows["higher_is_better"].any()
+    pcc = ((TRUTH, 0, 1), (blur_name(4), -.5, .5), (SHIFT, -.9, .1))
+    pcc_rows = pd.DataFrame([dict(summary_row("pcc", m, d, m != TRUTH, e), ci_low=e - .01, ci_high=e + .01,
+                                  label="PCC") for m, d, e in pcc])
+    t = control_display(pd.concat([pcc_rows, rows], ignore_index=True))
+    assert list(t.columns) == [TRUTH, blur_name(4), SHIFT] and list(t.index) == ["PCC vs truth", "KID vs truth"]
+    assert t.loc["KID vs truth", blur_name(4)].endswith("*") and not t.loc["KID vs truth", SHIFT].endswith("*")
+    assert "(n = 8)" in t.loc["PCC vs truth", TRUTH]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from test_train import Interrupt, fit, stage, tiny_cfg  # noqa: F401  (stage: the module's processed set)
-from vstain.evaluate.curves import gap_trend, half_way, model_trend
+from vstain.evaluate.curves import gap_trend, half_way, model_trend, trend_sentence
 from vstain.models import Generator
 from vstain.training.snapshots import Snapshots, load_snapshot, log_steps, read_snapshots, snapshot_path
 
@@ -87,7 +87,9 @@ def test_trend_of_synthetic_gaps(gap_mid, gap_last, expected):
 
 def test_trend_needs_enough_fovs_to_call_a_change():
     a_mid, b_mid, a_last, b_last = curves(-0.2, -0.05)
-    assert gap_trend(a_mid[:4], b_mid[:4], a_last[:4], b_last[:4]).trend == "stable"  # 4 FOVs decide nothing
+    few = gap_trend(a_mid[:4], b_mid[:4], a_last[:4], b_last[:4])
+    assert few.trend == "undecided"  # 4 FOVs decide nothing
+    assert "with n = 4 FOVs the trend of the gap b - a cannot be decided" in trend_sentence(few, "a", "b", "PCC", "all")
 
 
 def test_model_trend_uses_each_models_own_half_way():
@@ -102,3 +104,69 @@ def test_model_trend_uses_each_models_own_half_way():
                      for i, x in enumerate(v)]
     t = model_trend(pd.DataFrame(rows), "unet", "wgan", "pcc", "dna")
     assert t.trend == "closing" and t.change.n == N
+
+
+# --- the curves of whole models ------------------------------------------------------------------
+def synthetic_scores(n_fovs=8, gap_mid=-0.2, gap_last=-0.05):
+    """SnapshotScores of two models, 'a' (steps 2, 4) flat and 'b' (iterations 1, 2) catching up on
+    PCC; b's classifier answers get better too; features: b's drift towards the truth's."""
+    from vstain.studies.curves import SnapshotScores
+    from vstain.evaluate.patches import REAL
+    r = np.random.default_rng(1)
+    fovs = [f"f{i}" for i in range(n_fovs)]
+    rows = []
+    for model, steps, gaps in (("a", (2, 4), (0, 0)), ("b", (1, 2), (gap_mid, gap_last))):
+        for step, gap in zip(steps, gaps):
+            for i, f in enumerate(fovs):
+                for ch in ("dna", "mito"):
+                    base = 0.7 + 0.05 * (step == steps[-1]) * (model == "a") * 0
+                    rows += [dict(model=model, step=step, fov_id=f, channel=ch, metric=m,
+                                  value=base + gap + 0.005 * r.normal()) for m in ("pcc", "ssim")]
+    patches_per_fov = 6
+    meta = pd.DataFrame({"fov_id": np.repeat(fovs, patches_per_fov), "channel": "dna",
+                         "class": np.tile(np.arange(6), n_fovs)})
+    n = len(meta)
+    real = r.normal(size=(n, 4))
+    feats = {REAL: real}
+    conf = {}
+    for model, steps, wrong in (("a", (2, 4), (1, 1)), ("b", (1, 2), (4, 1))):
+        for step, w in zip(steps, wrong):
+            feats[(model, step)] = real + (0.1 if w == 1 else 1.5) + 0.1 * r.normal(size=real.shape)
+            c = np.zeros((n_fovs, 6, 6), np.int64)
+            for i in range(n_fovs):
+                for k in range(6):
+                    c[i, k, k if k >= w else (k + 1) % 6] += 1
+            conf[(model, step)] = c
+    return SnapshotScores(pd.DataFrame(rows), conf, feats, meta, fovs)
+
+
+def test_pair_trends_and_convergence_on_synthetic_curves():
+    from vstain.studies.curves import convergence, pair_trends, trend_verdict
+    scores = synthetic_scores()
+    t = pair_trends(scores, "a", "b", n_resamples=199).set_index("metric")
+    assert t.loc["pcc", "trend"] == "closing" and t.loc["ssim", "trend"] == "closing"
+    assert t.loc["pcc", "gap_mid"] == pytest.approx(-0.2, abs=0.01)
+    assert t.loc["f1clf", "trend"] == "closing"  # b's F1 rose to a's
+    assert t.loc["kid", "trend"] == "closing"  # b's features came close to the truth's
+    conv = convergence(scores).set_index("model")
+    assert conv.loc["a", "converged"] and not conv.loc["b", "converged"]  # b still gained PCC
+    text = trend_verdict(t.reset_index(), conv.reset_index(), {"a": "4 steps", "b": "2 generator iterations"})
+    assert "after 4 steps (a) and 2 generator iterations (b)" in text
+    assert "b had not converged" in text and "not tested at this budget" in text
+    assert text.count("closes over the second half") == 4
+
+
+def test_curve_table_has_a_row_per_model_step_metric_and_channel():
+    from vstain.evaluate.curves import CURVE_COLUMNS
+    from vstain.studies.curves import curve_table
+    scores = synthetic_scores()
+    snaps = pd.DataFrame({"model": ["a", "a", "b", "b"], "step": [2, 4, 1, 2], "wall_s": [1.0, 2.0, 3.0, 6.0]})
+    t = curve_table(scores, snaps, n_resamples=99)
+    assert list(t.columns) == CURVE_COLUMNS
+    # pcc, ssim x (dna, mito, all) + f1clf + kid, for each of the 4 snapshots
+    assert len(t) == 4 * (2 * 3 + 2)
+    r = t[(t["model"] == "b") & (t["step"] == 1) & (t["metric"] == "pcc") & (t["channel"] == "all")].iloc[0]
+    assert r["mean"] == pytest.approx(0.5, abs=0.01) and r["low"] < r["mean"] < r["high"] and r["n"] == 8
+    assert r["wall_s"] == 3.0
+    k = t[(t["metric"] == "kid")].set_index(["model", "step"])["mean"]
+    assert k[("b", 1)] > k[("b", 2)]

@@ -118,7 +118,7 @@ PROSE_CONSTANTS = {
     "01_data": {"0.29 µm", "0.108 µm", "0.5 GB"},  # the real dataset's voxel size; its download per FOV
     "03_denoising": {"0.6745", "0.05"},  # Donoho's MAD constant; the thesis claim's SSIM tolerance
     "05_wgan": {"0.1"},  # the coarse-structure threshold of the sharpness measure
-    "07_results": {"0.65", "0.108 µm"},  # the thesis' membrane PCC (Table 4.1); the real lateral voxel size
+    "07_results": {"0.65", "0.108 µm", "0.05", "0.95"},  # the thesis' membrane PCC (Table 4.1); the real lateral voxel size; F1clf's floor and ceiling (comparison.F1_FLOOR, F1_CEILING)
     "08_downstream": {"0.5", "0.5 µm"},  # the IoU of a match; the envelope's shell width
     "09_predict": {"0.29", "0.108"},  # the real dataset's voxel size
     "10_realism": {"7.2", "1.25", "0.29 µm", "0.108 µm"},  # published values: the mitochondrial fraction, the NA, the real voxel size

@@ -50,11 +50,11 @@ def fov_confusions(scores: pd.DataFrame, model: str, fovs) -> np.ndarray:
     return out
 
 
-def _f1_of(counts: np.ndarray, c: int | None) -> np.ndarray:
+def f1_of(counts: np.ndarray, c: int | None) -> np.ndarray:
     """F1 of class ``c`` from confusion counts ``[..., 6, 6]`` (NaN where the class never occurs);
     ``c=None``: the macro F1, the mean F1 of the classes that occur (NaN if none does)."""
     if c is None:
-        per = np.stack([_f1_of(counts, k) for k in range(counts.shape[-1])], -1)
+        per = np.stack([f1_of(counts, k) for k in range(counts.shape[-1])], -1)
         n = np.isfinite(per).sum(-1)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(n > 0, np.nansum(per, -1) / n, np.nan)
@@ -70,12 +70,12 @@ def f1_bootstrap(per_fov: list[np.ndarray], c: int | None, n_resamples: int, con
     :func:`vstain.evaluate.stats.bootstrap_level`. One model: ``(estimate, lo, hi)``; two: the same
     for the difference second minus first, on the same resampled FOVs."""
     f = per_fov[0].shape[0]
-    est = [float(_f1_of(m.sum(0), c)) for m in per_fov]
+    est = [float(f1_of(m.sum(0), c)) for m in per_fov]
     value = est[0] if len(est) == 1 else est[1] - est[0]
     if f < 2:
         return value, float("nan"), float("nan"), est
     idx = np.random.default_rng(seed).integers(0, f, size=(n_resamples, f))
-    draws = [_f1_of(m[idx].sum(1), c) for m in per_fov]
+    draws = [f1_of(m[idx].sum(1), c) for m in per_fov]
     d = draws[0] if len(draws) == 1 else draws[1] - draws[0]
     d = d[np.isfinite(d)]
     level = bootstrap_level(f, confidence)
@@ -277,3 +277,39 @@ def lowest_channels(summary: pd.DataFrame, model: str, metric: str = "pcc", k: i
         text += (f" F1clf is 0 for every model on {', '.join(floor)}: the classifier recognises none of those "
                  "generated patches, so the column is at its floor and cannot rank the models there.")
     return text
+
+
+F1_FLOOR, F1_CEILING = 0.05, 0.95  # F1clf at or below / above these for every model: no room to rank them
+
+
+def f1_discrimination(summary: pd.DataFrame, models: list[str]) -> pd.DataFrame:
+    """Per channel, whether F1clf can tell the models apart at all: ``"floor"`` when every model's
+    F1clf is at most :data:`F1_FLOOR`, ``"ceiling"`` when every one is at least :data:`F1_CEILING`,
+    else ``"discriminates"``. Columns ``channel, state, low, high`` (the lowest and highest F1clf)."""
+    f1 = summary[(summary["metric"] == "f1clf") & summary["model"].isin(models)]
+    rows = []
+    for channel, g in f1.groupby("channel", sort=False):
+        lo, hi = float(g["estimate"].min()), float(g["estimate"].max())
+        state = "floor" if hi <= F1_FLOOR else "ceiling" if lo >= F1_CEILING else "discriminates"
+        rows.append({"channel": channel, "state": state, "low": lo, "high": hi})
+    return pd.DataFrame(rows, columns=["channel", "state", "low", "high"])
+
+
+def _name(channel: str) -> str:
+    """A channel's name inside a sentence: "DNA", else the label in lower case."""
+    return "DNA" if channel == "dna" else TARGET_LABELS.get(channel, channel).lower()
+
+
+def f1_discrimination_sentence(table: pd.DataFrame) -> str:
+    """Which channels' F1clf sits at its floor or ceiling for every model, so that no verdict on
+    realism can rest on F1clf there."""
+    parts = []
+    for state, what in (("floor", f"at or below {F1_FLOOR} for every model"),
+                        ("ceiling", f"at or above {F1_CEILING} for every model")):
+        chans = [_name(c) for c in table.loc[table["state"] == state, "channel"]]
+        if chans:
+            parts.append(f"F1clf is {what} on {', '.join(chans)}: there it cannot rank the models, and no "
+                         "verdict on realism rests on it")
+    if not parts:
+        return "F1clf leaves room to rank the models on every channel (no channel at its floor or ceiling for all)."
+    return "; ".join(parts) + "."

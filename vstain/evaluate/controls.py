@@ -25,6 +25,8 @@ from vstain.channels import TARGETS
 from vstain.preprocess import processed
 from vstain.volumes import read_volume, write_volume
 
+from .stats import min_pairs
+
 TRUTH = "truth"
 BLUR_SIGMAS = (1.0, 2.0, 4.0)  # voxels in Y and X: 1 softens, 4 erases structures finer than ~10 voxels
 SHIFT = "shifted"
@@ -83,7 +85,8 @@ def control_findings(summary: pd.DataFrame, sigmas=BLUR_SIGMAS) -> pd.DataFrame:
     decided worse than the truth), ``monotone_in_blur`` (each larger blur scores no better than the
     smaller one), ``penalises_shift`` (the shifted truth is decided worse), and ``judges``: what the
     measure can be used for (``"realism"`` when blur costs and a shift does not, ``"correspondence"``
-    when both cost, ``"nothing of blur"`` when blur does not cost)."""
+    when both cost, ``"nothing of blur"`` when blur does not cost, ``"undecided"`` with fewer FOVs
+    than :func:`vstain.evaluate.stats.min_pairs`)."""
     rows = []
     blurs = [blur_name(s) for s in sigmas]
     for (metric, ref), g in summary.groupby(["metric", "reference"], sort=False):
@@ -97,6 +100,8 @@ def control_findings(summary: pd.DataFrame, sigmas=BLUR_SIGMAS) -> pd.DataFrame:
         est = [better * g.loc[b, "estimate"] for b in blurs]
         blur_cost, shift_cost = worse(blurs[-1]), worse(SHIFT)
         judges = ("nothing of blur" if not blur_cost else "correspondence" if shift_cost else "realism")
+        if int(g["n"].min()) < min_pairs():
+            judges = "undecided"
         rows.append({"metric": metric, "reference": ref, "label": g["label"].iloc[0],
                      "penalises_blur": blur_cost, "monotone_in_blur": bool(np.all(np.diff(est) <= 1e-12)),
                      "penalises_shift": shift_cost, "judges": judges})
@@ -116,6 +121,8 @@ def controls_sentence(findings: pd.DataFrame) -> str:
         "nothing of blur": ("does not get worse under the strongest blur, so it cannot judge sharpness",
                             "do not get worse under the strongest blur, so they cannot judge sharpness"),
     }
+    phrases["undecided"] = (f"cannot be read: fewer than {min_pairs()} FOVs decide nothing",
+                            f"cannot be read: fewer than {min_pairs()} FOVs decide nothing")
     parts = []
     for judges, (one, several) in phrases.items():
         labels = list(dict.fromkeys(findings.loc[findings["judges"] == judges, "label"]))

@@ -7,7 +7,8 @@ read off a plot (:func:`gap_trend`): for each FOV the paired gap ``b - a`` is ta
 snapshot half-way through its training and at its last one, and the change of the gap (signed so
 that positive means the gap grew) gets a bootstrap interval over the FOVs
 (:func:`vstain.evaluate.stats.paired_difference`). An interval above 0 is *widening*, below 0
-*closing*, one that holds 0 *stable* (no detectable change).
+*closing*, one that holds 0 *stable* (no detectable change); with fewer FOVs than
+:func:`vstain.evaluate.stats.min_pairs` the trend is *undecided*.
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .stats import Difference, decided, paired_difference
+from .stats import Difference, bootstrap_level, decided, min_pairs, paired_difference
 
-TRENDS = ("closing", "stable", "widening")
+TRENDS = ("closing", "stable", "widening", "undecided")  # undecided: fewer FOVs than a decision needs
 CURVE_COLUMNS = ["model", "step", "wall_s", "metric", "channel", "mean", "low", "high", "n"]
 
 
@@ -55,11 +56,15 @@ def gap_trend(a_mid, b_mid, a_last, b_last, confidence: float = 0.95, seed: int 
         raise ValueError(f"gap_trend needs the same FOVs at both checkpoints, got {mid.size} and {last.size} values")
     sign = np.sign(np.nanmean(mid)) or np.sign(np.nanmean(last)) or 1.0
     change = paired_difference(sign * mid, sign * last, confidence=confidence, seed=seed)
+    return Trend(_trend(change, confidence), float(np.nanmean(mid)), float(np.nanmean(last)), change)
+
+
+def _trend(change: Difference, confidence: float) -> str:
+    if change.n < min_pairs(confidence):
+        return "undecided"
     if not decided(change, confidence):
-        trend = "stable"
-    else:
-        trend = "widening" if change.diff > 0 else "closing"
-    return Trend(trend, float(np.nanmean(mid)), float(np.nanmean(last)), change)
+        return "stable"
+    return "widening" if change.diff > 0 else "closing"
 
 
 def half_way(steps) -> tuple[int, int]:
@@ -93,8 +98,60 @@ def model_trend(per_fov: pd.DataFrame, model_a: str, model_b: str, metric: str, 
 def trend_sentence(t: Trend, model_a: str, model_b: str, metric: str, channel: str, digits: int = 3) -> str:
     """One sentence: the gap's size at half-way and at the end, and the decided trend."""
     c = t.change
-    how = {"closing": "closes", "widening": "widens",
-           "stable": "shows no detectable change"}[t.trend]
-    return (f"{channel} {metric}: the gap {model_b} - {model_a} {how} over the second half of training "
-            f"({t.gap_mid:+.{digits}f} at half-way, {t.gap_last:+.{digits}f} at the end; change of its size "
-            f"{c.diff:+.{digits}f}, 95% CI {c.ci_low:+.{digits}f} to {c.ci_high:+.{digits}f}, n = {c.n} FOVs).")
+    numbers = (f"{t.gap_mid:+.{digits}f} at half-way, {t.gap_last:+.{digits}f} at the end; change of its size "
+               f"{c.diff:+.{digits}f}, 95% CI {c.ci_low:+.{digits}f} to {c.ci_high:+.{digits}f}, n = {c.n} FOVs")
+    if t.trend == "undecided":
+        return (f"{metric} ({channel}): with n = {c.n} FOVs the trend of the gap {model_b} - {model_a} cannot be "
+                f"decided ({min_pairs()} are needed; {numbers}).")
+    how = {"closing": "closes", "widening": "widens", "stable": "shows no detectable change"}[t.trend]
+    return f"{metric} ({channel}): the gap {model_b} - {model_a} {how} over the second half of training ({numbers})."
+
+
+
+def resampled_trend(stat, n_fovs: int, n_resamples: int = 999, confidence: float = 0.95, seed: int = 0) -> Trend:
+    """:func:`gap_trend` for a measure that is defined on a set of FOVs only (F1clf pools a
+    model's patches, KID compares two sets of patches), so the FOVs are resampled whole.
+
+    Args:
+        stat: ``stat(idx) -> (gap_mid, gap_last)``, the gap ``b - a`` at the two checkpoints
+            computed on the FOVs ``idx`` (indices ``0 .. n_fovs - 1``, with repeats).
+        n_fovs: FOVs scored.
+    """
+    full = np.arange(int(n_fovs))
+    mid, last = stat(full)
+    sign = np.sign(mid) or np.sign(last) or 1.0
+    if n_fovs < 2:
+        nan = float("nan")
+        return Trend("undecided", float(mid), float(last), Difference(int(n_fovs), 0, nan, nan, nan, nan, nan, nan,
+                                                                      f"n = {n_fovs}: no interval"))
+    draws = np.array([stat(idx) for idx in np.random.default_rng(seed).integers(0, n_fovs, (n_resamples, n_fovs))])
+    d = sign * (draws[:, 1] - draws[:, 0])
+    d = d[np.isfinite(d)]
+    level = bootstrap_level(int(n_fovs), confidence)
+    lo, hi = np.percentile(d, [50 * (1 - level), 50 * (1 + level)]) if d.size else (np.nan, np.nan)
+    change = Difference(int(n_fovs), 0, float(sign * mid), float(sign * last), float(sign * (last - mid)),
+                        float(lo), float(hi), float("nan"))
+    return Trend(_trend(change, confidence), float(mid), float(last), change)
+
+
+def curve_row(model: str, step: int, wall_s: float, metric: str, channel: str, mean: float, low: float,
+              high: float, n: int) -> dict:
+    """One row of the curves' long table (:data:`CURVE_COLUMNS`)."""
+    return dict(zip(CURVE_COLUMNS, (model, int(step), float(wall_s), metric, channel, float(mean), float(low),
+                                    float(high), int(n))))
+
+
+def per_fov_rows(per_fov: pd.DataFrame, walls: dict[tuple[str, int], float], n_resamples: int = 2000,
+                 confidence: float = 0.95, seed: int = 0) -> list[dict]:
+    """Curve rows of the per-FOV measures (``model, step, fov_id, channel, metric, value``): the mean
+    over FOVs with its bootstrap interval, per channel and over all channels (``"all"``: each FOV's
+    mean over its channels)."""
+    overall = per_fov.groupby(["model", "step", "fov_id", "metric"], as_index=False)["value"].mean()
+    rows = []
+    for table in (per_fov, overall.assign(channel="all")):
+        for (model, step, metric, channel), g in table.groupby(["model", "step", "metric", "channel"], sort=False):
+            v = g["value"].to_numpy(float)
+            d = paired_difference(np.zeros_like(v), v, n_resamples, confidence, seed)
+            rows.append(curve_row(model, step, walls[(model, int(step))], metric, channel, d.diff, d.ci_low,
+                                  d.ci_high, d.n))
+    return rows

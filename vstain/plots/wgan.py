@@ -140,3 +140,21 @@ def plot_sharpness(table: pd.DataFrame, title: str | None = None):
     axes[1].set_title("high-frequency power (noise and texture inflate it)")
     fig.suptitle(title)
     return fig
+
+
+def plot_l1_pair(runs: dict[str, pd.DataFrame], title: str = "Masked L1 from the same start"):
+    """The masked L1 of the generator steps (running mean) and the validation L1 of several runs
+    (``name -> losses.csv`` table), against the generator iteration."""
+    fig, ax = plt.subplots(figsize=(7, 3.4), constrained_layout=True)
+    for (name, losses), color in zip(runs.items(), ("tab:blue", "tab:red", "tab:green", "tab:purple")):
+        gen = losses[losses["kind"] == "generator"].assign(step=lambda d: d["iteration"])
+        _curve(ax, gen, "l1", color, f"{name}, train")
+        val = losses[losses["kind"] == "val"]
+        if "val_l1" in val and val["val_l1"].notna().any():
+            ax.plot(val["iteration"], val["val_l1"], "o--", color=color, lw=1.2, ms=3, label=f"{name}, validation")
+    ax.set_xlabel("generator iteration")
+    ax.set_ylabel("masked L1 (z-scored units)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    return fig

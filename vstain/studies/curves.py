@@ -1,0 +1,317 @@
+"""Test-set learning curves of the book's models: every kept snapshot predicts the test FOVs and is
+scored as the finished model is (PCC and SSIM against the clean truth, F1clf and KID in the
+classifier's feature space), and each claim's gap is decided to close, hold or widen over the second
+half of training (:mod:`vstain.evaluate.curves`).
+
+Data flow: ``04_unet``/``05_wgan``/... ``snapshots/`` -> :func:`snapshot_predictions` (one folder of
+predictions per snapshot, resumable) -> :func:`score_snapshots` (per-FOV pixel values, per-FOV
+confusion counts, patch features) -> :func:`curve_table` (the long table ``model, step, wall_s,
+metric, channel, mean, low, high, n``) and :func:`claim_trends` (the verdicts with their budget).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from vstain.channels import TARGETS
+from vstain.evaluate import kid as kidlib
+from vstain.evaluate.classifier import apply_batches, confusion, features
+from vstain.evaluate.comparison import f1_bootstrap, f1_of
+from vstain.evaluate.curves import (CURVE_COLUMNS, curve_row, half_way, model_trend, per_fov_rows,
+                                    resampled_trend, trend_sentence)
+from vstain.evaluate.metrics import evaluate_predictions
+from vstain.evaluate.patches import REAL, fov_scoring_patches
+from vstain.evaluate.stats import decided, paired_difference
+from vstain.inference.infer import write_predictions
+from vstain.modelfiles import MODEL_JSON
+from vstain.models import Generator, GeneratorConfig
+from vstain.preprocess.processed import read_manifest
+from vstain.training.snapshots import load_snapshot, read_snapshots
+
+PIXEL = ("pcc", "ssim")  # per-FOV measures against the clean truth
+SNAPSHOT_PREDICTIONS = "snapshot_predictions.csv"
+
+
+def step_dir(out_dir, model: str, step: int) -> Path:
+    """Where the snapshot of ``model`` at ``step`` writes its predictions (``predictions/``)."""
+    slug = "".join(c if c.isalnum() else "_" for c in model.lower())
+    return Path(out_dir) / slug / f"step_{int(step):06d}"
+
+
+def snapshot_predictions(stage_in, stages: dict[str, Path], out_dir, split: str = "test", max_voxels=None,
+                         progress: bool = True) -> pd.DataFrame:
+    """Predict the FOVs of ``split`` from every snapshot of every model (``stages``: name -> stage
+    folder with ``snapshots.csv``); a snapshot whose predictions are complete is skipped, so an
+    interrupted run resumes. Returns one row per snapshot: ``model, step, wall_s`` (training time
+    up to it), ``dir`` and ``seconds`` (the inference time of its FOVs; NaN when reused)."""
+    out_dir = Path(out_dir)
+    done = pd.read_csv(out_dir / SNAPSHOT_PREDICTIONS) if (out_dir / SNAPSHOT_PREDICTIONS).exists() else None
+    n_fovs = None
+    rows = []
+    jobs = [(m, r) for m, d in stages.items() for _, r in read_snapshots(d).iterrows()]
+    for model, snap in tqdm(jobs, desc="snapshots", disable=not progress):
+        folder, step = step_dir(out_dir, model, snap["step"]), int(snap["step"])
+        meta = json.loads((Path(stages[model]) / MODEL_JSON).read_text())
+        preds = folder / "predictions"
+        if n_fovs is None:
+            n_fovs = int((read_manifest(stage_in)["split"] == split).sum())
+        seconds = float("nan")
+        if not (preds.exists() and len(list(preds.glob("*.tif"))) == n_fovs):
+            gen = load_snapshot(stages[model], step, Generator(GeneratorConfig(**meta["generator"])))
+            t = time.perf_counter()
+            write_predictions(gen, stage_in, folder, splits=(split,), max_voxels=max_voxels)
+            seconds = time.perf_counter() - t
+        elif done is not None:
+            prev = done[(done["model"] == model) & (done["step"] == step)]
+            seconds = float(prev["seconds"].iloc[0]) if len(prev) else seconds
+        start_step, start_wall = started_from(meta)
+        rows.append({"model": model, "step": step, "wall_s": float(snap["wall_s"]), "start_step": start_step,
+                     "start_wall_s": start_wall, "dir": str(folder), "seconds": round(seconds, 2)})
+    table = pd.DataFrame(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / SNAPSHOT_PREDICTIONS, index=False)
+    return table
+
+
+def started_from(meta: dict) -> tuple[int, float]:
+    """The steps and training seconds a model inherited: those of the finished stage its generator
+    started from (``init_from``, a fine-tune), else ``(0, 0.0)``."""
+    source = Path(meta.get("config", {}).get("init_from") or "")
+    if not str(source) or not (source / MODEL_JSON).exists():
+        return 0, 0.0
+    init = json.loads((source / MODEL_JSON).read_text())
+    return int(init.get("global_step", 0)), float(init.get("train_seconds", 0.0))
+
+
+@dataclass
+class SnapshotScores:
+    """The scores of every snapshot: ``pixel`` (per FOV: ``model, step, fov_id, channel, metric,
+    value``), ``confusions`` (``(model, step) -> [F, 6, 6]`` counts over ``fovs``), ``features``
+    (``(model, step) -> [N, D]`` and ``REAL``, rows in ``meta``'s order) and ``meta`` (one row per
+    patch: ``fov_id, channel, class, z, y, x``)."""
+
+    pixel: pd.DataFrame
+    confusions: dict
+    features: dict
+    meta: pd.DataFrame
+    fovs: list[str]
+
+
+def _logits_and_features(model, x):
+    f = model.avgpool(features(model, x)[-1]).flatten(1)
+    return torch.cat([model.fc(f), f], 1)
+
+
+def score_snapshots(stage_in, snapshots: pd.DataFrame, clf, clf_cfg, split: str = "test", device: str = "cpu",
+                    precision: str = "32-true") -> SnapshotScores:
+    """PCC and SSIM against the clean truth per FOV and channel, and the classifier's answer and
+    feature vector for every truth-placed patch, of every snapshot in ``snapshots``
+    (:func:`snapshot_predictions`'s table). One pass of the classifier gives both."""
+    keys = [(r["model"], int(r["step"])) for _, r in snapshots.iterrows()]
+    dirs = {f"{m}@{s}": Path(d) / "predictions" for (m, s), d in zip(keys, snapshots["dir"])}
+    long = evaluate_predictions(stage_in, dirs, split=split, reference="truth")
+    long = long[long["metric"].isin(PIXEL)]
+    model_step = long["model"].str.rsplit("@", n=1, expand=True)
+    pixel = long.assign(model=model_step[0], step=model_step[1].astype(int))[
+        ["model", "step", "fov_id", "channel", "metric", "value"]]
+    metas, feats = [], {REAL: [], **{k: [] for k in keys}}
+    answers = {k: [] for k in keys}
+    n_classes = len(TARGETS)
+    for meta, p in fov_scoring_patches(stage_in, split, clf_cfg, dirs, "truth"):
+        metas.append(meta)
+        out = apply_batches(clf, p[REAL], clf_cfg, _logits_and_features, device, precision)
+        feats[REAL].append(out[:, n_classes:])
+        for k, name in zip(keys, dirs):
+            out = apply_batches(clf, p[name], clf_cfg, _logits_and_features, device, precision)
+            answers[k].append(out[:, :n_classes].argmax(1))
+            feats[k].append(out[:, n_classes:])
+    meta = pd.concat(metas, ignore_index=True)
+    meta["fov_id"] = meta["fov_id"].astype(str)
+    fovs = list(dict.fromkeys(meta["fov_id"]))
+    fov_index = meta["fov_id"].map({f: i for i, f in enumerate(fovs)}).to_numpy()
+    confusions = {}
+    for k in keys:
+        predicted = np.concatenate(answers[k])
+        c = np.zeros((len(fovs), n_classes, n_classes), np.int64)
+        for i in range(len(fovs)):
+            sel = fov_index == i
+            c[i] = confusion(meta.loc[sel, "class"], predicted[sel])
+        confusions[k] = c
+    return SnapshotScores(pixel.assign(fov_id=pixel["fov_id"].astype(str)), confusions,
+                          {k: np.concatenate(v) for k, v in feats.items()}, meta, fovs)
+
+
+def curve_table(scores: SnapshotScores, snapshots: pd.DataFrame, n_resamples: int = 999, confidence: float = 0.95,
+                seed: int = 0) -> pd.DataFrame:
+    """The long table of the curves (:data:`vstain.evaluate.curves.CURVE_COLUMNS`): PCC and SSIM per
+    channel and over all channels, F1clf (macro, all channels) and KID (all channels' patches), each
+    with a 95% interval over resampled FOVs. ``step`` and ``wall_s`` count from random weights: a
+    fine-tune adds the steps and seconds of the model it started from (``start_step``,
+    ``start_wall_s`` of ``snapshots``, when present)."""
+    start = {(r["model"], int(r["step"])): (int(r.get("start_step", 0)), float(r.get("start_wall_s", 0.0)))
+             for _, r in snapshots.iterrows()}
+    walls = {k: float(r["wall_s"]) + start[k][1] for k, (_, r) in zip(start, snapshots.iterrows())}
+    rows = per_fov_rows(scores.pixel, walls, confidence=confidence, seed=seed)
+    for (model, step), conf in scores.confusions.items():
+        est, lo, hi, _ = f1_bootstrap([conf], None, n_resamples, confidence, seed)
+        rows.append(curve_row(model, step, walls[(model, step)], "f1clf", "all", est, lo, hi, len(scores.fovs)))
+        k = kid_on(scores, (model, step), np.arange(len(scores.fovs)))
+        lo, hi = _kid_interval(scores, (model, step), n_resamples, confidence, seed)
+        rows.append(curve_row(model, step, walls[(model, step)], "kid", "all", k, lo, hi, len(scores.fovs)))
+    table = pd.DataFrame(rows, columns=CURVE_COLUMNS)
+    table["step"] += [start[(m, s)][0] for m, s in zip(table["model"], table["step"])]
+    return table
+
+
+def _patch_rows(scores: SnapshotScores, idx: np.ndarray) -> np.ndarray:
+    by_fov = [np.flatnonzero(scores.meta["fov_id"].to_numpy() == scores.fovs[i]) for i in range(len(scores.fovs))]
+    return np.concatenate([by_fov[i] for i in idx])
+
+
+def kid_on(scores: SnapshotScores, key, idx: np.ndarray) -> float:
+    """KID of one snapshot's patches to the truth's, on the FOVs ``idx`` (with repeats)."""
+    rows = _patch_rows(scores, idx)
+    return kidlib.kid(scores.features[REAL][rows], scores.features[key][rows])
+
+
+def _kid_interval(scores: SnapshotScores, key, n_resamples: int, confidence: float, seed: int) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    n = len(scores.fovs)
+    draws = np.array([kid_on(scores, key, rng.integers(0, n, n)) for _ in range(n_resamples)])
+    alpha = (1 - confidence) / 2
+    return tuple(float(q) for q in np.nanquantile(draws, [alpha, 1 - alpha]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Trends and the budget each verdict holds at
+# ---------------------------------------------------------------------------------------------
+def overall_pixel(pixel: pd.DataFrame) -> pd.DataFrame:
+    """Each FOV's mean over its channels, as channel ``"all"``."""
+    return (pixel.groupby(["model", "step", "fov_id", "metric"], as_index=False)["value"].mean()
+            .assign(channel="all"))
+
+
+def _steps(scores: SnapshotScores, model: str) -> tuple[int, int]:
+    steps = sorted({s for m, s in scores.confusions if m == model})
+    if not steps:
+        raise ValueError(f"no snapshots of model {model!r} were scored (have {sorted({m for m, _ in scores.confusions})})")
+    return half_way(steps)
+
+
+def pair_trends(scores: SnapshotScores, model_a: str, model_b: str, n_resamples: int = 999,
+                confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """The trend of the gap ``b - a`` on PCC and SSIM (all channels, per FOV), F1clf and KID (FOVs
+    resampled whole), each model at its own half-way and last snapshot. One row per metric:
+    ``model_a, model_b, metric, trend, gap_mid, gap_last, change, low, high, n, sentence``."""
+    overall = overall_pixel(scores.pixel)
+    trends = {m: model_trend(overall, model_a, model_b, m, "all", confidence) for m in PIXEL}
+    (a_mid, a_last), (b_mid, b_last) = _steps(scores, model_a), _steps(scores, model_b)
+    c = scores.confusions
+
+    def f1_gap(idx):
+        f1 = {k: float(f1_of(c[k][idx].sum(0), None)) for k in ((model_a, a_mid), (model_a, a_last),
+                                                                  (model_b, b_mid), (model_b, b_last))}
+        return f1[(model_b, b_mid)] - f1[(model_a, a_mid)], f1[(model_b, b_last)] - f1[(model_a, a_last)]
+
+    def kid_gap(idx):
+        k = {key: kid_on(scores, key, idx) for key in ((model_a, a_mid), (model_a, a_last), (model_b, b_mid),
+                                                        (model_b, b_last))}
+        return k[(model_b, b_mid)] - k[(model_a, a_mid)], k[(model_b, b_last)] - k[(model_a, a_last)]
+
+    n = len(scores.fovs)
+    trends["f1clf"] = resampled_trend(f1_gap, n, n_resamples, confidence, seed)
+    trends["kid"] = resampled_trend(kid_gap, n, n_resamples, confidence, seed)
+    rows = []
+    for metric, t in trends.items():
+        rows.append({"model_a": model_a, "model_b": model_b, "metric": metric, "trend": t.trend,
+                     "gap_mid": t.gap_mid, "gap_last": t.gap_last, "change": t.change.diff, "low": t.change.ci_low,
+                     "high": t.change.ci_high, "n": t.change.n,
+                     "sentence": trend_sentence(t, model_a, model_b, METRIC_LABELS[metric], "all channels")})
+    return pd.DataFrame(rows)
+
+
+METRIC_LABELS = {"pcc": "PCC", "ssim": "SSIM", "f1clf": "F1clf", "kid": "KID"}
+
+
+def convergence(scores: SnapshotScores, confidence: float = 0.95) -> pd.DataFrame:
+    """Per model: PCC against the clean truth (all channels, per FOV) at its half-way and last
+    snapshot, the paired change, and ``converged``: False when the change is a decided gain (the
+    curve still rises at the end, so a claim resting on the model is not tested at this budget)."""
+    overall = overall_pixel(scores.pixel)
+    overall = overall[overall["metric"] == "pcc"]
+    rows = []
+    for model in dict.fromkeys(m for m, _ in scores.confusions):
+        mid, last = _steps(scores, model)
+        g = overall[overall["model"] == model].pivot_table(index="fov_id", columns="step", values="value")
+        d = paired_difference(g[mid], g[last], confidence=confidence)
+        rows.append({"model": model, "mid_step": mid, "last_step": last, "pcc_mid": d.mean_a, "pcc_last": d.mean_b,
+                     "gain": d.diff, "low": d.ci_low, "high": d.ci_high, "n": d.n,
+                     "converged": not (decided(d, confidence) and d.diff > 0)})
+    return pd.DataFrame(rows)
+
+
+def budget(stage_dir) -> str:
+    """The training budget of a model stage in words, from its ``model.json``: steps or generator
+    iterations, the network's width and the crop size."""
+    meta = json.loads((Path(stage_dir) / MODEL_JSON).read_text())
+    cfg = meta.get("config", {})
+    crop = "x".join(str(c) for c in cfg.get("crop", ()))
+    steps = (f"{meta.get('iterations', cfg.get('iterations'))} generator iterations" if meta.get("model") == "wgan"
+             else f"{meta.get('global_step', cfg.get('max_steps'))} steps")
+    return f"{steps} of a width-{cfg.get('base_width')} network on {crop} crops"
+
+
+def trend_verdict(trends: pd.DataFrame, conv: pd.DataFrame, budgets: dict[str, str]) -> str:
+    """The trend sentences of every pair with the budget they hold at; a pair with a model that has
+    not converged is flagged: its claims are not tested at this budget."""
+    unconverged = set(conv.loc[~conv["converged"], "model"])
+    parts = []
+    for (a, b), g in trends.groupby(["model_a", "model_b"], sort=False):
+        head = (f"**{b} against {a}**, after {budgets[a]} each" if budgets[a] == budgets[b]
+                else f"**{b} against {a}**, after {budgets[a]} ({a}) and {budgets[b]} ({b})")
+        late = [m for m in (a, b) if m in unconverged]
+        if late:
+            head += (f"; {' and '.join(late)} had not converged (PCC against the truth still rose over the second "
+                     "half), so a claim that rests on " + ("it" if len(late) == 1 else "them") +
+                     " is not tested at this budget")
+        parts.append(head + ":\n\n" + "\n".join(f"- {s}" for s in g["sentence"]))
+    return "\n\n".join(parts)
+
+
+@dataclass
+class CurvesResult:
+    """What :func:`run_curves` returns: ``table`` (the long table), ``snapshots`` (per snapshot:
+    training and inference seconds), ``trends`` (one row per pair and metric), ``convergence`` (one
+    row per model) and ``verdict`` (the trends in words with their budgets)."""
+
+    table: pd.DataFrame
+    snapshots: pd.DataFrame
+    trends: pd.DataFrame
+    convergence: pd.DataFrame
+    verdict: str
+
+
+def run_curves(stage_in, stages: dict[str, Path], clf, clf_cfg, out_dir, pairs: list[tuple[str, str]],
+               split: str = "test", n_resamples: int = 999, confidence: float = 0.95, seed: int = 0,
+               max_voxels=None, device: str = "cpu", precision: str = "32-true", progress: bool = True) -> CurvesResult:
+    """The learning curves in one call: predict the test FOVs from every snapshot (resumable), score
+    them, write ``curves.csv``, ``trends.csv`` and ``convergence.csv`` into ``out_dir``, and decide
+    each pair's trend (``pairs``: ``(model_a, model_b)`` names of ``stages``)."""
+    out_dir = Path(out_dir)
+    snaps = snapshot_predictions(stage_in, stages, out_dir, split, max_voxels, progress)
+    scores = score_snapshots(stage_in, snaps, clf, clf_cfg, split, device, precision)
+    table = curve_table(scores, snaps, n_resamples, confidence, seed)
+    trends = pd.concat([pair_trends(scores, a, b, n_resamples, confidence, seed) for a, b in pairs], ignore_index=True)
+    conv = convergence(scores, confidence)
+    table.to_csv(out_dir / "curves.csv", index=False)
+    trends.to_csv(out_dir / "trends.csv", index=False)
+    conv.to_csv(out_dir / "convergence.csv", index=False)
+    verdict = trend_verdict(trends, conv, {m: budget(d) for m, d in stages.items()})
+    return CurvesResult(table, snaps, trends, conv, verdict)
