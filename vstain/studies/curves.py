@@ -6,7 +6,8 @@ half of training (:mod:`vstain.evaluate.curves`).
 Data flow: ``04_unet``/``05_wgan``/... ``snapshots/`` -> :func:`snapshot_predictions` (one folder of
 predictions per snapshot, resumable) -> :func:`score_snapshots` (per-FOV pixel values, per-FOV
 confusion counts, patch features) -> :func:`curve_table` (the long table ``model, step, wall_s,
-metric, channel, mean, low, high, n``) and :func:`claim_trends` (the verdicts with their budget).
+metric, channel, mean, low, high, n``) and :func:`pair_trends` and :func:`trend_verdict` (the verdicts with
+their budget).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from vstain.evaluate.curves import (CURVE_COLUMNS, curve_row, half_way, model_tr
                                     resampled_trend, trend_sentence)
 from vstain.evaluate.metrics import evaluate_predictions
 from vstain.evaluate.patches import REAL, fov_scoring_patches
-from vstain.evaluate.stats import decided, paired_difference
+from vstain.evaluate.stats import decided, min_pairs, paired_difference
 from vstain.inference.infer import write_predictions
 from vstain.modelfiles import MODEL_JSON
 from vstain.models import Generator, GeneratorConfig
@@ -201,7 +202,8 @@ def overall_pixel(pixel: pd.DataFrame) -> pd.DataFrame:
 def _steps(scores: SnapshotScores, model: str) -> tuple[int, int]:
     steps = sorted({s for m, s in scores.confusions if m == model})
     if not steps:
-        raise ValueError(f"no snapshots of model {model!r} were scored (have {sorted({m for m, _ in scores.confusions})})")
+        have = sorted({m for m, _ in scores.confusions})
+        raise ValueError(f"no snapshots of model {model!r} were scored (have {have})")
     return half_way(steps)
 
 
@@ -242,8 +244,9 @@ METRIC_LABELS = {"pcc": "PCC", "ssim": "SSIM", "f1clf": "F1clf", "kid": "KID"}
 
 def convergence(scores: SnapshotScores, confidence: float = 0.95) -> pd.DataFrame:
     """Per model: PCC against the clean truth (all channels, per FOV) at its half-way and last
-    snapshot, the paired change, and ``converged``: False when the change is a decided gain (the
-    curve still rises at the end, so a claim resting on the model is not tested at this budget)."""
+    snapshot, the paired change, and ``converged``: ``"not converged"`` when the change is a decided
+    gain (the curve still rises at the end, so a claim resting on the model is not tested at this
+    budget), ``"undecided"`` with fewer FOVs than a decision needs, else ``"converged"``."""
     overall = overall_pixel(scores.pixel)
     overall = overall[overall["metric"] == "pcc"]
     rows = []
@@ -253,7 +256,8 @@ def convergence(scores: SnapshotScores, confidence: float = 0.95) -> pd.DataFram
         d = paired_difference(g[mid], g[last], confidence=confidence)
         rows.append({"model": model, "mid_step": mid, "last_step": last, "pcc_mid": d.mean_a, "pcc_last": d.mean_b,
                      "gain": d.diff, "low": d.ci_low, "high": d.ci_high, "n": d.n,
-                     "converged": not (decided(d, confidence) and d.diff > 0)})
+                     "converged": ("undecided" if d.n < min_pairs(confidence) else
+                                   "not converged" if decided(d, confidence) and d.diff > 0 else "converged")})
     return pd.DataFrame(rows)
 
 
@@ -271,7 +275,7 @@ def budget(stage_dir) -> str:
 def trend_verdict(trends: pd.DataFrame, conv: pd.DataFrame, budgets: dict[str, str]) -> str:
     """The trend sentences of every pair with the budget they hold at; a pair with a model that has
     not converged is flagged: its claims are not tested at this budget."""
-    unconverged = set(conv.loc[~conv["converged"], "model"])
+    unconverged = set(conv.loc[conv["converged"] == "not converged", "model"])
     parts = []
     for (a, b), g in trends.groupby(["model_a", "model_b"], sort=False):
         head = (f"**{b} against {a}**, after {budgets[a]} each" if budgets[a] == budgets[b]
