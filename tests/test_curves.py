@@ -182,3 +182,22 @@ def test_spread_sentence_gives_the_largest_reach_and_the_moved_cells():
     s = spread_sentence(t, ("seed 0", "seed 1"))
     assert "trained with seed 1 instead of seed 0 changes F1clf by up to 0.300" in s
     assert "WGAN-GP, mito: -0.200 [-0.300, -0.100], n = 6 FOVs" in s and "1 of 2 model-channel cells" in s
+
+
+def test_pilot_finds_the_first_iteration_that_moves_a_perception_measure():
+    from vstain.studies.sweep_pilot import first_move, pilot_moves, pilot_sentence, seed_reach
+    scores = synthetic_scores()
+    moves = pilot_moves(scores, "a", "b", {"f1clf": 0.05, "kid": 0.0}, n_resamples=199)
+    assert set(moves["step"]) == {2} and set(moves["metric"]) == {"f1clf", "kid", "pcc"}  # the common iteration
+    m = moves.set_index("metric")
+    assert not m.loc["f1clf", "moved"] and not m.loc["kid", "moved"]  # b at 2 answers and embeds as a does
+    assert m.loc["pcc", "moved"] and m.loc["pcc", "diff"] == pytest.approx(-0.05, abs=0.01)  # but lost 0.05 PCC
+    assert first_move(moves) is None
+    huge = pilot_moves(scores, "a", "b", {"f1clf": 5.0, "kid": 1e9}, n_resamples=199)
+    assert first_move(huge) is None
+    assert "moved no perception measure beyond the seed spread" in pilot_sentence(huge, 1.0, 1e-4, 2)
+    moved = moves.assign(moved=moves["metric"] == "kid")
+    assert first_move(moved) == 2 and "after 2 generator iterations" in pilot_sentence(moved, 1.0, 1e-4, 2)
+    table = pd.DataFrame({"kind": ["seed", "seed", "model"], "metric": ["f1clf", "f1clf", "f1clf"],
+                          "seed_reach": [0.1, 0.3, 0.9]})
+    assert seed_reach(table) == {"f1clf": 0.3} and seed_reach(None) == {}

@@ -1,0 +1,121 @@
+"""How long a fine-tune must run before the adversarial weight can move anything: the pilot that sizes
+the adversarial-weight sweep.
+
+Two fine-tunes from the U-Net, at the largest weight and at weight 0 (the L1-only control on the same
+batches), keep snapshots at log-spaced iterations (:mod:`vstain.training.snapshots`). At each snapshot
+the paired difference ``weight - control`` of every perception measure (F1clf and KID in the
+classifier's feature space, FOVs resampled whole) and of PCC against the clean truth is compared with
+the seed spread, the change a second training seed makes (notebook ``07b_seed_spread``; 0 where it
+has not run). The first iteration at which a perception measure moves by more than that spread, with
+an interval that excludes 0, is how long each fine-tune of the sweep must run.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vstain.evaluate.comparison import f1_bootstrap
+from vstain.evaluate.stats import bootstrap_level, decided, min_pairs, paired_difference
+from vstain.training.configs import WGANConfig
+
+from .curves import SnapshotScores, kid_on, overall_pixel
+from .sweep import run_sweep, weight_label
+
+MEASURES = ("f1clf", "kid", "pcc")  # pcc: the distortion the move costs, for the record
+
+
+def run_pilot(stage_in, out_dir, base: WGANConfig, weight: float, iterations: int, lr: float, snapshots: int = 6,
+              max_voxels=None) -> dict[str, Path]:
+    """The pilot's two fine-tunes (``weight`` and 0) at learning rate ``lr`` for both networks, with
+    ``snapshots`` log-spaced snapshots; finished folders are reused. Returns ``name -> folder``,
+    the control first."""
+    if not weight > 0:
+        raise ValueError(f"the pilot needs a weight > 0 to compare with the control, got {weight}")
+    cfg = replace(base, iterations=int(iterations), lr_generator=float(lr), lr_critic=float(lr),
+                  snapshots=int(snapshots))
+    runs = run_sweep(stage_in, out_dir, cfg, [0.0, float(weight)], max_voxels=max_voxels)
+    return {r["model"]: Path(r["folder"]) for _, r in runs.iterrows()}
+
+
+def seed_reach(seed_spread: pd.DataFrame | None) -> dict[str, float]:
+    """The seed spread of each measure from ``07b_seed_spread``'s table (rows of kind ``"seed"``):
+    the largest change its interval allows over the channels (conservative: a move beyond it is
+    beyond every channel's seed noise). Empty without a table."""
+    if seed_spread is None or seed_spread.empty:
+        return {}
+    s = seed_spread[seed_spread["kind"] == "seed"]
+    return {m: float(g["seed_reach"].max()) for m, g in s.groupby("metric")}
+
+
+def pilot_moves(scores: SnapshotScores, control: str, model: str, reach: dict[str, float], n_resamples: int = 999,
+                confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """At each iteration both fine-tunes kept, the paired difference ``model - control`` of F1clf,
+    KID and PCC (all channels), its interval over resampled FOVs, the seed ``reach`` of the measure
+    and ``moved``: a decided difference larger than the reach. One row per ``(step, metric)``."""
+    steps = sorted({s for m, s in scores.confusions if m == control} & {s for m, s in scores.confusions if m == model})
+    n = len(scores.fovs)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, (n_resamples, n))
+    level = bootstrap_level(n, confidence) if n >= 2 else confidence
+    pcc = overall_pixel(scores.pixel)
+    pcc = pcc[pcc["metric"] == "pcc"]
+    rows = []
+    for step in steps:
+        a, b = (control, step), (model, step)
+        d, lo, hi, _ = f1_bootstrap([scores.confusions[a], scores.confusions[b]], None, n_resamples, confidence, seed)
+        rows.append((step, "f1clf", d, lo, hi))
+        every = np.arange(n)
+        k = kid_on(scores, b, every) - kid_on(scores, a, every)
+        draws = np.array([kid_on(scores, b, i) - kid_on(scores, a, i) for i in idx])
+        klo, khi = np.nanpercentile(draws, [50 * (1 - level), 50 * (1 + level)])
+        rows.append((step, "kid", k, klo, khi))
+        g = pcc[pcc["step"] == step].pivot_table(index="fov_id", columns="model", values="value")
+        p = paired_difference(g[control], g[model], n_resamples, confidence, seed)
+        rows.append((step, "pcc", p.diff, p.ci_low, p.ci_high))
+    out = pd.DataFrame(rows, columns=["step", "metric", "diff", "low", "high"]).assign(n=n)
+    out["reach"] = out["metric"].map(lambda m: reach.get(m, 0.0))
+    out["moved"] = [decided({"ci_low": lo, "ci_high": hi, "n": n}, confidence) and abs(d) > r
+                    for d, lo, hi, r in zip(out["diff"], out["low"], out["high"], out["reach"])]
+    return out
+
+
+def first_move(moves: pd.DataFrame, perception=("f1clf", "kid")) -> int | None:
+    """The first iteration at which a perception measure moved (None: none did in the pilot)."""
+    hit = moves[moves["metric"].isin(perception) & moves["moved"]]
+    return int(hit["step"].min()) if len(hit) else None
+
+
+def pilot_sentence(moves: pd.DataFrame, weight: float, lr: float, iterations: int) -> str:
+    """The pilot's answer in words, with the iteration count the sweep should run."""
+    n = int(moves["n"].max()) if len(moves) else 0
+    if n < min_pairs():
+        return (f"With n = {n} test FOVs no difference can be decided (at least {min_pairs()} are needed), so the "
+                "pilot cannot size the sweep; the sweep runs the iterations it is given (the pilot's length when "
+                "that is 0).")
+    step = first_move(moves)
+    label = weight_label(weight)
+    if step is None:
+        last = moves[moves["step"] == moves["step"].max()]
+        said = "; ".join(f"{r['metric']} {r['diff']:+.3g} [{r['low']:+.3g}, {r['high']:+.3g}] (seed reach "
+                         f"{r['reach']:.3g})" for _, r in last.iterrows())
+        return (f"Within {iterations} generator iterations at learning rate {lr:g}, the fine-tune at {label} moved no "
+                f"perception measure beyond the seed spread (at the last snapshot: {said}). A sweep of this length "
+                "cannot show a trade-off; it needs longer fine-tunes, a higher rate, or a smaller model trained "
+                "from scratch.")
+    r = moves[(moves["step"] == step) & moves["moved"]].iloc[0]
+    return (f"At learning rate {lr:g}, the fine-tune at {label} first moved {r['metric']} beyond the seed spread "
+            f"after {step} generator iterations ({r['diff']:+.3g} [{r['low']:+.3g}, {r['high']:+.3g}], seed reach "
+            f"{r['reach']:.3g}, n = {n} FOVs): each fine-tune of the sweep needs at least that many.")
+
+
+def sized(base: WGANConfig, iterations: int, moves: pd.DataFrame | None, pilot_iterations: int) -> WGANConfig:
+    """The sweep's recipe: ``base`` with ``iterations`` generator iterations, or, when that is 0,
+    the first iteration at which the pilot moved a perception measure (the pilot's length when
+    none did, or when no pilot ran)."""
+    if iterations:
+        return replace(base, iterations=int(iterations))
+    step = first_move(moves) if moves is not None and len(moves) else None
+    return replace(base, iterations=int(step or pilot_iterations))
