@@ -252,3 +252,17 @@ def test_kid_is_near_zero_for_one_distribution_and_positive_for_a_shifted_one():
     at = table[table["channel"] == ALL].set_index("model")
     assert at.loc["same", "low"] <= 0.02 and at.loc["shifted", "low"] > 0.05 and at.loc["shifted", "n"] == 6
     assert at.loc["shifted", "decided"] and at.loc["shifted", "diff_low"] > 0 and not at.loc["same", "decided"]
+
+
+def test_kid_of_fov_blocks_equals_kid_of_the_repeated_patches():
+    """A bootstrap resample's KID from the per-FOV kernel sums is the KID of its patches stacked with
+    their repeats (torchmetrics' poly_mmd)."""
+    from vstain.evaluate.kid import kernel_blocks, kid, kid_of_fovs
+    rng = np.random.default_rng(0)
+    fov = np.repeat(np.arange(5), [3, 4, 2, 5, 3])
+    real, fake = rng.normal(size=(len(fov), 8)), rng.normal(size=(len(fov), 8)) + 0.3
+    blocks = kernel_blocks(real, fake, fov, 5)
+    assert kid_of_fovs(blocks, np.arange(5)) == pytest.approx(kid(real, fake), rel=1e-10)
+    take = np.array([0, 3, 3, 1, 4])
+    rows = np.concatenate([np.flatnonzero(fov == f) for f in take])
+    assert kid_of_fovs(blocks, take) == pytest.approx(kid(real[rows], fake[rows]), rel=1e-10)

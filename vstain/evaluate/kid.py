@@ -11,16 +11,19 @@ vector its final layer classifies); the patches are those of :mod:`vstain.evalua
 
 :func:`kid_table` gives each model's KID per channel and over all channels with a bootstrap
 interval over FOVs (whole FOVs resampled, real and generated patches together), and its paired
-difference from a control model in the same resamples.
+difference from a control model in the same resamples. A resample needs no new kernel evaluation:
+:func:`kernel_blocks` sums the kernel once per pair of FOVs, and :func:`kid_of_fovs` gives the KID of
+any multiset of FOVs from those sums, exactly as ``poly_mmd`` on the repeated patches.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torchmetrics.image.kid import poly_mmd
+from torchmetrics.image.kid import poly_kernel, poly_mmd
 
 from .classifier import ClassifierConfig, apply_batches, features
 from .patches import REAL, fov_scoring_patches, no_patch_error
@@ -63,6 +66,51 @@ def kid(real: np.ndarray, fake: np.ndarray) -> float:
     return float(poly_mmd(a, b))
 
 
+@dataclass(frozen=True)
+class KernelBlocks:
+    """Sums of the polynomial kernel over the patches of each pair of FOVs.
+
+    Args:
+        xx, yy, xy: ``[F, F]`` block sums of ``k(real, real)``, ``k(fake, fake)``, ``k(real, fake)``.
+        dx, dy: ``[F]`` each FOV's sum of the self-kernel ``k(x_i, x_i)`` (the diagonal).
+        counts: ``[F]`` patches per FOV.
+    """
+
+    xx: np.ndarray
+    yy: np.ndarray
+    xy: np.ndarray
+    dx: np.ndarray
+    dy: np.ndarray
+    counts: np.ndarray
+
+
+def kernel_blocks(real: np.ndarray, fake: np.ndarray, fov: np.ndarray, n_fovs: int) -> KernelBlocks:
+    """The kernel block sums of paired feature sets ``real`` and ``fake`` ``[N, D]`` whose patch ``i``
+    belongs to FOV ``fov[i]`` (``0 .. n_fovs - 1``); the kernel is torchmetrics' ``poly_kernel``."""
+    a, b = (torch.from_numpy(np.asarray(v, np.float64)) for v in (real, fake))
+    onehot = np.zeros((len(fov), int(n_fovs)))
+    onehot[np.arange(len(fov)), np.asarray(fov, int)] = 1.0
+    blocks = {}
+    for name, (u, v) in {"xx": (a, a), "yy": (b, b), "xy": (a, b)}.items():
+        k = poly_kernel(u, v).numpy()
+        blocks[name] = onehot.T @ k @ onehot
+        if name != "xy":
+            blocks["d" + name[0]] = onehot.T @ np.diag(k)
+    return KernelBlocks(blocks["xx"], blocks["yy"], blocks["xy"], blocks["dx"], blocks["dy"], onehot.sum(0))
+
+
+def kid_of_fovs(blocks: KernelBlocks, take) -> float:
+    """Unbiased KID of the patches of the FOVs ``take`` (indices, repeats allowed: a bootstrap
+    resample), equal to ``poly_mmd`` of those patches stacked with their repeats."""
+    w = np.bincount(np.asarray(take, int), minlength=len(blocks.counts)).astype(float)
+    m = float(w @ blocks.counts)
+    if m < 2:
+        return float("nan")
+    xx = w @ blocks.xx @ w - w @ blocks.dx
+    yy = w @ blocks.yy @ w - w @ blocks.dy
+    return float((xx + yy) / (m * (m - 1)) - 2 * (w @ blocks.xy @ w) / m**2)
+
+
 def kid_table(meta: pd.DataFrame, vectors: dict[str, np.ndarray], models: list[str], control: str | None = None,
               n_resamples: int = 999, confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
     """Each model's KID against the measured patches, per channel and over all channels (``ALL``),
@@ -78,13 +126,14 @@ def kid_table(meta: pd.DataFrame, vectors: dict[str, np.ndarray], models: list[s
     for channel in [ALL] + list(dict.fromkeys(meta["channel"])):
         sel = np.ones(len(meta), bool) if channel == ALL else (meta["channel"] == channel).to_numpy()
         fovs = np.array(sorted(set(meta.loc[sel, "fov_id"])))
-        idx = {f: np.flatnonzero(sel & (meta["fov_id"] == f).to_numpy()) for f in fovs}
+        fov = pd.Series(np.arange(len(fovs)), index=fovs)[meta.loc[sel, "fov_id"]].to_numpy()
+        blocks = {m: kernel_blocks(vectors[REAL][sel], vectors[m][sel], fov, len(fovs)) for m in models}
         point = {m: kid(vectors[REAL][sel], vectors[m][sel]) for m in models}
         boots = {m: [] for m in models}
         for _ in range(n_resamples if len(fovs) >= 2 else 0):
-            take = np.concatenate([idx[f] for f in rng.choice(fovs, size=len(fovs), replace=True)])
+            take = rng.integers(0, len(fovs), len(fovs))
             for m in models:
-                boots[m].append(kid(vectors[REAL][take], vectors[m][take]))
+                boots[m].append(kid_of_fovs(blocks[m], take))
         for m in models:
             b = np.asarray(boots[m])
             lo, hi = (np.nanquantile(b, [alpha, 1 - alpha]) if len(b) else (np.nan, np.nan))

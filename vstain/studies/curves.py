@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +103,7 @@ class SnapshotScores:
     features: dict
     meta: pd.DataFrame
     fovs: list[str]
+    blocks: dict = field(default_factory=dict)  # (model, step) -> its kernel block sums with the truth's patches
 
 
 def _logits_and_features(model, x):
@@ -171,15 +172,13 @@ def curve_table(scores: SnapshotScores, snapshots: pd.DataFrame, n_resamples: in
     return table
 
 
-def _patch_rows(scores: SnapshotScores, idx: np.ndarray) -> np.ndarray:
-    by_fov = [np.flatnonzero(scores.meta["fov_id"].to_numpy() == scores.fovs[i]) for i in range(len(scores.fovs))]
-    return np.concatenate([by_fov[i] for i in idx])
-
-
 def kid_on(scores: SnapshotScores, key, idx: np.ndarray) -> float:
-    """KID of one snapshot's patches to the truth's, on the FOVs ``idx`` (with repeats)."""
-    rows = _patch_rows(scores, idx)
-    return kidlib.kid(scores.features[REAL][rows], scores.features[key][rows])
+    """KID of one snapshot's patches to the truth's, on the FOVs ``idx`` (with repeats), from kernel
+    block sums computed once per snapshot (:func:`vstain.evaluate.kid.kernel_blocks`)."""
+    if key not in scores.blocks:
+        fov = scores.meta["fov_id"].map({f: i for i, f in enumerate(scores.fovs)}).to_numpy()
+        scores.blocks[key] = kidlib.kernel_blocks(scores.features[REAL], scores.features[key], fov, len(scores.fovs))
+    return kidlib.kid_of_fovs(scores.blocks[key], idx)
 
 
 def _kid_interval(scores: SnapshotScores, key, n_resamples: int, confidence: float, seed: int) -> tuple[float, float]:
