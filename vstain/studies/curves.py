@@ -11,7 +11,6 @@ their budget).
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from vstain.evaluate.metrics import evaluate_predictions
 from vstain.evaluate.patches import REAL, fov_scoring_patches
 from vstain.evaluate.stats import decided, min_pairs, paired_difference
 from vstain.inference.infer import write_predictions
-from vstain.modelfiles import MODEL_JSON
+from vstain.modelfiles import MODEL_JSON, read_model_json
 from vstain.models import Generator, GeneratorConfig
 from vstain.preprocess.processed import read_manifest
 from vstain.training.snapshots import load_snapshot, read_snapshots
@@ -59,7 +58,9 @@ def snapshot_predictions(stage_in, stages: dict[str, Path], out_dir, split: str 
     jobs = [(m, r) for m, d in stages.items() for _, r in read_snapshots(d).iterrows()]
     for model, snap in tqdm(jobs, desc="snapshots", disable=not progress):
         folder, step = step_dir(out_dir, model, snap["step"]), int(snap["step"])
-        meta = json.loads((Path(stages[model]) / MODEL_JSON).read_text())
+        meta = read_model_json(stages[model])
+        if meta is None:
+            raise FileNotFoundError(f"{Path(stages[model]) / MODEL_JSON}: missing or unreadable (train it first)")
         preds = folder / "predictions"
         if n_fovs is None:
             n_fovs = int((read_manifest(stage_in)["split"] == split).sum())
@@ -85,9 +86,9 @@ def started_from(meta: dict) -> tuple[int, float]:
     """The steps and training seconds a model inherited: those of the finished stage its generator
     started from (``init_from``, a fine-tune), else ``(0, 0.0)``."""
     source = Path(meta.get("config", {}).get("init_from") or "")
-    if not str(source) or not (source / MODEL_JSON).exists():
+    init = read_model_json(source) if str(source) else None
+    if init is None:
         return 0, 0.0
-    init = json.loads((source / MODEL_JSON).read_text())
     return int(init.get("global_step", 0)), float(init.get("train_seconds", 0.0))
 
 
@@ -263,7 +264,7 @@ def convergence(scores: SnapshotScores, confidence: float = 0.95) -> pd.DataFram
 def budget(stage_dir) -> str:
     """The training budget of a model stage in words, from its ``model.json``: steps or generator
     iterations, the network's width and the crop size."""
-    meta = json.loads((Path(stage_dir) / MODEL_JSON).read_text())
+    meta = read_model_json(stage_dir) or {}
     cfg = meta.get("config", {})
     crop = "x".join(str(c) for c in cfg.get("crop", ()))
     steps = (f"{meta.get('iterations', cfg.get('iterations'))} generator iterations" if meta.get("model") == "wgan"
