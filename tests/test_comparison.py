@@ -76,6 +76,19 @@ def test_a_clearly_better_model_is_bold_and_the_claim_is_decided():
     assert "better on most pixel-metric cells (SSIM, MSE, MAE, PCC of every channel) **does not hold**" in text
 
 
+def test_a_claim_on_an_unconverged_model_is_not_tested_at_this_budget():
+    comp = C.pairwise(C.fov_values(pixel_table(8, shift=0.1)), None, MODELS, n_resamples=999)
+    assert "**does not hold**" in C.headline(comp, "U-Net", "WGAN-GP")
+    text = C.headline(comp, "U-Net", "WGAN-GP", unconverged={"WGAN-GP"},
+                      budgets={"WGAN-GP": "460 generator iterations of a width-16 network on 16x64x64 crops"})
+    assert "**is not tested at this budget**" in text and "does not hold" not in text
+    assert "the WGAN-GP after 460 generator iterations" in text
+    # the reverse claim holds, but only at this budget; a converged pair keeps the plain words
+    flipped = C.headline(comp, "WGAN-GP", "U-Net", unconverged={"U-Net"})
+    assert "**holds at this budget**" in flipped
+    assert C.headline(comp, "U-Net", "WGAN-GP", unconverged={"another model"}) == C.headline(comp, "U-Net", "WGAN-GP")
+
+
 def test_few_fovs_cannot_decide():
     comp = C.pairwise(C.fov_values(pixel_table(4, shift=0.1)), None, MODELS, n_resamples=999)
     assert (comp["better"] == "none").all()

@@ -207,28 +207,58 @@ def channel_sentences(comparisons: pd.DataFrame, a: str, b: str, blank: pd.DataF
     return out
 
 
-def verdict(comparisons: pd.DataFrame, pixel_model: str, adversarial_model: str,
-            blank: pd.DataFrame | None = None) -> str:
-    """The thesis' headline checked against the paired intervals: the pixel-loss model is better on
-    most pixel-metric cells (SSIM, MSE, MAE, PCC), and the adversarial model on most F1clf cells.
-    Each half "holds", "does not hold" or "cannot be decided with n = ...". ``blank`` names the
-    channels a model predicts (almost) nothing of, said first in that channel's sentence."""
+def _budget_claim(result: str, late: list[str]) -> str:
+    """A claim's result read at a budget where the models in ``late`` had not converged: a claim
+    that fails is not tested there (more training could turn it), one that holds holds at this budget."""
+    if not late or result.startswith("cannot"):
+        return result
+    return "is not tested at this budget" if result == "does not hold" else "holds at this budget"
+
+
+def headline(comparisons: pd.DataFrame, pixel_model: str, adversarial_model: str,
+             unconverged=(), budgets: dict[str, str] | None = None) -> str:
+    """The two halves of the thesis' headline: the pixel-loss model is better on most pixel-metric
+    cells (SSIM, MSE, MAE, PCC), the adversarial model on most F1clf cells. Each half "holds", "does
+    not hold" or "cannot be decided with n = ...". When a model of the pair is in ``unconverged``
+    (its test PCC still rose over the second half of training), a half that does not hold "is not
+    tested at this budget" and one that holds "holds at this budget"; ``budgets`` (model -> its
+    training budget in words) then names the budget."""
     a, b = pixel_model, adversarial_model
+    pair = _pair(comparisons, a, b)
+    late = [m for m in (a, b) if m in set(unconverged)]
+    pixel, f1 = pair[pair["metric"].isin(PIXEL)], pair[pair["metric"] == "f1clf"]
+    text = (f"The thesis' claim that the {a} is better on most pixel-metric cells (SSIM, MSE, MAE, PCC of "
+            f"every channel) **{_budget_claim(claim_verdict(pixel, a, 'most'), late)}** in this run")
+    if len(f1):
+        text += (f"; its claim that the {b}'s channels are recognised better by the classifier (F1clf, most "
+                 f"channels) **{_budget_claim(claim_verdict(f1, b, 'most'), late)}**.")
+    else:
+        text += "; F1clf was not scored."
+    if late:
+        spent = "; ".join(f"the {m} after {budgets[m]}" for m in late) if budgets else " and ".join(late)
+        text += (f" {' and '.join(late)} had not converged ({spent}: its PCC against the clean truth still rose "
+                 "over the second half of training), so neither half is a verdict on the method.")
+    return text
+
+
+def _pair(comparisons: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
     pair = comparisons[((comparisons["model_a"] == a) & (comparisons["model_b"] == b))
                        | ((comparisons["model_a"] == b) & (comparisons["model_b"] == a))]
     if pair.empty:
         raise ValueError(f"no comparison of {a!r} and {b!r} in the table")
-    pixel, f1 = pair[pair["metric"].isin(PIXEL)], pair[pair["metric"] == "f1clf"]
+    return pair
+
+
+def verdict(comparisons: pd.DataFrame, pixel_model: str, adversarial_model: str,
+            blank: pd.DataFrame | None = None) -> str:
+    """The thesis' headline checked against the paired intervals: per channel, which model is better
+    on which column, then :func:`headline`. ``blank`` names the channels a model predicts (almost)
+    nothing of, said first in that channel's sentence."""
+    a, b = pixel_model, adversarial_model
+    pair = _pair(comparisons, a, b)
     lines = [f"Paired differences over the test FOVs, {b} against {a} ({n_fovs(pair['n'])}):", ""]
     lines += [f"- {s}" for s in channel_sentences(pair, pair["model_a"].iloc[0], pair["model_b"].iloc[0], blank)]
-    pix = claim_verdict(pixel, a, "most")
-    lines += ["", f"The thesis' claim that the {a} is better on most pixel-metric cells (SSIM, MSE, MAE, PCC "
-                  f"of every channel) **{pix}** in this run"]
-    if len(f1):
-        lines[-1] += (f"; its claim that the {b}'s channels are recognised better by the classifier (F1clf, "
-                      f"most channels) **{claim_verdict(f1, b, 'most')}**.")
-    else:
-        lines[-1] += "; F1clf was not scored."
+    lines += ["", headline(comparisons, a, b)]
     return "\n".join(lines)
 
 

@@ -272,15 +272,20 @@ def budget(stage_dir) -> str:
     return f"{steps} of a width-{cfg.get('base_width')} network on {crop} crops"
 
 
+def unconverged(conv: pd.DataFrame) -> set[str]:
+    """The models of a :func:`convergence` table whose PCC still rose over their second half."""
+    return set(conv.loc[conv["converged"] == "not converged", "model"])
+
+
 def trend_verdict(trends: pd.DataFrame, conv: pd.DataFrame, budgets: dict[str, str]) -> str:
     """The trend sentences of every pair with the budget they hold at; a pair with a model that has
     not converged is flagged: its claims are not tested at this budget."""
-    unconverged = set(conv.loc[conv["converged"] == "not converged", "model"])
+    late_models = unconverged(conv)
     parts = []
     for (a, b), g in trends.groupby(["model_a", "model_b"], sort=False):
         head = (f"**{b} against {a}**, after {budgets[a]} each" if budgets[a] == budgets[b]
                 else f"**{b} against {a}**, after {budgets[a]} ({a}) and {budgets[b]} ({b})")
-        late = [m for m in (a, b) if m in unconverged]
+        late = [m for m in (a, b) if m in late_models]
         if late:
             head += (f"; {' and '.join(late)} had not converged (PCC against the truth still rose over the second "
                      "half), so a claim that rests on " + ("it" if len(late) == 1 else "them") +
@@ -293,13 +298,15 @@ def trend_verdict(trends: pd.DataFrame, conv: pd.DataFrame, budgets: dict[str, s
 class CurvesResult:
     """What :func:`run_curves` returns: ``table`` (the long table), ``snapshots`` (per snapshot:
     training and inference seconds), ``trends`` (one row per pair and metric), ``convergence`` (one
-    row per model) and ``verdict`` (the trends in words with their budgets)."""
+    row per model), ``verdict`` (the trends in words with their budgets) and ``budgets`` (model ->
+    its training budget in words, :func:`budget`)."""
 
     table: pd.DataFrame
     snapshots: pd.DataFrame
     trends: pd.DataFrame
     convergence: pd.DataFrame
     verdict: str
+    budgets: dict[str, str]
 
 
 def run_curves(stage_in, stages: dict[str, Path], clf, clf_cfg, out_dir, pairs: list[tuple[str, str]],
@@ -317,5 +324,5 @@ def run_curves(stage_in, stages: dict[str, Path], clf, clf_cfg, out_dir, pairs: 
     table.to_csv(out_dir / "curves.csv", index=False)
     trends.to_csv(out_dir / "trends.csv", index=False)
     conv.to_csv(out_dir / "convergence.csv", index=False)
-    verdict = trend_verdict(trends, conv, {m: budget(d) for m, d in stages.items()})
-    return CurvesResult(table, snaps, trends, conv, verdict)
+    budgets = {m: budget(d) for m, d in stages.items()}
+    return CurvesResult(table, snaps, trends, conv, trend_verdict(trends, conv, budgets), budgets)
