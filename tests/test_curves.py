@@ -8,7 +8,8 @@ import torch
 from test_train import Interrupt, fit, stage, tiny_cfg  # noqa: F401  (stage: the module's processed set)
 from vstain.evaluate.curves import gap_trend, half_way, model_trend, trend_sentence
 from vstain.models import Generator
-from vstain.training.snapshots import Snapshots, load_snapshot, log_steps, read_snapshots, snapshot_path
+from vstain.modelfiles import load_snapshot, read_snapshots, snapshot_path
+from vstain.training.snapshots import Snapshots, log_steps
 
 
 # --- schedule ------------------------------------------------------------------------------------

@@ -154,6 +154,21 @@ def test_every_module_imports_in_a_fresh_interpreter():
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+# Modules that notebooks without training or a classifier import (every notebook kernel pays for its
+# imports): they must not load Lightning (~4 s) or MONAI (~3 s, it loads all its subpackages).
+LIGHT = ("vstain.inference.infer", "vstain.evaluate.classifier", "vstain.evaluate.perceptual",
+         "vstain.studies.controls", "vstain.studies.curves", "vstain.studies.sweep", "vstain.modelfiles")
+
+
+def test_evaluation_modules_import_neither_lightning_nor_monai():
+    code = ("import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\n"
+            "print(sorted(k for k in ('lightning', 'monai') if k in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, *LIGHT], capture_output=True, text=True,
+                       cwd=PACKAGE.parent, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "[]", r.stdout
+
+
 def test_modules_open_with_a_docstring_and_stay_short():
     too_long = {}
     for name, path in modules().items():

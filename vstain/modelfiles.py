@@ -1,7 +1,9 @@
 """What a model stage (``04_unet``, ``05_wgan``) leaves on disk, and how it is read back: the run's
 config with the hashes of its inputs (``model.json``), Lightning checkpoints
 (``checkpoints/last.ckpt``), the loss table (``losses.csv``) and the whole-FOV predictions
-(``predictions/<fov_id>.tif``). :func:`is_finished` is the one rule by which a folder counts as
+(``predictions/<fov_id>.tif``), and the generator snapshots of the learning curves
+(``snapshots/step_<N>.pt`` with ``snapshots.csv``, written by :class:`vstain.training.snapshots.Snapshots`).
+:func:`is_finished` is the one rule by which a folder counts as
 finished for every trainer; :func:`load_generator` gives back the trained generator for evaluation,
 the prediction command and the model export.
 """
@@ -220,3 +222,36 @@ def simulated_data_warning(voxel_size_zyx, width: int, steps: int | None, senten
             "(real Allen Cell stacks are sampled at 0.29 x 0.108 x 0.108 µm)")
     return text[0].upper() + text[1:] + "." if sentence else text
 
+
+SNAPSHOTS = "snapshots"  # folder of the generator snapshots
+SNAPSHOTS_CSV = "snapshots.csv"  # one row per snapshot: step, wall_s (training time up to it), path
+
+
+def snapshot_path(out_dir, step: int) -> Path:
+    """Where the generator's weights at ``step`` are kept."""
+    return Path(out_dir) / SNAPSHOTS / f"step_{int(step):06d}.pt"
+
+
+def read_snapshots(out_dir, check: bool = True) -> pd.DataFrame:
+    """The stage's ``snapshots.csv`` (``step, wall_s, path``), sorted by step; with ``check``, an
+    error naming the file when it or a snapshot it lists is missing."""
+    csv = Path(out_dir) / SNAPSHOTS_CSV
+    if not csv.exists():
+        if check:
+            raise FileNotFoundError(f"{csv}: no snapshots were kept (train with snapshot steps set)")
+        return pd.DataFrame(columns=["step", "wall_s", "path"])
+    rows = pd.read_csv(csv).sort_values("step").reset_index(drop=True)
+    if check:
+        missing = [p for p in rows["path"] if not (Path(out_dir) / p).exists()]
+        if missing:
+            raise FileNotFoundError(f"{csv} lists snapshots that are missing: {missing}")
+    return rows
+
+
+def load_snapshot(out_dir, step: int, generator: torch.nn.Module) -> torch.nn.Module:
+    """``generator`` with the weights kept at ``step`` (eval mode)."""
+    path = snapshot_path(out_dir, step)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no snapshot at step {step}")
+    generator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return generator.eval()

@@ -17,14 +17,13 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import resnet10, resnet18
 from tqdm import tqdm
 
 from vstain.channels import TARGETS
 
 from .patches import REAL, fov_scoring_patches, no_patch_error, normalise, scoring_patches, training_pool
 
-ARCHS = {"resnet10": resnet10, "resnet18": resnet18}
+ARCHS = ("resnet10", "resnet18")  # MONAI 3D ResNets (monai.networks.nets), imported when a network is built
 FEATURE_LAYERS = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 
@@ -102,10 +101,12 @@ class ClassifierConfig:
 
 def build_classifier(cfg: ClassifierConfig) -> torch.nn.Module:
     """A MONAI 3D ResNet, ``forward(x [N,1,Z,Y,X]) -> logits [N,6]``, randomly initialised."""
+    from monai.networks import nets  # MONAI loads all its subpackages on import (seconds): only when a network is built
+
     torch.manual_seed(cfg.seed)
-    return ARCHS[cfg.arch](pretrained=False, spatial_dims=3, n_input_channels=1, num_classes=len(cfg.classes),
-                           widen_factor=cfg.widen_factor, conv1_t_size=cfg.conv1_size,
-                           conv1_t_stride=cfg.conv1_stride)
+    return getattr(nets, cfg.arch)(pretrained=False, spatial_dims=3, n_input_channels=1, num_classes=len(cfg.classes),
+                                   widen_factor=cfg.widen_factor, conv1_t_size=cfg.conv1_size,
+                                   conv1_t_stride=cfg.conv1_stride)
 
 
 def num_parameters(model: torch.nn.Module) -> int:

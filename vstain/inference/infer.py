@@ -27,8 +27,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from monai.data.utils import dense_patch_slices
-from monai.inferers import sliding_window_inference
 
 from vstain.channels import TARGETS
 from vstain.models import MIN_SIZE, SIZE_MULTIPLE, check_size
@@ -142,6 +140,8 @@ def predict_volume(
                     msg += (f"predicting layer by layer in Y-X tiles of about {roi[1]}x{roi[2]} (all of Z) "
                             f"through scratch files, instance norm with whole-volume statistics")
                 else:
+                    from monai.inferers import sliding_window_inference  # importing MONAI takes seconds
+
                     out = sliding_window_inference(
                         xt, roi_size=roi, sw_batch_size=sw_batch_size, predictor=generator,
                         overlap=DEFAULT_OVERLAP if overlap is None else overlap, mode="gaussian",
@@ -167,6 +167,8 @@ def tile_borders(shape_zyx, roi_size, overlap: float = DEFAULT_OVERLAP, norm: st
         edges = [[]] + [[(b - 1, b) for b in tile_bounds(p, int(r))[1:-1]] for p, r in zip(padded[1:], roi_size[1:])]
         shift = [(p - s) // 2 for p, s in zip(padded, shape_zyx)]  # the low side of the reflect padding
     else:  # MONAI's tiles: starts every int(roi * (1 - overlap)) voxels, the last one flush with the end
+        from monai.data.utils import dense_patch_slices
+
         edges, shift = [], [0, 0, 0]
         for size, r in zip(shape_zyx, roi_size):
             r = min(int(r), size)

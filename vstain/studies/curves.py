@@ -30,10 +30,9 @@ from vstain.evaluate.metrics import evaluate_predictions
 from vstain.evaluate.patches import REAL, fov_scoring_patches
 from vstain.evaluate.stats import decided, min_pairs, paired_difference
 from vstain.inference.infer import write_predictions
-from vstain.modelfiles import MODEL_JSON, read_model_json
 from vstain.models import Generator, GeneratorConfig
 from vstain.preprocess.processed import read_manifest
-from vstain.training.snapshots import load_snapshot, read_snapshots
+from vstain.modelfiles import MODEL_JSON, load_snapshot, read_model_json, read_snapshots
 
 PIXEL = ("pcc", "ssim")  # per-FOV measures against the clean truth
 SNAPSHOT_PREDICTIONS = "snapshot_predictions.csv"

@@ -27,7 +27,6 @@ from vstain.evaluate.sharpness import sharpness_table
 from vstain.evaluate.stats import decided, format_ci, min_pairs, n_fovs, paired_difference
 from vstain.modelfiles import LOSSES_CSV, init_checkpoint, is_finished, read_model_json
 from vstain.training.configs import WGANConfig
-from vstain.training.wgan import run_wgan_stage
 
 # (metric, higher is better, label) of every column of the sweep
 MEASURES = {"pcc": (True, "PCC"), "ssim": (True, "SSIM"), "f1clf": (True, "F1clf"),
@@ -71,6 +70,8 @@ def run_sweep(stage_in, out_dir, base: WGANConfig, weights, max_voxels=None, pro
     Returns one row per weight: ``weight, model, folder, status`` (``"trained"`` or ``"reused"``),
     ``iterations, train_seconds, median_grad_ratio`` (adversarial over L1 gradient at the generator
     output), ``final_l1`` (mean of the last quarter of generator steps) and ``stopped``."""
+    from vstain.training.wgan import run_wgan_stage  # Lightning's import takes seconds; scoring needs none of it
+
     if not base.init_from:
         raise ValueError("base.init_from is empty: the sweep fine-tunes from the U-Net, give its 04_unet stage folder")
     rows = []

@@ -18,8 +18,7 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback
 
-SNAPSHOTS = "snapshots"
-SNAPSHOTS_CSV = "snapshots.csv"
+from vstain.modelfiles import SNAPSHOTS_CSV, read_snapshots, snapshot_path
 
 
 def log_steps(total: int, n: int = 6, first: int | None = None) -> list[int]:
@@ -36,11 +35,6 @@ def log_steps(total: int, n: int = 6, first: int | None = None) -> list[int]:
         raise ValueError(f"log_steps: first must be in 1..{total}, got {first}")
     steps = np.unique(np.round(np.geomspace(first, total, n)).astype(int))
     return [int(s) for s in steps]
-
-
-def snapshot_path(out_dir, step: int) -> Path:
-    """Where the generator's weights at ``step`` are kept."""
-    return Path(out_dir) / SNAPSHOTS / f"step_{int(step):06d}.pt"
 
 
 class Snapshots(Callback):
@@ -95,28 +89,3 @@ class Snapshots(Callback):
         rows = rows[rows["step"] != step]
         row = pd.DataFrame([{"step": step, "wall_s": round(wall, 2), "path": str(path.relative_to(self.out_dir))}])
         pd.concat([rows, row]).sort_values("step").to_csv(csv, index=False)
-
-
-def read_snapshots(out_dir, check: bool = True) -> pd.DataFrame:
-    """The stage's ``snapshots.csv`` (``step, wall_s, path``), sorted by step; with ``check``, an
-    error naming the file when it or a snapshot it lists is missing."""
-    csv = Path(out_dir) / SNAPSHOTS_CSV
-    if not csv.exists():
-        if check:
-            raise FileNotFoundError(f"{csv}: no snapshots were kept (train with snapshot steps set)")
-        return pd.DataFrame(columns=["step", "wall_s", "path"])
-    rows = pd.read_csv(csv).sort_values("step").reset_index(drop=True)
-    if check:
-        missing = [p for p in rows["path"] if not (Path(out_dir) / p).exists()]
-        if missing:
-            raise FileNotFoundError(f"{csv} lists snapshots that are missing: {missing}")
-    return rows
-
-
-def load_snapshot(out_dir, step: int, generator: torch.nn.Module) -> torch.nn.Module:
-    """``generator`` with the weights kept at ``step`` (eval mode)."""
-    path = snapshot_path(out_dir, step)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no snapshot at step {step}")
-    generator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return generator.eval()
