@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 
 from vstain.book import rundir
 
@@ -194,6 +195,12 @@ def pytest_collection_finish(session):
     for item in session.items:
         if _background(item) is not None and item.name not in BACKGROUND:
             BACKGROUND[item.name] = _background(item)()
+    if BACKGROUND:
+        # The background runs use one CPU thread each, and so do the unit tests beside them: two
+        # cores, no oversubscription (torch's OpenMP threads spin while they wait for each other,
+        # which wastes the cycles the other processes need). The nbval kernels run afterwards, alone,
+        # with torch's default.
+        torch.set_num_threads(1)
 
 
 def pytest_sessionfinish(session):

@@ -94,8 +94,9 @@ def test_results_check_needs_table_confusion_matrices_viewer_and_collapsed_code(
 
 
 def start_quick_book() -> Background:
-    """The whole chain at the quick profile from an empty ``.test-runs/quick`` (the tests' runs/), and its HTML."""
-    return pipeline_in_background("quick")
+    """The whole chain at the quick profile from an empty ``.test-runs/quick`` (the tests' runs/), and its
+    HTML, one CPU thread per process (it shares the two cores with smoke-full and the unit tests)."""
+    return pipeline_in_background("quick", threads=1)
 
 
 @pytest.mark.slow
