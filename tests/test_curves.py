@@ -52,6 +52,27 @@ def test_snapshots_resume_without_rewriting_and_keep_the_clock(stage, tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
+def test_the_final_snapshot_reuses_the_stage_predictions(stage, tmp_path):  # noqa: F811
+    """The last snapshot of a finished stage is its final generator: its test predictions are the
+    stage's own files, copied rather than predicted again; earlier snapshots are predicted."""
+    from vstain.studies.curves import snapshot_predictions
+    from vstain.training.unet import run_unet_stage
+    from vstain.volumes import read_volume
+
+    out = tmp_path / "04_unet"
+    run_unet_stage(stage, out, tiny_cfg(max_steps=4, val_every=4, snapshots=2), splits=("test",), progress=False)
+    table = snapshot_predictions(stage, {"U-Net": out}, tmp_path / "curves", progress=False).set_index("step")
+    assert list(table.index) == [2, 4]
+    assert table.loc[2, "seconds"] > 0 and np.isnan(table.loc[4, "seconds"])  # predicted / reused
+    for f in sorted((out / "predictions").glob("*.tif")):
+        again = tmp_path / "curves" / "u_net" / "step_000004" / "predictions" / f.name
+        assert np.array_equal(read_volume(again), read_volume(f))
+    # an earlier snapshot is not the final generator: predicted, and different
+    first = sorted((tmp_path / "curves" / "u_net" / "step_000002" / "predictions").glob("*.tif"))[0]
+    assert not np.array_equal(read_volume(first), read_volume(out / "predictions" / first.name))
+
+
 def test_missing_snapshots_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="snapshots.csv"):
         read_snapshots(tmp_path)

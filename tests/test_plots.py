@@ -135,3 +135,23 @@ def test_bad_view_and_voxel_size_are_errors(fov):
     with pytest.raises(ValueError, match="voxel_size_zyx"):
         plot_prediction(bf, target, preds["faint"], truth, voxel_size_zyx=(0.3, 0.3))
     plt.close("all")
+
+
+def test_learning_curves_show_fine_tunes_on_their_own_linear_axis():
+    from vstain.plots.curves import fine_tune_starts, learning_curves
+
+    rows = [{"model": m, "step": s, "wall_s": 2.0 * s, "metric": k, "channel": "all", "mean": 0.5, "low": 0.4,
+             "high": 0.6, "n": 8}
+            for m, steps in (("U-Net", (47, 1500)), ("fine-tune", (1512, 1650)))
+            for s in steps for k in ("pcc", "kid")]
+    table = pd.DataFrame(rows)
+    snaps = pd.DataFrame({"model": ["U-Net", "fine-tune"], "step": [1500, 150], "start_step": [0, 1500]})
+    assert fine_tune_starts(snaps) == {"fine-tune": 1500} and fine_tune_starts(None) == {}
+    fig = learning_curves(table, metrics=("pcc", "kid"))
+    assert len(fig.axes) == 4  # no snapshots given: steps and wall time only
+    fig = learning_curves(table, snaps, metrics=("pcc", "kid"))
+    assert len(fig.axes) == 6
+    line = fig.axes[4].get_lines()[0]  # third row, first panel: the fine-tune alone, steps after its start
+    assert line.get_label() == "fine-tune" and list(line.get_xdata()) == [12, 150]
+    assert fig.axes[4].get_xscale() == "linear" and fig.axes[0].get_xscale() == "log"
+    plt.close("all")

@@ -250,3 +250,22 @@ def test_forest_plot_draws_one_panel_per_pair_and_metric_with_b_better_to_the_ri
     plt.close(fig)
     with pytest.raises(ValueError, match="missing column"):
         forest_plot(tables[0].drop(columns="better"))
+
+
+def test_fov_percentile_interval_covers_the_mean_and_widens_for_few_fovs():
+    """The whole-FOV bootstrap shared by F1clf, KID and the trends: the interval of a mean over FOVs
+    covers the true mean about as often as asked, and Hesterberg's level widens it for few FOVs."""
+    rng = np.random.default_rng(3)
+    hits = 0
+    for trial in range(200):
+        x = rng.normal(1.0, 1.0, 12)
+        idx = S.fov_resamples(12, 999, seed=trial)
+        lo, hi = S.percentile_interval(x[idx].mean(axis=1), 12)
+        hits += lo <= 1.0 <= hi
+    assert 0.88 <= hits / 200 <= 0.99
+    x = rng.normal(0, 1, 4)
+    draws = x[S.fov_resamples(4, 4999, 0)].mean(axis=1)
+    lo, hi = S.percentile_interval(draws, 4)
+    plain_lo, plain_hi = np.percentile(draws, [2.5, 97.5])
+    assert lo < plain_lo and hi > plain_hi
+    assert np.isnan(S.percentile_interval(draws, 1)).all() and np.isnan(S.percentile_interval([np.nan], 6)).all()

@@ -21,8 +21,8 @@ from vstain.channels import TARGET_LABELS, TARGETS
 from .classifier import confusion, f1_scores
 from .metrics import COLUMN_LABELS, HIGHER_IS_BETTER, METRICS
 from .patches import REAL
-from .stats import (bootstrap_level, channel_verdict, claim_verdict, compare, decided, format_ci, n_fovs, order_digits,
-    paired_difference)
+from .stats import (channel_verdict, claim_verdict, compare, decided, format_ci, fov_resamples, n_fovs, order_digits,
+    paired_difference, percentile_interval)
 
 COLUMNS = (*METRICS, "f1clf", "perceptual")  # Table 4.1's columns, in order
 PIXEL = METRICS  # the columns of the thesis' claim for the pixel-loss model
@@ -74,13 +74,10 @@ def f1_bootstrap(per_fov: list[np.ndarray], c: int | None, n_resamples: int, con
     value = est[0] if len(est) == 1 else est[1] - est[0]
     if f < 2:
         return value, float("nan"), float("nan"), est
-    idx = np.random.default_rng(seed).integers(0, f, size=(n_resamples, f))
+    idx = fov_resamples(f, n_resamples, seed)
     draws = [f1_of(m[idx].sum(1), c) for m in per_fov]
-    d = draws[0] if len(draws) == 1 else draws[1] - draws[0]
-    d = d[np.isfinite(d)]
-    level = bootstrap_level(f, confidence)
-    lo, hi = np.percentile(d, [50 * (1 - level), 50 * (1 + level)]) if d.size else (np.nan, np.nan)
-    return value, float(lo), float(hi), est
+    lo, hi = percentile_interval(draws[0] if len(draws) == 1 else draws[1] - draws[0], f, confidence)
+    return value, lo, hi, est
 
 
 def model_summary(values: pd.DataFrame, scores: pd.DataFrame | None, models: list[str], n_resamples: int = 9999,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .stats import Difference, bootstrap_level, decided, min_pairs, paired_difference
+from .stats import Difference, decided, fov_resamples, min_pairs, paired_difference, percentile_interval
 
 TRENDS = ("closing", "stable", "widening", "undecided")  # undecided: fewer FOVs than a decision needs
 CURVE_COLUMNS = ["model", "step", "wall_s", "metric", "channel", "mean", "low", "high", "n"]
@@ -124,11 +124,8 @@ def resampled_trend(stat, n_fovs: int, n_resamples: int = 999, confidence: float
         nan = float("nan")
         return Trend("undecided", float(mid), float(last), Difference(int(n_fovs), 0, nan, nan, nan, nan, nan, nan,
                                                                       f"n = {n_fovs}: no interval"))
-    draws = np.array([stat(idx) for idx in np.random.default_rng(seed).integers(0, n_fovs, (n_resamples, n_fovs))])
-    d = sign * (draws[:, 1] - draws[:, 0])
-    d = d[np.isfinite(d)]
-    level = bootstrap_level(int(n_fovs), confidence)
-    lo, hi = np.percentile(d, [50 * (1 - level), 50 * (1 + level)]) if d.size else (np.nan, np.nan)
+    draws = np.array([stat(idx) for idx in fov_resamples(n_fovs, n_resamples, seed)])
+    lo, hi = percentile_interval(sign * (draws[:, 1] - draws[:, 0]), n_fovs, confidence)
     change = Difference(int(n_fovs), 0, float(sign * mid), float(sign * last), float(sign * (last - mid)),
                         float(lo), float(hi), float("nan"))
     return Trend(_trend(change, confidence), float(mid), float(last), change)

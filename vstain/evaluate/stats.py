@@ -94,6 +94,26 @@ def bootstrap_level(n: int, confidence: float = 0.95) -> float:
     return float(min(1 - 2 * stats.norm.sf(z), 1 - 1e-12))
 
 
+def fov_resamples(n_fovs: int, n_resamples: int = 999, seed: int = 0) -> np.ndarray:
+    """``[n_resamples, n_fovs]`` FOV indices drawn with replacement: each row is one bootstrap
+    resample of whole FOVs (a FOV's patches share its cells and optics, so they move together)."""
+    n = int(n_fovs)
+    return np.random.default_rng(seed).integers(0, n, (int(n_resamples), n))
+
+
+def percentile_interval(draws, n_fovs: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of a statistic's bootstrap ``draws`` over ``n_fovs`` resampled FOVs, at
+    :func:`bootstrap_level`; draws that are not finite are dropped. NaN for fewer than two FOVs or
+    no finite draw."""
+    d = np.asarray(draws, dtype=float)
+    d = d[np.isfinite(d)]
+    if int(n_fovs) < 2 or not d.size:
+        return float("nan"), float("nan")
+    level = bootstrap_level(int(n_fovs), confidence)
+    lo, hi = np.percentile(d, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
 def signed_rank_p(d) -> float:
     """Two-sided Wilcoxon signed-rank p-value of paired differences ``d`` (NaN dropped).
 

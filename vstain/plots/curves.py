@@ -4,35 +4,58 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.ticker import NullFormatter
 
 LABELS = {"pcc": "PCC vs clean truth", "ssim": "SSIM vs clean truth", "f1clf": "F1clf (macro)",
           "kid": "KID (lower: more realistic)"}
 COLORS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange")
+STYLES = ("o-", "s--", "^-.", "D:", "v-")  # marker and line per model: a model hidden under another stays visible
 
 
-def learning_curves(table: pd.DataFrame, metrics=("pcc", "ssim", "f1clf", "kid"), channel: str = "all",
-                    title: str = "Test-set learning curves"):
-    """Two rows of panels, one panel per metric: against generator steps since random weights (log
+def fine_tune_starts(snapshots: pd.DataFrame | None) -> dict[str, int]:
+    """Model -> the generator step it started from, for the models of ``snapshots`` (the
+    ``snapshots`` table of :func:`vstain.studies.curves.run_curves`) that began from another model."""
+    if snapshots is None or "start_step" not in snapshots:
+        return {}
+    starts = snapshots.groupby("model", sort=False)["start_step"].max()
+    return {m: int(s) for m, s in starts.items() if s > 0}
+
+
+def learning_curves(table: pd.DataFrame, snapshots: pd.DataFrame | None = None, metrics=("pcc", "ssim", "f1clf", "kid"),
+                    channel: str = "all", title: str = "Test-set learning curves"):
+    """Rows of panels, one panel per metric: against generator steps since random weights (log
     axis; a WGAN-GP counts generator iterations, a fine-tune adds the steps of the model it started
-    from) and against training wall time counted the same way. Each point is the mean over the test
+    from) and against training wall time counted the same way. When ``snapshots`` names fine-tunes
+    (:func:`fine_tune_starts`), a third row shows them alone against the steps after their start on
+    a linear axis, where the log axis squeezes them together. Each point is the mean over the test
     FOVs with its 95% interval (band)."""
     sel = table[table["channel"] == channel]
     models = list(dict.fromkeys(sel["model"]))
-    fig, axes = plt.subplots(2, len(metrics), figsize=(4.2 * len(metrics), 6.4), squeeze=False, constrained_layout=True)
+    colors, styles = dict(zip(models, COLORS)), dict(zip(models, STYLES))
+    starts = {m: s for m, s in fine_tune_starts(snapshots).items() if m in colors}
+    rows = ("step", "wall_s") + (("after",) if starts else ())
+    fig, axes = plt.subplots(len(rows), len(metrics), figsize=(4.2 * len(metrics), 3.2 * len(rows)), squeeze=False,
+                             constrained_layout=True)
     for j, metric in enumerate(metrics):
-        for i, x in enumerate(("step", "wall_s")):
+        for i, x in enumerate(rows):
             ax = axes[i, j]
-            for model, color in zip(models, COLORS):
-                d = sel[(sel["model"] == model) & (sel["metric"] == metric)].sort_values(x)
+            for model in (starts if x == "after" else models):
+                d = sel[(sel["model"] == model) & (sel["metric"] == metric)].sort_values("step")
                 if d.empty:
                     continue
-                ax.plot(d[x], d["mean"], "o-", color=color, ms=3, lw=1.5, label=model)
-                ax.fill_between(d[x], d["low"], d["high"], color=color, alpha=0.15, lw=0)
-            ax.set_xscale("log")
-            ax.set_xlabel("generator steps since random weights" if x == "step"
-                          else "training wall time since random weights (s)", fontsize=8)
+                xs = d["step"] - starts[model] if x == "after" else d[x]
+                ax.plot(xs, d["mean"], styles[model], color=colors[model], ms=4, lw=1.5, mfc="none", label=model)
+                ax.fill_between(xs, d["low"], d["high"], color=colors[model], alpha=0.15, lw=0)
+            if x != "after":
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks crowd each other
+            ax.set_xlabel({"step": "generator steps since random weights",
+                           "wall_s": "training wall time since random weights (s)",
+                           "after": "fine-tunes: generator steps after their start (linear)"}[x], fontsize=8)
             ax.set_ylabel(LABELS.get(metric, metric), fontsize=8)
             ax.grid(alpha=0.3, which="both")
     axes[0, 0].legend(fontsize=7)
+    if starts:
+        axes[2, 0].legend(fontsize=7)
     fig.suptitle(f"{title} ({channel} channels; bands: 95% intervals over the test FOVs)")
     return fig

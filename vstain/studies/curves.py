@@ -11,6 +11,7 @@ their budget).
 """
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +29,12 @@ from vstain.evaluate.curves import (CURVE_COLUMNS, curve_row, half_way, model_tr
                                     resampled_trend, trend_sentence)
 from vstain.evaluate.metrics import evaluate_predictions
 from vstain.evaluate.patches import REAL, fov_scoring_patches
-from vstain.evaluate.stats import decided, min_pairs, paired_difference
-from vstain.inference.infer import write_predictions
+from vstain.evaluate.stats import decided, fov_resamples, min_pairs, paired_difference, percentile_interval
+from vstain.inference.infer import default_max_voxels, plan, write_predictions
+from vstain.modelfiles import (MODEL_JSON, PREDICTIONS, load_generator_state, load_snapshot, read_model_json,
+    read_snapshots)
 from vstain.models import Generator, GeneratorConfig
-from vstain.preprocess.processed import read_manifest
-from vstain.modelfiles import MODEL_JSON, load_snapshot, read_model_json, read_snapshots
+from vstain.preprocess.processed import open_volume, read_manifest
 
 PIXEL = ("pcc", "ssim")  # per-FOV measures against the clean truth
 SNAPSHOT_PREDICTIONS = "snapshot_predictions.csv"
@@ -49,7 +51,8 @@ def snapshot_predictions(stage_in, stages: dict[str, Path], out_dir, split: str 
     """Predict the FOVs of ``split`` from every snapshot of every model (``stages``: name -> stage
     folder with ``snapshots.csv``); a snapshot whose predictions are complete is skipped, so an
     interrupted run resumes. Returns one row per snapshot: ``model, step, wall_s`` (training time
-    up to it), ``dir`` and ``seconds`` (the inference time of its FOVs; NaN when reused)."""
+    up to it), ``dir`` and ``seconds`` (the inference time of its FOVs; NaN when reused: a
+    resumed snapshot, or the final one, whose predictions are the stage's own, see :func:`reuse_final`)."""
     out_dir = Path(out_dir)
     done = pd.read_csv(out_dir / SNAPSHOT_PREDICTIONS) if (out_dir / SNAPSHOT_PREDICTIONS).exists() else None
     n_fovs = None
@@ -66,9 +69,10 @@ def snapshot_predictions(stage_in, stages: dict[str, Path], out_dir, split: str 
         seconds = float("nan")
         if not (preds.exists() and len(list(preds.glob("*.tif"))) == n_fovs):
             gen = load_snapshot(stages[model], step, Generator(GeneratorConfig(**meta["generator"])))
-            t = time.perf_counter()
-            write_predictions(gen, stage_in, folder, splits=(split,), max_voxels=max_voxels)
-            seconds = time.perf_counter() - t
+            if not reuse_final(stage_in, stages[model], meta, gen, folder, split, max_voxels):
+                t = time.perf_counter()
+                write_predictions(gen, stage_in, folder, splits=(split,), max_voxels=max_voxels)
+                seconds = time.perf_counter() - t
         elif done is not None:
             prev = done[(done["model"] == model) & (done["step"] == step)]
             seconds = float(prev["seconds"].iloc[0]) if len(prev) else seconds
@@ -79,6 +83,30 @@ def snapshot_predictions(stage_in, stages: dict[str, Path], out_dir, split: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / SNAPSHOT_PREDICTIONS, index=False)
     return table
+
+
+def reuse_final(stage_in, stage, meta: dict, gen: Generator, folder, split: str, max_voxels=None) -> bool:
+    """Copy the stage's own predictions of ``split`` into ``folder/predictions`` when the snapshot
+    ``gen`` is the stage's final generator (the same weights) and both predict every FOV in one
+    whole-volume pass (the same computation); returns whether it did. The last snapshot of a
+    finished stage is its final generator, so its test FOVs need not be predicted again."""
+    if meta.get("prediction_modes") != ["whole"]:
+        return False
+    fovs = read_manifest(stage_in)
+    fovs = fovs[fovs["split"] == split]
+    source = Path(stage) / PREDICTIONS
+    budget = max_voxels or default_max_voxels(gen)
+    files = [source / f"{f}.tif" for f in fovs["fov_id"]]
+    if not all(f.exists() for f in files) or any(plan(open_volume(f).shape[1:], budget) != "whole" for f in files):
+        return False
+    final = load_generator_state(stage)[0]
+    own = gen.state_dict()
+    if final.keys() != own.keys() or not all(torch.equal(final[k], own[k]) for k in own):
+        return False
+    (Path(folder) / PREDICTIONS).mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copyfile(f, Path(folder) / PREDICTIONS / f.name)
+    return True
 
 
 def started_from(meta: dict) -> tuple[int, float]:
@@ -182,11 +210,8 @@ def kid_on(scores: SnapshotScores, key, idx: np.ndarray) -> float:
 
 
 def _kid_interval(scores: SnapshotScores, key, n_resamples: int, confidence: float, seed: int) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
     n = len(scores.fovs)
-    draws = np.array([kid_on(scores, key, rng.integers(0, n, n)) for _ in range(n_resamples)])
-    alpha = (1 - confidence) / 2
-    return tuple(float(q) for q in np.nanquantile(draws, [alpha, 1 - alpha]))
+    return percentile_interval([kid_on(scores, key, idx) for idx in fov_resamples(n, n_resamples, seed)], n, confidence)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from vstain.evaluate.comparison import f1_bootstrap
-from vstain.evaluate.stats import bootstrap_level, decided, min_pairs, paired_difference
+from vstain.evaluate.stats import decided, fov_resamples, min_pairs, paired_difference, percentile_interval
 from vstain.training.configs import WGANConfig
 
 from .curves import SnapshotScores, kid_on, overall_pixel
@@ -57,9 +57,7 @@ def pilot_moves(scores: SnapshotScores, control: str, model: str, reach: dict[st
     and ``moved``: a decided difference larger than the reach. One row per ``(step, metric)``."""
     steps = sorted({s for m, s in scores.confusions if m == control} & {s for m, s in scores.confusions if m == model})
     n = len(scores.fovs)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, (n_resamples, n))
-    level = bootstrap_level(n, confidence) if n >= 2 else confidence
+    idx = fov_resamples(n, n_resamples, seed)
     pcc = overall_pixel(scores.pixel)
     pcc = pcc[pcc["metric"] == "pcc"]
     rows = []
@@ -69,8 +67,7 @@ def pilot_moves(scores: SnapshotScores, control: str, model: str, reach: dict[st
         rows.append((step, "f1clf", d, lo, hi))
         every = np.arange(n)
         k = kid_on(scores, b, every) - kid_on(scores, a, every)
-        draws = np.array([kid_on(scores, b, i) - kid_on(scores, a, i) for i in idx])
-        klo, khi = np.nanpercentile(draws, [50 * (1 - level), 50 * (1 + level)])
+        klo, khi = percentile_interval([kid_on(scores, b, i) - kid_on(scores, a, i) for i in idx], n, confidence)
         rows.append((step, "kid", k, klo, khi))
         g = pcc[pcc["step"] == step].pivot_table(index="fov_id", columns="model", values="value")
         p = paired_difference(g[control], g[model], n_resamples, confidence, seed)
