@@ -64,6 +64,31 @@ def test_an_incomplete_or_cut_short_record_is_not_finished(tmp_path, stage_in):
     assert not (out / CHECKPOINTS).exists() and not (out / MODEL_JSON).exists()
 
 
+def test_a_fresh_start_drops_the_snapshots_of_an_earlier_run(tmp_path, stage_in):
+    """Retraining from scratch (a changed config, or no checkpoint to resume) must not keep an
+    earlier run's snapshots as its own; a run that resumes keeps them."""
+    cfg = UNetConfig(max_steps=5)
+    out = finished_folder(tmp_path, cfg, stage_in)
+    config = run_config(cfg.to_dict(), stage_in)
+
+    def old_snapshots():
+        (out / "snapshots").mkdir(exist_ok=True)
+        (out / "snapshots" / "step_000005.pt").write_bytes(b"old")
+        (out / "snapshots.csv").write_text("step,wall_s,path\n5,1.0,snapshots/step_000005.pt\n")
+
+    old_snapshots()
+    (out / CHECKPOINTS).mkdir(exist_ok=True)
+    (out / CHECKPOINTS / "last.ckpt").write_bytes(b"ckpt")
+    assert prepare_out_dir(out, cfg, config) is True  # resumes: the snapshots are this run's
+    assert (out / "snapshots.csv").exists()
+    with pytest.warns(UserWarning, match="configuration changed"):
+        assert prepare_out_dir(out, UNetConfig(max_steps=5, lr=1e-3), run_config(
+            UNetConfig(max_steps=5, lr=1e-3).to_dict(), stage_in)) is False
+    assert not (out / "snapshots").exists() and not (out / "snapshots.csv").exists()
+    old_snapshots()  # no checkpoint at all (deleted by hand): a fresh start too
+    assert prepare_out_dir(out, cfg, config) is False and not (out / "snapshots").exists()
+
+
 def test_keys_added_since_a_record_count_as_their_default(tmp_path, stage_in):
     cfg = WGANConfig(iterations=3)
     out = finished_folder(tmp_path, cfg, stage_in)

@@ -28,6 +28,8 @@ LOGS = "logs"
 LOSSES_CSV = "losses.csv"
 MODEL_JSON = "model.json"
 PREDICTIONS = "predictions"
+SNAPSHOTS = "snapshots"  # folder of the generator snapshots
+SNAPSHOTS_CSV = "snapshots.csv"  # one row per snapshot: step, wall_s (training time up to it), path
 
 
 def read_model_json(out_dir) -> dict | None:
@@ -58,7 +60,9 @@ def prepare_out_dir(out_dir, cfg, config: dict) -> bool:
     """Decide whether ``out_dir`` holds a run to resume. If its ``model.json`` is unreadable or
     records a config that differs from ``config`` (``cfg``'s :func:`run_config`) in anything but
     the resumable keys (:func:`config_changes`), the old checkpoints and logs are removed (with a
-    warning) and training starts afresh. Returns True when a ``last.ckpt`` will be resumed."""
+    warning) and training starts afresh; a fresh start also removes the generator snapshots of an
+    earlier run (:data:`SNAPSHOTS`), which the new run would otherwise keep as its own. Returns True
+    when a ``last.ckpt`` will be resumed."""
     out_dir = Path(out_dir)
     last = out_dir / CHECKPOINTS / LAST
     if (out_dir / MODEL_JSON).exists():
@@ -70,6 +74,9 @@ def prepare_out_dir(out_dir, cfg, config: dict) -> bool:
                 shutil.rmtree(out_dir / sub, ignore_errors=True)
             for f in (LOSSES_CSV, MODEL_JSON):
                 (out_dir / f).unlink(missing_ok=True)
+    if not last.exists():  # a fresh start: snapshots of an earlier run are not this run's weights
+        shutil.rmtree(out_dir / SNAPSHOTS, ignore_errors=True)
+        (out_dir / SNAPSHOTS_CSV).unlink(missing_ok=True)
     return last.exists()
 
 
@@ -222,9 +229,6 @@ def simulated_data_warning(voxel_size_zyx, width: int, steps: int | None, senten
             "(real Allen Cell stacks are sampled at 0.29 x 0.108 x 0.108 µm)")
     return text[0].upper() + text[1:] + "." if sentence else text
 
-
-SNAPSHOTS = "snapshots"  # folder of the generator snapshots
-SNAPSHOTS_CSV = "snapshots.csv"  # one row per snapshot: step, wall_s (training time up to it), path
 
 
 def snapshot_path(out_dir, step: int) -> Path:

@@ -233,7 +233,7 @@ def headline(comparisons: pd.DataFrame, pixel_model: str, adversarial_model: str
         text += "; F1clf was not scored."
     if late:
         spent = "; ".join(f"the {m} after {budgets[m]}" for m in late) if budgets else " and ".join(late)
-        text += (f" {' and '.join(late)} had not converged ({spent}: its PCC against the clean truth still rose "
+        text += (f" {' and '.join(late)} had not converged ({spent}; PCC against the clean truth still rose "
                  "over the second half of training), so neither half is a verdict on the method.")
     return text
 
