@@ -9,7 +9,7 @@ from vstain.evaluate.controls import (SHIFT, TRUTH, blur_name, blurred, control_
                                       controls_sentence, shifted, write_controls)
 from vstain.evaluate.metrics import pcc
 from vstain.preprocess import processed
-from vstain.volumes import read_volume
+from vstain.volumes import read_volume, write_volume
 
 
 def test_blur_removes_fine_detail_in_plane_only():
@@ -45,6 +45,10 @@ def test_controls_are_model_folders_and_resume(tmp_path):
     written = (dirs[SHIFT] / "predictions" / f"{fov['fov_id']}.tif").stat().st_mtime_ns
     write_controls(stage, tmp_path / "controls")
     assert (dirs[SHIFT] / "predictions" / f"{fov['fov_id']}.tif").stat().st_mtime_ns == written
+    # a new simulation writes a new truth under the same FOV id: its controls are written again
+    write_volume(fov["truth_path"], 2 * truth + 1)
+    write_controls(stage, tmp_path / "controls")
+    assert np.array_equal(read_volume(dirs[TRUTH] / "predictions" / f"{fov['fov_id']}.tif"), 2 * truth + 1)
 
 
 def test_controls_need_the_clean_truth(tmp_path):

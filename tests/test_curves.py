@@ -71,6 +71,11 @@ def test_the_final_snapshot_reuses_the_stage_predictions(stage, tmp_path):  # no
     # an earlier snapshot is not the final generator: predicted, and different
     first = sorted((tmp_path / "curves" / "u_net" / "step_000002" / "predictions").glob("*.tif"))[0]
     assert not np.array_equal(read_volume(first), read_volume(out / "predictions" / first.name))
+    # a snapshot file that changed (its stage retrained) is predicted again, not taken from the cache
+    snapshot_path(out, 2).write_bytes(snapshot_path(out, 4).read_bytes())
+    again = snapshot_predictions(stage, {"U-Net": out}, tmp_path / "curves", progress=False).set_index("step")
+    assert np.isnan(again.loc[2, "seconds"]) and np.array_equal(read_volume(first),
+                                                                read_volume(out / "predictions" / first.name))
 
 
 def test_missing_snapshots_are_named(tmp_path):

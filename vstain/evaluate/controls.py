@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from vstain.channels import TARGETS
 from vstain.preprocess import processed
-from vstain.volumes import read_volume, write_volume
+from vstain.volumes import read_volume, sha256, write_volume
 
 from .stats import min_pairs
 
@@ -56,8 +56,9 @@ def shifted(vol: np.ndarray, fraction: float = SHIFT_FRACTION) -> np.ndarray:
 
 def write_controls(stage_in, out_dir, split: str = "test", sigmas=BLUR_SIGMAS) -> dict[str, Path]:
     """Write the truth and its controls for every FOV of ``split`` and return ``name -> folder``
-    (each holding ``predictions/<fov_id>.tif``). FOVs already written are kept, so an interrupted
-    run resumes. Needs the simulator's clean truth."""
+    (each holding ``predictions/<fov_id>.tif``). FOVs already written from the same truth file
+    (its SHA-256 in ``sources/<fov_id>.sha256``) are kept, so an interrupted run resumes and a new
+    simulation is written afresh. Needs the simulator's clean truth."""
     df = processed.read_manifest(stage_in)
     df = df[df["split"] == split]
     if df.empty:
@@ -68,12 +69,15 @@ def write_controls(stage_in, out_dir, split: str = "test", sigmas=BLUR_SIGMAS) -
         if not (isinstance(r["truth_path"], str) and r["truth_path"]):
             raise ValueError(f"{r['path']}: FOV {r['fov_id']} has no clean truth; the controls need the simulator's")
         rel = Path("predictions") / f"{r['fov_id']}.tif"
-        if all((d / rel).exists() for d in dirs.values()):
-            continue
+        source, marker = sha256(r["truth_path"]), out_dir / "sources" / f"{r['fov_id']}.sha256"
+        if all((d / rel).exists() for d in dirs.values()) and marker.exists() and marker.read_text() == source:
+            continue  # written from this very truth file (a new simulation writes new truths under the same ids)
         truth = read_volume(r["truth_path"]).astype(np.float32)
         vols = {TRUTH: truth, **{blur_name(s): blurred(truth, s) for s in sigmas}, SHIFT: shifted(truth)}
         for name, vol in vols.items():
             write_volume(dirs[name] / rel, vol, list(TARGETS))
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(source)
     return dirs
 
 

@@ -32,12 +32,14 @@ from vstain.evaluate.patches import REAL, fov_scoring_patches
 from vstain.evaluate.stats import decided, fov_resamples, min_pairs, paired_difference, percentile_interval
 from vstain.inference.infer import default_max_voxels, plan, write_predictions
 from vstain.modelfiles import (MODEL_JSON, PREDICTIONS, load_generator_state, load_snapshot, read_model_json,
-    read_snapshots)
+    read_snapshots, snapshot_path)
 from vstain.models import Generator, GeneratorConfig
 from vstain.preprocess.processed import open_volume, read_manifest
+from vstain.volumes import sha256
 
 PIXEL = ("pcc", "ssim")  # per-FOV measures against the clean truth
 SNAPSHOT_PREDICTIONS = "snapshot_predictions.csv"
+SOURCE_SHA = "snapshot.sha256"  # in each step folder: the hash of the snapshot file its predictions came from
 
 
 def step_dir(out_dir, model: str, step: int) -> Path:
@@ -49,9 +51,10 @@ def step_dir(out_dir, model: str, step: int) -> Path:
 def snapshot_predictions(stage_in, stages: dict[str, Path], out_dir, split: str = "test", max_voxels=None,
                          progress: bool = True) -> pd.DataFrame:
     """Predict the FOVs of ``split`` from every snapshot of every model (``stages``: name -> stage
-    folder with ``snapshots.csv``); a snapshot whose predictions are complete is skipped, so an
-    interrupted run resumes. Returns one row per snapshot: ``model, step, wall_s`` (training time
-    up to it), ``dir`` and ``seconds`` (the inference time of its FOVs; NaN when reused: a
+    folder with ``snapshots.csv``); a snapshot whose predictions are complete and were made from the
+    same snapshot file (its SHA-256 in ``snapshot.sha256``) is skipped, so an interrupted run
+    resumes and a retrained stage is predicted again. Returns one row per snapshot: ``model, step,
+    wall_s`` (training time up to it), ``dir`` and ``seconds`` (the inference time of its FOVs; NaN when reused: a
     resumed snapshot, or the final one, whose predictions are the stage's own, see :func:`reuse_final`)."""
     out_dir = Path(out_dir)
     done = pd.read_csv(out_dir / SNAPSHOT_PREDICTIONS) if (out_dir / SNAPSHOT_PREDICTIONS).exists() else None
@@ -67,12 +70,16 @@ def snapshot_predictions(stage_in, stages: dict[str, Path], out_dir, split: str 
         if n_fovs is None:
             n_fovs = int((read_manifest(stage_in)["split"] == split).sum())
         seconds = float("nan")
-        if not (preds.exists() and len(list(preds.glob("*.tif"))) == n_fovs):
+        sha, marker = sha256(snapshot_path(stages[model], step)), folder / SOURCE_SHA
+        if not (preds.exists() and len(list(preds.glob("*.tif"))) == n_fovs
+                and marker.exists() and marker.read_text().strip() == sha):
+            shutil.rmtree(preds, ignore_errors=True)  # another snapshot's (a retrained stage) or cut short
             gen = load_snapshot(stages[model], step, Generator(GeneratorConfig(**meta["generator"])))
             if not reuse_final(stage_in, stages[model], meta, gen, folder, split, max_voxels):
                 t = time.perf_counter()
                 write_predictions(gen, stage_in, folder, splits=(split,), max_voxels=max_voxels)
                 seconds = time.perf_counter() - t
+            marker.write_text(sha)
         elif done is not None:
             prev = done[(done["model"] == model) & (done["step"] == step)]
             seconds = float(prev["seconds"].iloc[0]) if len(prev) else seconds
