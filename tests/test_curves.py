@@ -86,6 +86,21 @@ def test_missing_snapshots_are_named(tmp_path):
         read_snapshots(tmp_path)
 
 
+def test_a_fine_tune_starts_at_the_clock_of_its_init_snapshots(tmp_path):
+    import json
+
+    from vstain.studies.curves import started_from
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "model.json").write_text(json.dumps({"global_step": 8, "train_seconds": 50.0}))
+    meta = {"config": {"init_from": str(init)}}
+    assert started_from(meta) == (8, 50.0)  # no snapshots: the stage's own training seconds
+    pd.DataFrame([{"step": 4, "wall_s": 20.0, "path": "a"}, {"step": 8, "wall_s": 41.5, "path": "b"}]).to_csv(
+        init / "snapshots.csv", index=False)
+    assert started_from(meta) == (8, 41.5)  # the snapshot clock at the init's last step
+    assert started_from({"config": {}}) == (0, 0.0)
+
+
 # --- the trend of a gap --------------------------------------------------------------------------
 N = 12  # FOVs
 rng = np.random.default_rng(0)

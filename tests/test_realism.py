@@ -13,7 +13,7 @@ from vstain.channels import TARGETS
 from vstain.data import cells
 from vstain.data.simconfig import REAL_PIXEL_SIZE
 from vstain.data.simulate import SimConfig, simulate_fov
-from vstain.evaluate import realism
+from vstain.evaluate import learnability, realism
 from vstain.evaluate.metrics import thesis_table41
 
 BOOK = SimConfig(shape=(60, 110, 110), pixel_size=(0.3, 0.3, 0.3))
@@ -117,21 +117,21 @@ def _pixel_metrics(pcc: dict[str, list[float]]) -> pd.DataFrame:
 def test_learnability_rho_and_differences():
     thesis = thesis_table41()["pcc_mean"].xs("U-Net", level="model")
     same = _pixel_metrics({c: [thesis[c] - 0.01, thesis[c] + 0.01, thesis[c]] for c in TARGETS})
-    table, summary = realism.learnability(same, n_resamples=200)
+    table, summary = learnability.learnability(same, n_resamples=200)
     assert summary["rho"].iloc[0] == pytest.approx(1.0)
     assert summary["within"].iloc[0] == 6
     np.testing.assert_allclose(table["difference"], 0, atol=1e-9)
     assert (table["rank"] == table["thesis_rank"]).all()
     reverse = _pixel_metrics({c: [1.6 - thesis[c]] * 3 for c in TARGETS})
-    table, summary = realism.learnability(reverse, n_resamples=200)
+    table, summary = learnability.learnability(reverse, n_resamples=200)
     assert summary["rho"].iloc[0] == pytest.approx(-1.0)
-    assert "**-1.00**" in realism.learnability_sentence(summary, table)
+    assert "**-1.00**" in learnability.learnability_sentence(summary, table)
     # one FOV per channel: the rho, but no interval, and the sentence says why
-    table, summary = realism.learnability(_pixel_metrics({c: [thesis[c]] for c in TARGETS}))
+    table, summary = learnability.learnability(_pixel_metrics({c: [thesis[c]] for c in TARGETS}))
     assert summary["rho"].iloc[0] == pytest.approx(1.0) and np.isnan(summary["rho_lo"].iloc[0])
-    assert "no interval" in realism.learnability_sentence(summary, table)
+    assert "no interval" in learnability.learnability_sentence(summary, table)
     with pytest.raises(ValueError, match="no PCC for"):
-        realism.learnability(_pixel_metrics({c: [0.5] for c in TARGETS[:5]}))
+        learnability.learnability(_pixel_metrics({c: [0.5] for c in TARGETS[:5]}))
 
 
 def test_published_table_marks_what_lies_in_range():
@@ -165,3 +165,38 @@ def test_brightfield_shares_split_the_image_by_compartment():
     # a compartment without an index step is invisible
     flat = dataclasses.replace(BOOK, n_nucleoli=BOOK.n_nucleus)
     assert realism.brightfield_shares(f, flat)["nucleoli"] == 0
+
+
+def test_channel_budget_finds_the_channel_still_learned_and_says_so(tmp_path):
+    from test_train import tiny_records
+    from vstain.preprocess import processed
+    from vstain.volumes import write_volume
+
+    stage03 = tmp_path / "03"
+    processed.write_processed(stage03, tiny_records(counts={"mito": 8}, shape=(6, 12, 12), clean_truth=True))
+    raw = pd.read_csv(stage03 / processed.MANIFEST_CSV)
+    raw.assign(split="test").to_csv(stage03 / processed.MANIFEST_CSV, index=False)  # all 8 scored: a decision
+    man = processed.read_manifest(stage03)
+    rng = np.random.default_rng(0)
+    rows = []
+    for step in (2, 4, 8):
+        d = tmp_path / "curves" / f"step_{step}"
+        for _, r in man.iterrows():
+            truth = processed.load_fov(r)[2].copy()
+            noise = rng.normal(size=truth.shape[1:]).astype(np.float32)
+            truth[TARGETS.index("nucleoli")] = noise  # never learned
+            if step < 8:
+                truth[TARGETS.index("envelope")] = noise + 0.3 * truth[TARGETS.index("envelope")]  # learned late
+            write_volume(d / "predictions" / f"{r['fov_id']}.tif", truth)
+        rows.append({"model": "U-Net", "step": step, "dir": str(d)})
+    snaps = tmp_path / "curves" / "snapshot_predictions.csv"
+    pd.DataFrame(rows).to_csv(snaps, index=False)
+    table = learnability.channel_budget(stage03, snaps).set_index("channel")
+    assert (table["mid_step"] == 4).all() and (table["last_step"] == 8).all() and (table["n"] == 8).all()
+    assert table.loc["envelope", "learning"] == "still rising" and table.loc["envelope", "gain"] > 0.3
+    assert table.loc["nucleoli", "learning"] == "no detectable change" and table.loc["nucleoli", "pcc_last"] < 0.2
+    assert table.loc["dna", "learning"] == "no detectable change" and table.loc["dna", "pcc_last"] > 0.99
+    text = learnability.budget_sentence(table.reset_index(), pd.DataFrame([{"confidence": 0.95}]))
+    assert "after 8 steps" in text and "Nuclear envelope (+" in text and "Nucleoli reached a PCC of only" in text
+    with pytest.raises(ValueError, match="no snapshot of model 'WGAN-GP'"):
+        learnability.channel_budget(stage03, snaps, model="WGAN-GP")

@@ -9,8 +9,8 @@ geometry alone gives away, and whether it ranks the channels as the thesis' real
   lookup of the mean signal by distance to the nearest wall and to the nucleus), once from the
   cells and nuclei and once from the nuclei only (walls of their Voronoi partition): a channel the
   nuclei alone predict is given away by whatever shows the nuclei.
-* :func:`learnability` puts a model's per-channel PCC beside the thesis' Table 4.1 with Spearman's
-  rho (and a bootstrap interval over FOVs).
+* :func:`run_realism_stage` adds the learnability ordering (:mod:`vstain.evaluate.learnability`):
+  the U-Net's per-channel PCC beside the thesis' Table 4.1, and the budget it is measured at.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from vstain.data import optics, stage
 from vstain.data.simulate import PHASES, SimConfig, index_terms, simulate_fov
 
 from .downstream import noise_ceiling
-from .metrics import thesis_table41
+from .learnability import channel_budget, learnability
 from .published import GEOMETRY, INDEX, compare, psf_table
 
 COMPARTMENTS = ("cytoplasm", "nucleus", "nucleoli", "mito", "lipid", "vesicles")
@@ -237,66 +237,6 @@ def geometry_predictability(fovs: list[tuple[np.ndarray, dict, tuple, tuple]]) -
 
 
 # ---------------------------------------------------------------------------------------------
-# The learnability ordering against the thesis
-# ---------------------------------------------------------------------------------------------
-WITHIN = 0.15  # a channel "matches" the thesis when its PCC is within this of Table 4.1's
-
-
-def learnability(pixel_metrics: pd.DataFrame, model: str = "U-Net", n_resamples: int = 2000,
-                 confidence: float = 0.95, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A model's per-channel PCC (mean over the scored FOVs) beside the thesis' Table 4.1 U-Net.
-
-    Returns ``(channels, summary)``: per channel ``pcc``, ``n``, ``thesis_pcc``, ``difference``
-    (simulated - thesis) and both ranks; and one row with Spearman's ``rho`` over the six channels,
-    its bootstrap interval (FOVs resampled within each channel, scipy.stats.bootstrap) and how many
-    channels lie within :data:`WITHIN` of the thesis."""
-    pcc = pixel_metrics[(pixel_metrics["model"] == model) & (pixel_metrics["metric"] == "pcc")]
-    if pcc.empty:
-        models = sorted(pixel_metrics["model"].unique())
-        raise ValueError(f"no PCC of model {model!r} in the pixel metrics (models: {models})")
-    thesis = thesis_table41()["pcc_mean"].xs("U-Net", level="model")
-    samples = [pcc.loc[pcc["channel"] == c, "value"].dropna().to_numpy() for c in TARGETS]
-    missing = [c for c, s in zip(TARGETS, samples) if len(s) == 0]
-    if missing:
-        raise ValueError(f"model {model!r} has no PCC for {missing}: the ordering needs all six channels")
-    ref = thesis.reindex(list(TARGETS)).to_numpy()
-    means = np.array([s.mean() for s in samples])
-    table = pd.DataFrame({"channel": list(TARGETS), "label": [TARGET_LABELS[c] for c in TARGETS], "pcc": means,
-                          "n": [len(s) for s in samples], "thesis_pcc": ref, "difference": means - ref,
-                          "rank": stats.rankdata(-means).astype(int), "thesis_rank": stats.rankdata(-ref).astype(int)})
-
-    def rho(*xs):
-        return stats.spearmanr([np.mean(x) for x in xs], ref)[0]
-
-    lo = hi = np.nan  # an interval needs two FOVs in every channel
-    if min(len(s) for s in samples) >= 2:
-        res = stats.bootstrap(samples, rho, n_resamples=n_resamples, confidence_level=confidence,
-                              vectorized=False, paired=False, method="percentile", random_state=seed)
-        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    summary = pd.DataFrame([{"model": model, "rho": float(stats.spearmanr(means, ref)[0]), "rho_lo": lo, "rho_hi": hi,
-                             "confidence": confidence, "within": int((np.abs(means - ref) <= WITHIN).sum()),
-                             "channels": len(TARGETS), "n_fovs": int(pcc["fov_id"].nunique())}])
-    return table, summary
-
-
-def learnability_sentence(summary: pd.DataFrame, table: pd.DataFrame) -> str:
-    """The ordering's verdict in words, from :func:`learnability`'s tables."""
-    s = summary.iloc[0]
-    order = ", ".join(table.sort_values("rank")["label"])
-    thesis_order = ", ".join(table.sort_values("thesis_rank")["label"])
-    far = table[np.abs(table["difference"]) > WITHIN]
-    far_txt = ("; farther than that: " + ", ".join(f"{r.label} ({r.difference:+.2f})" for r in far.itertuples())
-               if len(far) else "")
-    return (f"The {s['model']} ranks the channels {order} (highest PCC first); the thesis' Table 4.1 ranks them "
-            f"{thesis_order}. Spearman's rho between the two is **{s['rho']:.2f}** "
-            + (f"({s['confidence']:.0%} bootstrap interval over the {s['n_fovs']} test FOVs: {s['rho_lo']:.2f} to "
-               f"{s['rho_hi']:.2f}). " if np.isfinite(s["rho_lo"]) else
-               f"(no interval: a channel was scored on fewer than two of the {s['n_fovs']} test FOVs). ")
-            + f"{s['within']} of {s['channels']} channels lie within {WITHIN} of the thesis' "
-            f"PCC{far_txt}.")
-
-
-# ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
 def stage_config(stage01: str | Path) -> SimConfig:
@@ -319,7 +259,8 @@ def predictability_sentence(table: pd.DataFrame) -> str:
 
 def run_realism_stage(out_dir: str | Path, stage01: str | Path, pixel_metrics: str | Path | None,
                       n_fovs: int = 4, n_predict_fovs: int = 8, model: str = "U-Net", n_resamples: int = 2000,
-                      confidence: float = 0.95, seed: int = 0) -> dict[str, pd.DataFrame]:
+                      confidence: float = 0.95, seed: int = 0, stage03: str | Path | None = None,
+                      snapshot_predictions: str | Path | None = None) -> dict[str, pd.DataFrame]:
     """Measure the simulated world of a run and compare it with the literature and the thesis.
 
     Args:
@@ -331,11 +272,15 @@ def run_realism_stage(out_dir: str | Path, stage01: str | Path, pixel_metrics: s
             measured targets), or None to skip the learnability ordering.
         n_fovs: FOVs simulated for the measurements; n_predict_fovs: stage-01 FOVs for the
             geometry-only predictor (half fit, half scored).
+        stage03, snapshot_predictions: the run's ``03_denoising`` folder and the learning curves'
+            ``07_results/curves/snapshot_predictions.csv``, for :func:`channel_budget` (the
+            ``budget`` table, and ``channel_curves``: the model's per-channel PCC at every snapshot,
+            from the ``curves.csv`` beside it); None skips them.
 
     Returns the tables: ``geometry``, ``index`` (published vs simulated), ``psf``, ``cycle``,
     ``snr`` (per channel, mean over FOVs), ``brightfield`` (each compartment's share of the
     brightfield's fine-scale variance: mean, min and max over FOVs), ``predictability`` and, with pixel metrics,
-    ``learnability`` and ``rho``.
+    ``learnability`` and ``rho``, and with the snapshots ``budget`` and ``channel_curves``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -357,6 +302,11 @@ def run_realism_stage(out_dir: str | Path, stage01: str | Path, pixel_metrics: s
     if pixel_metrics is not None:
         tables["learnability"], tables["rho"] = learnability(pd.read_csv(pixel_metrics, dtype={"fov_id": str}), model,
                                                              n_resamples, confidence, seed)
+    if stage03 is not None and snapshot_predictions is not None:
+        tables["budget"] = channel_budget(stage03, snapshot_predictions, model, confidence=confidence)
+        curves = pd.read_csv(Path(snapshot_predictions).parent / "curves.csv")  # the same folder's curves
+        tables["channel_curves"] = curves[(curves["model"] == model) & (curves["metric"] == "pcc")
+                                          & curves["channel"].isin(TARGETS)].reset_index(drop=True)
     for name, t in tables.items():
         t.to_csv(out / f"{name}.csv", index=False)
     return tables

@@ -1,13 +1,15 @@
 """Figures of the realism page: where the walls are against the nuclei's Voronoi walls, the
-refractive-index map, what the geometry alone predicts, and the learnability ordering."""
+refractive-index map, what the geometry alone predicts, the learnability ordering and the per-channel
+learning curves it is measured at."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullFormatter
 import numpy as np
 import pandas as pd
 
 from vstain.channels import TARGET_LABELS, TARGETS
-from vstain.evaluate import realism
+from vstain.evaluate import learnability, realism
 
 from .views import colorbar, scale_bar
 
@@ -71,8 +73,8 @@ def learnability_scatter(table: pd.DataFrame, summary: pd.DataFrame):
     s = summary.iloc[0]
     fig, ax = plt.subplots(figsize=(5.2, 5), layout="constrained")
     lim = (min(0.0, float(table["pcc"].min()) - 0.05), 1.0)
-    ax.fill_between(lim, np.array(lim) - realism.WITHIN, np.array(lim) + realism.WITHIN, color="0.9",
-                    label=f"within {realism.WITHIN}")
+    ax.fill_between(lim, np.array(lim) - learnability.WITHIN, np.array(lim) + learnability.WITHIN, color="0.9",
+                    label=f"within {learnability.WITHIN}")
     ax.plot(lim, lim, color="0.5", lw=0.8)
     ax.scatter(table["thesis_pcc"], table["pcc"], color="tab:blue", zorder=3)
     for r in table.itertuples():
@@ -100,4 +102,25 @@ def brightfield_shares(table: pd.DataFrame):
     ax.set_ylabel("share of the fine-scale variance")
     ax.set_ylim(0, max(1e-3, float(t["max"].max())) * 1.1)
     ax.set_title("What the brightfield carries of each compartment (bars: mean over FOVs; lines: their range)")
+    return fig
+
+
+def channel_curves(curves: pd.DataFrame, budget: pd.DataFrame):
+    """The model's PCC against the clean truth per channel at each snapshot (log-spaced steps), with
+    its interval over the test FOVs; the half-way and last snapshots, between which
+    :func:`vstain.evaluate.learnability.channel_budget` decides, are marked."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
+    for c in TARGETS:
+        g = curves[curves["channel"] == c].sort_values("step")
+        line, = ax.plot(g["step"], g["mean"], marker="o", ms=3, label=TARGET_LABELS[c])
+        ax.fill_between(g["step"], g["low"], g["high"], color=line.get_color(), alpha=0.15, lw=0)
+    for step in (budget["mid_step"].iloc[0], budget["last_step"].iloc[0]):
+        ax.axvline(step, color="0.6", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    steps = sorted(curves["step"].unique())
+    ax.set_xticks(steps, [str(int(s)) for s in steps])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("training step (log scale; dashed: half-way and last)")
+    ax.set_ylabel("PCC against the clean truth")
+    ax.legend(fontsize=8, ncol=2)
     return fig

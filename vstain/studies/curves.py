@@ -60,12 +60,15 @@ def snapshot_predictions(stage_in, stages: dict[str, Path], out_dir, split: str 
     done = pd.read_csv(out_dir / SNAPSHOT_PREDICTIONS) if (out_dir / SNAPSHOT_PREDICTIONS).exists() else None
     n_fovs = None
     rows = []
+    metas = {m: read_model_json(d) for m, d in stages.items()}
+    for m, meta in metas.items():
+        if meta is None:
+            raise FileNotFoundError(f"{Path(stages[m]) / MODEL_JSON}: missing or unreadable (train it first)")
+    starts = {m: started_from(meta) for m, meta in metas.items()}
     jobs = [(m, r) for m, d in stages.items() for _, r in read_snapshots(d).iterrows()]
     for model, snap in tqdm(jobs, desc="snapshots", disable=not progress):
         folder, step = step_dir(out_dir, model, snap["step"]), int(snap["step"])
-        meta = read_model_json(stages[model])
-        if meta is None:
-            raise FileNotFoundError(f"{Path(stages[model]) / MODEL_JSON}: missing or unreadable (train it first)")
+        meta = metas[model]
         preds = folder / "predictions"
         if n_fovs is None:
             n_fovs = int((read_manifest(stage_in)["split"] == split).sum())
@@ -83,7 +86,7 @@ def snapshot_predictions(stage_in, stages: dict[str, Path], out_dir, split: str 
         elif done is not None:
             prev = done[(done["model"] == model) & (done["step"] == step)]
             seconds = float(prev["seconds"].iloc[0]) if len(prev) else seconds
-        start_step, start_wall = started_from(meta)
+        start_step, start_wall = starts[model]
         rows.append({"model": model, "step": step, "wall_s": float(snap["wall_s"]), "start_step": start_step,
                      "start_wall_s": start_wall, "dir": str(folder), "seconds": round(seconds, 2)})
     table = pd.DataFrame(rows)
@@ -118,12 +121,18 @@ def reuse_final(stage_in, stage, meta: dict, gen: Generator, folder, split: str,
 
 def started_from(meta: dict) -> tuple[int, float]:
     """The steps and training seconds a model inherited: those of the finished stage its generator
-    started from (``init_from``, a fine-tune), else ``(0, 0.0)``."""
+    started from (``init_from``, a fine-tune), else ``(0, 0.0)``. The seconds are read from the
+    clock of that stage's snapshots when it kept one at its last step, so that the fine-tune's
+    curve continues the curve of the model it started from; otherwise from its ``model.json``."""
     source = Path(meta.get("config", {}).get("init_from") or "")
     init = read_model_json(source) if str(source) else None
     if init is None:
         return 0, 0.0
-    return int(init.get("global_step", 0)), float(init.get("train_seconds", 0.0))
+    step = int(init.get("global_step", 0))
+    kept = read_snapshots(source, check=False)
+    at_step = kept[kept["step"] == step]
+    wall = float(at_step["wall_s"].iloc[0]) if len(at_step) else float(init.get("train_seconds", 0.0))
+    return step, wall
 
 
 @dataclass
