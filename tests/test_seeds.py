@@ -158,3 +158,10 @@ def test_f1clf_cells_use_the_seeds_patches():
     assert f1.loc[("model", "dna"), "diff"] > 0 and bool(f1.loc[("model", "dna"), "finding"])
     per = t[t["metric"] == "perceptual"]
     assert len(per) == 4 and (per.loc[per["kind"] == "seed", "diff"] == 0).all()
+
+
+def test_a_list_ending_in_an_abbreviation_ends_with_one_period():
+    values = values_table(shifts={"small": 0.02})
+    values = values[values["metric"] == "mae"].assign(metric="perceptual")  # label "Perceptual dist."
+    text = seeds.seed_verdict(seeds.seed_comparison(values, None, "U-Net", "U-Net s1", ["small"], n_resamples=R))
+    assert "so not findings: DNA Perceptual dist.," in text and "Perceptual dist.." not in text

@@ -150,7 +150,7 @@ def seed_verdict(table: pd.DataFrame, confidence: float = 0.95) -> str:
         within = [f"{TARGET_LABELS[r['channel']]} {COLUMN_LABELS[r['metric']]}" for r in won if not r["finding"]]
         lines.append(f"**{m} against {ref}**: {len(won)} of {len(rows)} cells call a winner, **{len(kept)}** of them "
                      f"beyond the seed spread (findings)"
-                     + (f"; within it, so not findings: {', '.join(within)}." if within else "."))
+                     + (f"; within it, so not findings: {', '.join(within)}".rstrip(".") + "." if within else "."))
         lines += [f"- {s}" for s in channel_sentences(rows, ref, m)]
         lines.append("")
     return "\n".join(lines).rstrip()
