@@ -4,6 +4,8 @@ seed-to-seed difference (:func:`vstain.evaluate.seeds.seed_comparison`). Returns
 never saves or shows it."""
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -120,8 +122,9 @@ def seed_forest_plot(table: pd.DataFrame, labels: dict[str, str] | None = None,
             ax.axvline(0, color="0.4", ls="--", lw=1)
             name = labels.get(metric, metric)
             hib = bool(cells["higher_is_better"].iloc[0]) if len(cells) else True
-            ax.set(title=f"{b} vs {a}: {name}",
-                   xlabel=f"paired difference in {name}\n(right: {b} or {seed_name} better" + (")" if hib else "; lower is better)"))
+            ax.set(title=textwrap.fill(f"{b} vs {a}: {name}", 40),
+                   xlabel=f"paired difference in {name}\n" + textwrap.fill(
+                       f"(right: {b} or {seed_name} better" + (")" if hib else "; lower is better)"), 44))
             ax.set_yticks(range(len(channels)))
             ax.set_yticklabels(channels[::-1])
             ax.set_ylim(-0.7, len(channels) - 0.4)
