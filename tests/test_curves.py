@@ -227,7 +227,7 @@ def test_spread_sentence_gives_the_largest_reach_and_the_moved_cells():
 
 
 def test_pilot_finds_the_first_iteration_that_moves_a_perception_measure():
-    from vstain.studies.sweep_pilot import first_move, pilot_moves, pilot_sentence, seed_reach
+    from vstain.studies.sweep_pilot import beyond_spread, first_move, pilot_moves, pilot_sentence, seed_reach
     scores = synthetic_scores()
     moves = pilot_moves(scores, "a", "b", {"f1clf": 0.05, "kid": 0.0}, n_resamples=199)
     assert set(moves["step"]) == {2} and set(moves["metric"]) == {"f1clf", "kid", "pcc"}  # the common iteration
@@ -242,4 +242,15 @@ def test_pilot_finds_the_first_iteration_that_moves_a_perception_measure():
     assert first_move(moved) == 2 and "after 2 generator iterations" in pilot_sentence(moved, 1.0, 1e-4, 2)
     table = pd.DataFrame({"kind": ["seed", "seed", "model"], "metric": ["f1clf", "f1clf", "f1clf"],
                           "seed_reach": [0.1, 0.3, 0.9]})
-    assert seed_reach(table) == {"f1clf": 0.3} and seed_reach(None) == {}
+    reach = seed_reach(table)
+    assert reach["f1clf"] == 0.3 and np.isnan(reach["kid"]) and np.isnan(reach["pcc"]) and seed_reach(None) == {}
+    # a measure the seed table lacks (KID) has no known spread: a decided change of it is not a move
+    assert beyond_spread(0.5, 0.4, 0.6, 0.0, 24) and beyond_spread(-0.5, -0.6, -0.4, 0.45, 24)
+    assert not beyond_spread(0.5, 0.4, 0.6, float("nan"), 24) and not beyond_spread(0.5, 0.4, 0.6, 0.6, 24)
+    assert not beyond_spread(0.5, -0.1, 0.6, 0.0, 24) and not beyond_spread(0.5, 0.4, 0.6, 0.0, 5)  # undecided
+    unknown = pilot_moves(scores, "a", "b", {"f1clf": 5.0, "kid": float("nan")}, n_resamples=199)
+    unknown = unknown.assign(diff=np.where(unknown["metric"] == "kid", 0.5, unknown["diff"]),
+                             low=np.where(unknown["metric"] == "kid", 0.4, unknown["low"]),
+                             high=np.where(unknown["metric"] == "kid", 0.6, unknown["high"]))
+    text = pilot_sentence(unknown, 1.0, 1e-4, 2)
+    assert "kid +0.5 [+0.4, +0.6] (no seed spread measured)" in text and "Without a seed spread of kid" in text

@@ -6,7 +6,7 @@ batches), keep snapshots at log-spaced iterations (:mod:`vstain.training.snapsho
 the paired difference ``weight - control`` of every perception measure (F1clf and KID in the
 classifier's feature space, FOVs resampled whole) and of PCC against the clean truth is compared with
 the seed spread, the change a second training seed makes (notebook ``07b_seed_spread``; 0 where it
-has not run). The first iteration at which a perception measure moves by more than that spread, with
+has not run; unknown, so never exceeded, for a measure it does not hold). The first iteration at which a perception measure moves by more than that spread, with
 an interval that excludes 0, is how long each fine-tune of the sweep must run.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .curves import SnapshotScores, kid_on, overall_pixel
 from .sweep import run_sweep, weight_label
 
 MEASURES = ("f1clf", "kid", "pcc")  # pcc: the distortion the move costs, for the record
+PERCEPTION = ("f1clf", "kid")  # the measures whose move sizes the sweep
 
 
 def run_pilot(stage_in, out_dir, base: WGANConfig, weight: float, iterations: int, lr: float, snapshots: int = 6,
@@ -43,11 +44,13 @@ def run_pilot(stage_in, out_dir, base: WGANConfig, weight: float, iterations: in
 def seed_reach(seed_spread: pd.DataFrame | None) -> dict[str, float]:
     """The seed spread of each measure from ``07b_seed_spread``'s table (rows of kind ``"seed"``):
     the largest change its interval allows over the channels (conservative: a move beyond it is
-    beyond every channel's seed noise). Empty without a table."""
+    beyond every channel's seed noise). A pilot measure the table does not hold (KID) gets NaN: its
+    seed spread is unknown, so no change of it can be called beyond it. Empty without a table."""
     if seed_spread is None or seed_spread.empty:
         return {}
     s = seed_spread[seed_spread["kind"] == "seed"]
-    return {m: float(g["seed_reach"].max()) for m, g in s.groupby("metric")}
+    reach = {m: float(g["seed_reach"].max()) for m, g in s.groupby("metric")}
+    return {**{m: float("nan") for m in MEASURES}, **reach}
 
 
 def pilot_moves(scores: SnapshotScores, control: str, model: str, reach: dict[str, float], n_resamples: int = 999,
@@ -74,12 +77,18 @@ def pilot_moves(scores: SnapshotScores, control: str, model: str, reach: dict[st
         rows.append((step, "pcc", p.diff, p.ci_low, p.ci_high))
     out = pd.DataFrame(rows, columns=["step", "metric", "diff", "low", "high"]).assign(n=n)
     out["reach"] = out["metric"].map(lambda m: reach.get(m, 0.0))
-    out["moved"] = [decided({"ci_low": lo, "ci_high": hi, "n": n}, confidence) and abs(d) > r
+    out["moved"] = [beyond_spread(d, lo, hi, r, n, confidence)
                     for d, lo, hi, r in zip(out["diff"], out["low"], out["high"], out["reach"])]
     return out
 
 
-def first_move(moves: pd.DataFrame, perception=("f1clf", "kid")) -> int | None:
+def beyond_spread(diff: float, low: float, high: float, reach: float, n: int, confidence: float = 0.95) -> bool:
+    """Whether a paired change moved a measure: its interval excludes 0 on enough FOVs and it is
+    larger than the seed ``reach``; never when the reach is unknown (NaN)."""
+    return decided({"ci_low": low, "ci_high": high, "n": n}, confidence) and bool(abs(diff) > reach)
+
+
+def first_move(moves: pd.DataFrame, perception=PERCEPTION) -> int | None:
     """The first iteration at which a perception measure moved (None: none did in the pilot)."""
     hit = moves[moves["metric"].isin(perception) & moves["moved"]]
     return int(hit["step"].min()) if len(hit) else None
@@ -96,12 +105,16 @@ def pilot_sentence(moves: pd.DataFrame, weight: float, lr: float, iterations: in
     label = weight_label(weight)
     if step is None:
         last = moves[moves["step"] == moves["step"].max()]
-        said = "; ".join(f"{r['metric']} {r['diff']:+.3g} [{r['low']:+.3g}, {r['high']:+.3g}] (seed reach "
-                         f"{r['reach']:.3g})" for _, r in last.iterrows())
+        said = "; ".join(f"{r['metric']} {r['diff']:+.3g} [{r['low']:+.3g}, {r['high']:+.3g}] ("
+                         + (f"seed reach {r['reach']:.3g})" if np.isfinite(r["reach"]) else "no seed spread measured)")
+                         for _, r in last.iterrows())
+        unknown = sorted(set(moves.loc[~np.isfinite(moves["reach"].astype(float)), "metric"]) & set(PERCEPTION))
         return (f"Within {iterations} generator iterations at learning rate {lr:g}, the fine-tune at {label} moved no "
-                f"perception measure beyond the seed spread (at the last snapshot: {said}). A sweep of this length "
-                "cannot show a trade-off; it needs longer fine-tunes, a higher rate, or a smaller model trained "
-                "from scratch.")
+                f"perception measure beyond the seed spread (at the last snapshot: {said}). "
+                + (f"Without a seed spread of {' and '.join(unknown)}, a change of it cannot be told from what a "
+                   "second training seed does, so it does not size the sweep. " if unknown else "")
+                + "A sweep of this length cannot show a trade-off beyond the seed spread; it needs longer fine-tunes, "
+                  "a higher rate, or a smaller model trained from scratch.")
     r = moves[(moves["step"] == step) & moves["moved"]].iloc[0]
     return (f"At learning rate {lr:g}, the fine-tune at {label} first moved {r['metric']} beyond the seed spread "
             f"after {step} generator iterations ({r['diff']:+.3g} [{r['low']:+.3g}, {r['high']:+.3g}], seed reach "
