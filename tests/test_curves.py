@@ -227,7 +227,7 @@ def test_spread_sentence_gives_the_largest_reach_and_the_moved_cells():
 
 
 def test_pilot_finds_the_first_iteration_that_moves_a_perception_measure():
-    from vstain.studies.sweep_pilot import beyond_spread, first_move, pilot_moves, pilot_sentence, seed_reach
+    from vstain.studies.sweep_pilot import beyond_spread, first_move, pilot_moves, pilot_sentence
     scores = synthetic_scores()
     moves = pilot_moves(scores, "a", "b", {"f1clf": 0.05, "kid": 0.0}, n_resamples=199)
     assert set(moves["step"]) == {2} and set(moves["metric"]) == {"f1clf", "kid", "pcc"}  # the common iteration
@@ -240,11 +240,7 @@ def test_pilot_finds_the_first_iteration_that_moves_a_perception_measure():
     assert "moved no perception measure beyond the seed spread" in pilot_sentence(huge, 1.0, 1e-4, 2)
     moved = moves.assign(moved=moves["metric"] == "kid")
     assert first_move(moved) == 2 and "after 2 generator iterations" in pilot_sentence(moved, 1.0, 1e-4, 2)
-    table = pd.DataFrame({"kind": ["seed", "seed", "model"], "metric": ["f1clf", "f1clf", "f1clf"],
-                          "seed_reach": [0.1, 0.3, 0.9]})
-    reach = seed_reach(table)
-    assert reach["f1clf"] == 0.3 and np.isnan(reach["kid"]) and np.isnan(reach["pcc"]) and seed_reach(None) == {}
-    # a measure the seed table lacks (KID) has no known spread: a decided change of it is not a move
+    # a measure with no known spread (NaN) never moves; a spread of 0 moves on any decided change
     assert beyond_spread(0.5, 0.4, 0.6, 0.0, 24) and beyond_spread(-0.5, -0.6, -0.4, 0.45, 24)
     assert not beyond_spread(0.5, 0.4, 0.6, float("nan"), 24) and not beyond_spread(0.5, 0.4, 0.6, 0.6, 24)
     assert not beyond_spread(0.5, -0.1, 0.6, 0.0, 24) and not beyond_spread(0.5, 0.4, 0.6, 0.0, 5)  # undecided
@@ -254,3 +250,23 @@ def test_pilot_finds_the_first_iteration_that_moves_a_perception_measure():
                              high=np.where(unknown["metric"] == "kid", 0.6, unknown["high"]))
     text = pilot_sentence(unknown, 1.0, 1e-4, 2)
     assert "kid +0.5 [+0.4, +0.6] (no seed spread measured)" in text and "Without a seed spread of kid" in text
+
+
+def test_the_seed_reach_is_measured_as_the_pilot_measures(monkeypatch, tmp_path):
+    from vstain.studies import sweep_pilot
+    asked = {}
+
+    def scored(stage_in, snaps, *args):
+        asked["snaps"] = snaps
+        return synthetic_scores()  # 'b' is 0.05 PCC below 'a' at their common iteration 2
+
+    monkeypatch.setattr(sweep_pilot, "score_snapshots", scored)
+    reach, table = sweep_pilot.seed_reach(tmp_path, {"a": tmp_path / "a", "b": tmp_path / "b"}, None, None,
+                                          n_resamples=199)
+    assert list(asked["snaps"]["model"]) == ["a", "b"] and list(asked["snaps"]["dir"]) == [str(tmp_path / "a"),
+                                                                                           str(tmp_path / "b")]
+    pcc = table.set_index("metric").loc["pcc"]
+    assert reach["pcc"] == pytest.approx(max(abs(pcc["low"]), abs(pcc["high"]))) and 0.05 < reach["pcc"] < 0.06
+    assert set(reach) == {"f1clf", "kid", "pcc"}
+    with pytest.raises(ValueError, match="two trainings"):
+        sweep_pilot.seed_reach(tmp_path, {"a": tmp_path}, None, None)

@@ -5,8 +5,8 @@ Two fine-tunes from the U-Net, at the largest weight and at weight 0 (the L1-onl
 batches), keep snapshots at log-spaced iterations (:mod:`vstain.training.snapshots`). At each snapshot
 the paired difference ``weight - control`` of every perception measure (F1clf and KID in the
 classifier's feature space, FOVs resampled whole) and of PCC against the clean truth is compared with
-the seed spread, the change a second training seed makes (notebook ``07b_seed_spread``; 0 where it
-has not run; unknown, so never exceeded, for a measure it does not hold). The first iteration at which a perception measure moves by more than that spread, with
+the seed spread: the same measures between the two trainings of the U-Net that differ only in their
+seed (``04_unet`` and ``04c_unet_seed``; 0 where the second has not run). The first iteration at which a perception measure moves by more than that spread, with
 an interval that excludes 0, is how long each fine-tune of the sweep must run.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from vstain.evaluate.comparison import f1_bootstrap
 from vstain.evaluate.stats import decided, fov_resamples, min_pairs, paired_difference, percentile_interval
 from vstain.training.configs import WGANConfig
 
-from .curves import SnapshotScores, kid_on, overall_pixel
+from .curves import SnapshotScores, kid_on, overall_pixel, score_snapshots
 from .sweep import run_sweep, weight_label
 
 MEASURES = ("f1clf", "kid", "pcc")  # pcc: the distortion the move costs, for the record
@@ -41,16 +41,22 @@ def run_pilot(stage_in, out_dir, base: WGANConfig, weight: float, iterations: in
     return {r["model"]: Path(r["folder"]) for _, r in runs.iterrows()}
 
 
-def seed_reach(seed_spread: pd.DataFrame | None) -> dict[str, float]:
-    """The seed spread of each measure from ``07b_seed_spread``'s table (rows of kind ``"seed"``):
-    the largest change its interval allows over the channels (conservative: a move beyond it is
-    beyond every channel's seed noise). A pilot measure the table does not hold (KID) gets NaN: its
-    seed spread is unknown, so no change of it can be called beyond it. Empty without a table."""
-    if seed_spread is None or seed_spread.empty:
-        return {}
-    s = seed_spread[seed_spread["kind"] == "seed"]
-    reach = {m: float(g["seed_reach"].max()) for m, g in s.groupby("metric")}
-    return {**{m: float("nan") for m in MEASURES}, **reach}
+def seed_reach(stage_in, seeds: dict[str, Path], clf, clf_cfg, split: str = "test", device: str = "cpu",
+               precision: str = "32-true", n_resamples: int = 999, confidence: float = 0.95,
+               seed: int = 0) -> tuple[dict[str, float], pd.DataFrame]:
+    """The seed spread in the pilot's own measures: the two trainings of the U-Net that differ only
+    in their seed (``seeds``: name -> stage folder with ``predictions/``; the first is the
+    reference) scored exactly as the pilot's snapshots (F1clf and KID on truth-placed patches, PCC
+    against the truth, all channels, FOVs resampled whole). Returns the reach of each measure (the
+    largest change its interval allows) and the table of differences (:func:`pilot_moves`'s)."""
+    if len(seeds) != 2:
+        raise ValueError(f"the seed spread needs two trainings of one model, got {list(seeds)}")
+    snaps = pd.DataFrame([{"model": m, "step": 0, "dir": str(d)} for m, d in seeds.items()])
+    scores = score_snapshots(stage_in, snaps, clf, clf_cfg, split, device, precision)
+    a, b = seeds
+    table = pilot_moves(scores, a, b, {}, n_resamples, confidence, seed).drop(columns=["reach", "moved"])
+    reach = {r.metric: float(max(abs(r.low), abs(r.high))) for r in table.itertuples()}
+    return reach, table
 
 
 def pilot_moves(scores: SnapshotScores, control: str, model: str, reach: dict[str, float], n_resamples: int = 999,
