@@ -230,7 +230,6 @@ def simulated_data_warning(voxel_size_zyx, width: int, steps: int | None, senten
     return text[0].upper() + text[1:] + "." if sentence else text
 
 
-
 def snapshot_path(out_dir, step: int) -> Path:
     """Where the generator's weights at ``step`` are kept."""
     return Path(out_dir) / SNAPSHOTS / f"step_{int(step):06d}.pt"

@@ -178,3 +178,16 @@ def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def made_from(marker: str | os.PathLike, source_sha: str) -> bool:
+    """Whether files derived from a source were made from this very source: ``marker`` holds the
+    source's SHA-256 (:func:`mark_source` wrote it when they were made)."""
+    marker = Path(marker)
+    return marker.exists() and marker.read_text().strip() == source_sha
+
+
+def mark_source(marker: str | os.PathLike, source_sha: str) -> None:
+    """Record the SHA-256 of the source that derived files were just made from (see :func:`made_from`)."""
+    Path(marker).parent.mkdir(parents=True, exist_ok=True)
+    Path(marker).write_text(source_sha)

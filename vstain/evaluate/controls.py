@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from vstain.channels import TARGETS
 from vstain.preprocess import processed
-from vstain.volumes import read_volume, sha256, write_volume
+from vstain.volumes import made_from, mark_source, read_volume, sha256, write_volume
 
 from .stats import min_pairs
 
@@ -70,14 +70,13 @@ def write_controls(stage_in, out_dir, split: str = "test", sigmas=BLUR_SIGMAS) -
             raise ValueError(f"{r['path']}: FOV {r['fov_id']} has no clean truth; the controls need the simulator's")
         rel = Path("predictions") / f"{r['fov_id']}.tif"
         source, marker = sha256(r["truth_path"]), out_dir / "sources" / f"{r['fov_id']}.sha256"
-        if all((d / rel).exists() for d in dirs.values()) and marker.exists() and marker.read_text() == source:
+        if all((d / rel).exists() for d in dirs.values()) and made_from(marker, source):
             continue  # written from this very truth file (a new simulation writes new truths under the same ids)
         truth = read_volume(r["truth_path"]).astype(np.float32)
         vols = {TRUTH: truth, **{blur_name(s): blurred(truth, s) for s in sigmas}, SHIFT: shifted(truth)}
         for name, vol in vols.items():
             write_volume(dirs[name] / rel, vol, list(TARGETS))
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(source)
+        mark_source(marker, source)
     return dirs
 
 

@@ -35,7 +35,7 @@ from vstain.modelfiles import (MODEL_JSON, PREDICTIONS, load_generator_state, lo
     read_snapshots, snapshot_path)
 from vstain.models import Generator, GeneratorConfig
 from vstain.preprocess.processed import open_volume, read_manifest
-from vstain.volumes import sha256
+from vstain.volumes import made_from, mark_source, sha256
 
 PIXEL = ("pcc", "ssim")  # per-FOV measures against the clean truth
 SNAPSHOT_PREDICTIONS = "snapshot_predictions.csv"
@@ -74,15 +74,14 @@ def snapshot_predictions(stage_in, stages: dict[str, Path], out_dir, split: str 
             n_fovs = int((read_manifest(stage_in)["split"] == split).sum())
         seconds = float("nan")
         sha, marker = sha256(snapshot_path(stages[model], step)), folder / SOURCE_SHA
-        if not (preds.exists() and len(list(preds.glob("*.tif"))) == n_fovs
-                and marker.exists() and marker.read_text().strip() == sha):
+        if not (preds.exists() and len(list(preds.glob("*.tif"))) == n_fovs and made_from(marker, sha)):
             shutil.rmtree(preds, ignore_errors=True)  # another snapshot's (a retrained stage) or cut short
             gen = load_snapshot(stages[model], step, Generator(GeneratorConfig(**meta["generator"])))
             if not reuse_final(stage_in, stages[model], meta, gen, folder, split, max_voxels):
                 t = time.perf_counter()
                 write_predictions(gen, stage_in, folder, splits=(split,), max_voxels=max_voxels)
                 seconds = time.perf_counter() - t
-            marker.write_text(sha)
+            mark_source(marker, sha)
         elif done is not None:
             prev = done[(done["model"] == model) & (done["step"] == step)]
             seconds = float(prev["seconds"].iloc[0]) if len(prev) else seconds

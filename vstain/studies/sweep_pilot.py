@@ -6,8 +6,9 @@ batches), keep snapshots at log-spaced iterations (:mod:`vstain.training.snapsho
 the paired difference ``weight - control`` of every perception measure (F1clf and KID in the
 classifier's feature space, FOVs resampled whole) and of PCC against the clean truth is compared with
 the seed spread: the same measures between the two trainings of the U-Net that differ only in their
-seed (``04_unet`` and ``04c_unet_seed``; 0 where the second has not run). The first iteration at which a perception measure moves by more than that spread, with
-an interval that excludes 0, is how long each fine-tune of the sweep must run.
+seed (``04_unet`` and ``04c_unet_seed``; 0 where the second has not run). The first iteration at
+which a perception measure moves by more than that spread, with an interval that excludes 0, is how
+long each fine-tune of the sweep must run.
 """
 from __future__ import annotations
 
