@@ -43,9 +43,9 @@ $(MATHJAX): | $(STAMP)
 # study's notebooks too), except those the quick book already ran at these defaults
 # (tests/conftest.py). The quick book and smoke-full start in the background when collection ends
 # and share the two cores with the unit tests. One pytest run: its summary line and exit status
-# are make's.
+# are make's; it ends with its 25 slowest tests (where the time goes).
 test: $(STAMP) $(CHROMIUM) $(MATHJAX)
-	$(PY) -m pytest -q tests notebooks --nbval-lax
+	$(PY) -m pytest -q tests notebooks --nbval-lax --durations=25
 
 # Run the notebooks of PROFILE (quick, book, full) with papermill, skipping the unchanged ones, and
 # build the HTML into book/_build/html.
