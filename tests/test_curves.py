@@ -270,3 +270,22 @@ def test_the_seed_reach_is_measured_as_the_pilot_measures(monkeypatch, tmp_path)
     assert set(reach) == {"f1clf", "kid", "pcc"}
     with pytest.raises(ValueError, match="two trainings"):
         sweep_pilot.seed_reach(tmp_path, {"a": tmp_path}, None, None)
+
+
+def test_the_pilot_stage_writes_its_tables_and_measures_against_a_spread_of_0_without_a_second_seed(
+        monkeypatch, tmp_path):
+    from vstain.studies import sweep_pilot
+    from vstain.training.configs import WGANConfig
+    monkeypatch.setattr(sweep_pilot, "run_pilot", lambda *a, **k: {"a": tmp_path / "a", "b": tmp_path / "b"})
+    monkeypatch.setattr(sweep_pilot, "snapshot_predictions", lambda *a, **k: None)
+    monkeypatch.setattr(sweep_pilot, "score_snapshots", lambda *a, **k: synthetic_scores())
+    pilot = sweep_pilot.pilot_stage(tmp_path, tmp_path / "pilot", WGANConfig(), 1.0, 2, 1e-4, 2,
+                                    {"U-Net": tmp_path / "a", "U-Net (second seed)": None}, None, None,
+                                    n_resamples=199)
+    assert (pilot.moves["reach"] == 0).all() and pilot.seed_spread.empty
+    assert (tmp_path / "pilot_moves.csv").exists() and not (tmp_path / "seed_reach.csv").exists()
+    assert pilot.moves.set_index("metric").loc["pcc", "moved"]  # b lost 0.05 PCC, beyond a spread of 0
+    assert "moved no perception measure" in pilot.sentence  # F1clf and KID did not move
+    none = sweep_pilot.pilot_stage(tmp_path, tmp_path / "none", WGANConfig(), 0.0, 2, 1e-4, 2, {}, None, None)
+    assert none.moves.empty and "No pilot ran" in none.sentence
+    assert sweep_pilot.sized(WGANConfig(iterations=7), 0, none.moves, 5).iterations == 5

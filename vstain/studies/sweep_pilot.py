@@ -12,7 +12,7 @@ long each fine-tune of the sweep must run.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from vstain.evaluate.comparison import f1_bootstrap
 from vstain.evaluate.stats import decided, fov_resamples, min_pairs, paired_difference, percentile_interval
 from vstain.training.configs import WGANConfig
 
-from .curves import SnapshotScores, kid_on, overall_pixel, score_snapshots
+from .curves import SnapshotScores, kid_on, overall_pixel, score_snapshots, snapshot_predictions
 from .sweep import run_sweep, weight_label
 
 MEASURES = ("f1clf", "kid", "pcc")  # pcc: the distortion the move costs, for the record
@@ -40,6 +40,42 @@ def run_pilot(stage_in, out_dir, base: WGANConfig, weight: float, iterations: in
                   snapshots=int(snapshots))
     runs = run_sweep(stage_in, out_dir, cfg, [0.0, float(weight)], max_voxels=max_voxels)
     return {r["model"]: Path(r["folder"]) for _, r in runs.iterrows()}
+
+
+@dataclass
+class Pilot:
+    """What the pilot measured: ``moves`` (:func:`pilot_moves`'s table; empty when no pilot ran),
+    ``seed_spread`` (:func:`seed_reach`'s table; empty without a second seed) and its ``sentence``."""
+
+    moves: pd.DataFrame
+    seed_spread: pd.DataFrame
+    sentence: str
+
+
+def pilot_stage(stage_in, out_dir, base: WGANConfig, weight: float, iterations: int, lr: float, snapshots: int,
+                seeds: dict[str, Path | None], clf, clf_cfg, split: str = "test", device: str = "cpu",
+                precision: str = "32-true", max_voxels=None, n_resamples: int = 999, confidence: float = 0.95,
+                seed: int = 0) -> Pilot:
+    """The whole pilot of stage 07c in ``out_dir``: the two fine-tunes (:func:`run_pilot`), their
+    snapshots predicted and scored, the seed spread of the two U-Net trainings in ``seeds`` (the
+    reference first; a spread of 0 when the second is None) and the moves beyond it. Writes
+    ``pilot_moves.csv`` and ``seed_reach.csv`` into the parent of ``out_dir``. ``weight`` 0 runs no
+    pilot."""
+    if not weight:
+        return Pilot(pd.DataFrame(columns=["step", "metric", "diff", "low", "high", "n", "reach", "moved"]),
+                     pd.DataFrame(), "No pilot ran (its weight is 0): the sweep runs the iterations it is given.")
+    out_dir = Path(out_dir)
+    dirs = run_pilot(stage_in, out_dir, base, weight, iterations, lr, snapshots, max_voxels)
+    snaps = snapshot_predictions(stage_in, dirs, out_dir / "snapshots", split, max_voxels)
+    scores = score_snapshots(stage_in, snaps, clf, clf_cfg, split, device, precision)
+    reach, spread = {}, pd.DataFrame()
+    if all(seeds.values()):
+        reach, spread = seed_reach(stage_in, seeds, clf, clf_cfg, split, device, precision, n_resamples, confidence,
+                                   seed)
+        spread.to_csv(out_dir.parent / "seed_reach.csv", index=False)
+    moves = pilot_moves(scores, *dirs, reach, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    moves.to_csv(out_dir.parent / "pilot_moves.csv", index=False)
+    return Pilot(moves, spread, pilot_sentence(moves, weight, lr, iterations))
 
 
 def seed_reach(stage_in, seeds: dict[str, Path], clf, clf_cfg, split: str = "test", device: str = "cpu",
