@@ -240,6 +240,12 @@ def test_pilot_finds_the_first_iteration_that_moves_a_perception_measure():
     assert "moved no perception measure beyond the seed spread" in pilot_sentence(huge, 1.0, 1e-4, 2)
     moved = moves.assign(moved=moves["metric"] == "kid")
     assert first_move(moved) == 2 and "after 2 generator iterations" in pilot_sentence(moved, 1.0, 1e-4, 2)
+    # a move that lapses at a later snapshot is named as not yet steady; one that holds, as holding
+    later = pd.concat([moved, moved.assign(step=4, moved=False), moved.assign(step=8)])
+    text = pilot_sentence(later, 1.0, 1e-4, 8)
+    assert "first moved KID" in text and "did not hold at iteration 4 (" in text and "not yet steady" in text
+    assert "held at every later snapshot (2)" in pilot_sentence(later.assign(moved=later["metric"] == "kid"), 1.0,
+                                                                 1e-4, 8)
     # a measure with no known spread (NaN) never moves; a spread of 0 moves on any decided change
     assert beyond_spread(0.5, 0.4, 0.6, 0.0, 24) and beyond_spread(-0.5, -0.6, -0.4, 0.45, 24)
     assert not beyond_spread(0.5, 0.4, 0.6, float("nan"), 24) and not beyond_spread(0.5, 0.4, 0.6, 0.6, 24)
@@ -249,7 +255,7 @@ def test_pilot_finds_the_first_iteration_that_moves_a_perception_measure():
                              low=np.where(unknown["metric"] == "kid", 0.4, unknown["low"]),
                              high=np.where(unknown["metric"] == "kid", 0.6, unknown["high"]))
     text = pilot_sentence(unknown, 1.0, 1e-4, 2)
-    assert "kid +0.5 [+0.4, +0.6] (no seed spread measured)" in text and "Without a seed spread of kid" in text
+    assert "KID +0.5 [+0.4, +0.6] (no seed spread measured)" in text and "Without a seed spread of KID" in text
 
 
 def test_the_seed_reach_is_measured_as_the_pilot_measures(monkeypatch, tmp_path):

@@ -27,6 +27,7 @@ from .sweep import run_sweep, weight_label
 
 MEASURES = ("f1clf", "kid", "pcc")  # pcc: the distortion the move costs, for the record
 PERCEPTION = ("f1clf", "kid")  # the measures whose move sizes the sweep
+NAMES = {"f1clf": "F1clf", "kid": "KID", "pcc": "PCC"}  # as the pages write them
 
 
 def run_pilot(stage_in, out_dir, base: WGANConfig, weight: float, iterations: int, lr: float, snapshots: int = 6,
@@ -137,8 +138,13 @@ def first_move(moves: pd.DataFrame, perception=PERCEPTION) -> int | None:
     return int(hit["step"].min()) if len(hit) else None
 
 
+def _move(r) -> str:
+    return f"{r['diff']:+.3g} [{r['low']:+.3g}, {r['high']:+.3g}]"
+
+
 def pilot_sentence(moves: pd.DataFrame, weight: float, lr: float, iterations: int) -> str:
-    """The pilot's answer in words, with the iteration count the sweep should run."""
+    """The pilot's answer in words, with the iteration count the sweep should run, and whether the
+    first move held at every later snapshot."""
     n = int(moves["n"].max()) if len(moves) else 0
     if n < min_pairs():
         return (f"With n = {n} test FOVs no difference can be decided (at least {min_pairs()} are needed), so the "
@@ -148,20 +154,30 @@ def pilot_sentence(moves: pd.DataFrame, weight: float, lr: float, iterations: in
     label = weight_label(weight)
     if step is None:
         last = moves[moves["step"] == moves["step"].max()]
-        said = "; ".join(f"{r['metric']} {r['diff']:+.3g} [{r['low']:+.3g}, {r['high']:+.3g}] ("
+        said = "; ".join(f"{NAMES[r['metric']]} {_move(r)} ("
                          + (f"seed reach {r['reach']:.3g})" if np.isfinite(r["reach"]) else "no seed spread measured)")
                          for _, r in last.iterrows())
         unknown = sorted(set(moves.loc[~np.isfinite(moves["reach"].astype(float)), "metric"]) & set(PERCEPTION))
+        unknown = " and ".join(NAMES[m] for m in unknown)
         return (f"Within {iterations} generator iterations at learning rate {lr:g}, the fine-tune at {label} moved no "
                 f"perception measure beyond the seed spread (at the last snapshot: {said}). "
-                + (f"Without a seed spread of {' and '.join(unknown)}, a change of it cannot be told from what a "
-                   "second training seed does, so it does not size the sweep. " if unknown else "")
+                + (f"Without a seed spread of {unknown}, a change of it cannot be told from what a second training "
+                   "seed does, so it does not size the sweep. " if unknown else "")
                 + "A sweep of this length cannot show a trade-off beyond the seed spread; it needs longer fine-tunes, "
                   "a higher rate, or a smaller model trained from scratch.")
     r = moves[(moves["step"] == step) & moves["moved"]].iloc[0]
-    return (f"At learning rate {lr:g}, the fine-tune at {label} first moved {r['metric']} beyond the seed spread "
-            f"after {step} generator iterations ({r['diff']:+.3g} [{r['low']:+.3g}, {r['high']:+.3g}], seed reach "
-            f"{r['reach']:.3g}, n = {n} FOVs): each fine-tune of the sweep needs at least that many.")
+    later = moves[(moves["step"] > step) & (moves["metric"] == r["metric"])]
+    lapsed = later[~later["moved"].astype(bool)]
+    if len(lapsed):
+        held = (f" The move did not hold at iteration{'s' if len(lapsed) > 1 else ''} "
+                + ", ".join(f"{q['step']} ({_move(q)})" for _, q in lapsed.iterrows())
+                + ": at this length the change is not yet steady, so a sweep of it may show a transient rather "
+                  "than a trade-off.")
+    else:
+        held = f" It held at every later snapshot ({len(later)})." if len(later) else ""
+    return (f"At learning rate {lr:g}, the fine-tune at {label} first moved {NAMES[r['metric']]} beyond the seed "
+            f"spread after {step} generator iterations ({_move(r)}, seed reach {r['reach']:.3g}, n = {n} FOVs): "
+            f"each fine-tune of the sweep needs at least that many.{held}")
 
 
 def sized(base: WGANConfig, iterations: int, moves: pd.DataFrame | None, pilot_iterations: int) -> WGANConfig:
