@@ -19,7 +19,6 @@ from vstain.plots.sweep import perception_distortion
 from vstain.preprocess import processed
 from vstain.studies import sweep
 from vstain.training.configs import WGANConfig
-from vstain.volumes import write_volume
 
 R = 999
 MODELS = [sweep.weight_label(w) for w in (0, 0.05, 0.5)]
@@ -105,8 +104,8 @@ def test_verdict_without_a_realism_gain():
     values, scores = synthetic(f1_gain=False)
     values.loc[values["metric"] == "perceptual", "value"] = 0.5 + 0.01 * np.arange((values["metric"] == "perceptual").sum()) % 3
     s = sweep.sweep_summary(values, scores, MODELS, n_resamples=R)
-    text = sweep.sweep_verdict(s, MODELS)
-    assert "**costs pixel fidelity without a detectable gain in realism** (lower PCC vs truth" in text
+    text = sweep.sweep_verdict(s, MODELS)  # the perceptual distance rises by 0.01 per weight: worse
+    assert "**costs both pixel fidelity and realism** (lower PCC vs truth; worse perceptual distance)" in text
     values, scores = synthetic(pcc_drop=0.0, f1_gain=False)
     values.loc[values["metric"] == "perceptual", "value"] = 0.5
     assert "**changes neither pixel fidelity nor realism detectably** with n = 8 FOVs" in \
@@ -194,3 +193,20 @@ def test_sweep_table_shows_each_measure_per_weight():
     assert list(shown.columns) == ["PCC vs truth", "SSIM vs truth", "PCC vs target", "F1clf", "perceptual distance",
                                    "coherent sharpness"]
     assert shown.loc["λ = 0.5", "F1clf"] == "1.00 [1.00, 1.00] (n = 8)" and shown.iloc[0, 0].endswith("(n = 8)")
+
+
+@pytest.mark.parametrize("moves, answer", [
+    (dict(fid_worse="PCC vs truth", real_better="F1clf"), "**trades pixel fidelity for realism**: lower PCC vs truth"),
+    (dict(fid_worse="PCC vs truth"), "**costs pixel fidelity without a detectable gain in realism**"),
+    (dict(real_better="F1clf", real_worse="coherent sharpness"), "(better F1clf, but worse coherent sharpness)"),
+    (dict(real_worse="F1clf", fid_better="SSIM vs truth"),
+     "**moves against the trade the thesis reads**: worse F1clf and higher SSIM vs truth"),
+    (dict(real_worse="F1clf"), "**loses realism without a detectable change in pixel fidelity** (worse F1clf)"),
+    (dict(fid_better="SSIM vs truth"), "**gains pixel fidelity without a detectable change in realism**"),
+    (dict(), ""),
+])
+def test_the_answer_names_every_direction_the_largest_weight_can_move(moves, answer):
+    """Each combination of decided moves of fidelity and realism gets its own answer; the reverse of
+    the trade (less realism, more fidelity) is not called "no change"."""
+    got = sweep._answer({**dict.fromkeys(("fid_worse", "fid_better", "real_worse", "real_better"), ""), **moves})
+    assert answer in got and bool(got) == bool(answer)

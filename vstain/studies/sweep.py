@@ -218,8 +218,9 @@ def sweep_verdict(summary: pd.DataFrame, models: list[str]) -> str:
     Fidelity is PCC and SSIM against the clean truth where there is one (else the measured
     targets); realism is F1clf, the perceptual distance and the coherent sharpness. The answer
     "trades pixel fidelity for realism" needs a decided loss in a fidelity measure *and* a decided
-    gain in a realism measure; otherwise it says which of the two was seen, or neither, with n
-    (or that fewer FOVs than :func:`vstain.evaluate.stats.min_pairs` cannot decide)."""
+    gain in a realism measure; otherwise it says what was seen (a cost or a gain on one side, both
+    costs, or the reverse of the trade), or neither, with n (or that fewer FOVs than
+    :func:`vstain.evaluate.stats.min_pairs` cannot decide)."""
     if summary.empty or len(models) < 2:
         raise ValueError("sweep_verdict needs sweep_summary()'s table and the control plus at least one weight")
     fid_ref = "truth" if (summary["reference"] == "truth").any() else "target"
@@ -228,32 +229,48 @@ def sweep_verdict(summary: pd.DataFrame, models: list[str]) -> str:
     verdicts = {}
     for m in models[1:]:
         rows = summary[summary["model"] == m]
-        parts, worse_fid, better_real = [], [], []
+        parts, moved = [], {"fid_worse": [], "fid_better": [], "real_worse": [], "real_better": []}
         for _, r in rows.iterrows():
             name = MEASURES[r["metric"]][1] + (f" vs {r['reference']}" if r["metric"] in DISTORTION else "")
             parts.append(f"{name} {_change(r)}")
-            better = r["decided"] and (r["diff"] > 0) == r["higher_is_better"]
-            if r["metric"] in DISTORTION and r["reference"] == fid_ref and r["decided"] and not better:
-                worse_fid.append(name)
-            if r["metric"] in PERCEPTION and better:
-                better_real.append(name)
+            if not r["decided"]:
+                continue
+            better = (r["diff"] > 0) == r["higher_is_better"]
+            if r["metric"] in DISTORTION and r["reference"] == fid_ref:
+                moved["fid_better" if better else "fid_worse"].append(name)
+            if r["metric"] in PERCEPTION:
+                moved["real_better" if better else "real_worse"].append(name)
         lines.append(f"- **{m}**: " + "; ".join(parts) + ".")
-        verdicts[m] = (worse_fid, better_real)
+        verdicts[m] = {k: ", ".join(v) for k, v in moved.items()}
     top = models[-1]
-    worse_fid, better_real = verdicts[top]
-    if worse_fid and better_real:
-        answer = f"**trades pixel fidelity for realism**: lower {', '.join(worse_fid)} and better {', '.join(better_real)}"
-    elif worse_fid:
-        answer = f"**costs pixel fidelity without a detectable gain in realism** (lower {', '.join(worse_fid)})"
-    elif better_real:
-        answer = f"**gains realism without a detectable loss of pixel fidelity** (better {', '.join(better_real)})"
-    elif summary["n"].max() < min_pairs():
-        answer = f"**cannot be decided** with {n_fovs(summary['n'])} (a paired interval decides from {min_pairs()} on)"
-    else:
-        answer = f"**changes neither pixel fidelity nor realism detectably** with {n_fovs(summary['n'])}"
+    answer = _answer(verdicts[top]) if summary["n"].max() >= min_pairs() else (
+        f"**cannot be decided** with {n_fovs(summary['n'])} (a paired interval decides from {min_pairs()} on)")
+    answer = answer or f"**changes neither pixel fidelity nor realism detectably** with {n_fovs(summary['n'])}"
     lines += ["", f"Raising the adversarial weight to the largest value of the sweep ({top}) {answer}, against the "
                   f"L1-only fine-tune of the same length. {_size(summary[summary['model'] == top])}"]
     return "\n".join(lines)
+
+
+def _answer(v: dict[str, str]) -> str:
+    """The largest weight's answer from its decided moves (names joined by commas; "" when none):
+    the trade the thesis reads, its reverse, a cost or a gain on one side only, or "" (no move)."""
+    also = f", but worse {v['real_worse']}" if v["real_worse"] and v["real_better"] else ""
+    if v["fid_worse"] and v["real_better"]:
+        return f"**trades pixel fidelity for realism**: lower {v['fid_worse']} and better {v['real_better']}{also}"
+    if v["real_better"]:
+        return f"**gains realism without a detectable loss of pixel fidelity** (better {v['real_better']}{also})"
+    if v["fid_worse"] and v["real_worse"]:
+        return f"**costs both pixel fidelity and realism** (lower {v['fid_worse']}; worse {v['real_worse']})"
+    if v["fid_worse"]:
+        return f"**costs pixel fidelity without a detectable gain in realism** (lower {v['fid_worse']})"
+    if v["real_worse"] and v["fid_better"]:
+        return (f"**moves against the trade the thesis reads**: worse {v['real_worse']} and higher "
+                f"{v['fid_better']}")
+    if v["real_worse"]:
+        return f"**loses realism without a detectable change in pixel fidelity** (worse {v['real_worse']})"
+    if v["fid_better"]:
+        return f"**gains pixel fidelity without a detectable change in realism** (higher {v['fid_better']})"
+    return ""
 
 
 def _size(rows: pd.DataFrame) -> str:
