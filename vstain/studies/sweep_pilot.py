@@ -25,9 +25,8 @@ from vstain.training.configs import WGANConfig
 from .curves import SnapshotScores, kid_on, overall_pixel, score_snapshots, snapshot_predictions
 from .sweep import run_sweep, weight_label
 
-MEASURES = ("f1clf", "kid", "pcc")  # pcc: the distortion the move costs, for the record
 PERCEPTION = ("f1clf", "kid")  # the measures whose move sizes the sweep
-NAMES = {"f1clf": "F1clf", "kid": "KID", "pcc": "PCC"}  # as the pages write them
+NAMES = {"f1clf": "F1clf", "kid": "KID", "pcc": "PCC"}  # the measures, as the pages write them (PCC: the cost, for the record)
 
 
 def run_pilot(stage_in, out_dir, base: WGANConfig, weight: float, iterations: int, lr: float, snapshots: int = 6,
