@@ -26,7 +26,7 @@ from .curves import SnapshotScores, kid_on, overall_pixel, score_snapshots, snap
 from .sweep import run_sweep, weight_label
 
 PERCEPTION = ("f1clf", "kid")  # the measures whose move sizes the sweep
-NAMES = {"f1clf": "F1clf", "kid": "KID", "pcc": "PCC"}  # the measures, as the pages write them (PCC: the cost, for the record)
+NAMES = {"f1clf": "F1clf", "kid": "KID", "pcc": "PCC"}  # the measures, as pages write them (PCC: the cost)
 
 
 def run_pilot(stage_in, out_dir, base: WGANConfig, weight: float, iterations: int, lr: float, snapshots: int = 6,
