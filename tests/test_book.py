@@ -46,6 +46,7 @@ def test_bibliography_holds_the_thesis_references():
               "liu2016", "schurmann2016", "steelman2017", "haseda2015", "kim2016lipid", "barer1952",
               "allencell_methods", "allen_sizescaling", "thomson1998", "becker2006", "rossmel1972", "facucho2009",
               "jakobs2014", "zhang2007", "wilhelm_clsm", "stewart2011",
+              "esc_nucleolus2020", "weber2015", "jastrow_nucleolus", "proteinatlas_nucleoli",
               "lipman2023", "liu2023rectified", "li2025jit", "binkowski2018"}  # the flow family and KID (07d_flow)
     assert beyond <= set(keys)
     assert len(keys) == 31 + len(beyond)  # the thesis' 30 references and the thesis itself, and those

@@ -37,6 +37,29 @@ def test_cell_and_nuclear_volumes_and_heights_in_published_ranges(world):
     assert world["fovs"]["mito_fraction"].between(0.02, 0.09).all()
 
 
+def test_nucleoli_a_set_share_of_each_nucleus_growing_with_it_and_poor_in_dna(world):
+    """Nucleoli take ``nucleoli_fraction`` of each interphase nucleus (up to ~25 %, jastrow_nucleolus),
+    so larger nuclei hold larger nucleoli (weber2015), and their DNA is a third of the nucleoplasm's
+    (proteinatlas_nucleoli)."""
+    c = world["cells"]
+    c = c[(c["phase"] != "M") & (c["nucleoli"] > 0)]
+    lo, hi = BOOK.nucleoli_fraction
+    assert len(c) >= 5
+    assert c["nucleoli_fraction"].between(0.5 * lo, 1.5 * hi).mean() > 0.8  # clipped by walls and soft edges
+    assert 0.5 * lo < c["nucleoli_fraction"].median() < hi
+    volume = c["nucleoli_fraction"] * c["nucleus_um3"]
+    assert np.corrcoef(c["nucleus_um3"], volume)[0, 1] > 0.3
+    assert (c["nucleoli"].value_counts(normalize=True).get(1, 0)) > 0.25  # mostly one large nucleolus
+    f = simulate_fov(BOOK, "nucleoli", 1)
+    d = f["density"]
+    core = (d["nucleus"] > 0.99) & (d["chromosomes"] < 0.01)
+    inside, outside = core & (d["nucleoli"] > 0.99), core & (d["nucleoli"] < 0.01)
+    ratio = d["dna"][inside].mean() / d["dna"][outside].mean()
+    np.testing.assert_allclose(ratio, BOOK.nucleolar_dna, rtol=0.2)
+    none = simulate_fov(dataclasses.replace(BOOK, nucleoli_fraction=(0.0, 0.0)), "nucleoli", 1)
+    assert none["density"]["nucleoli"].max() < 0.01
+
+
 def test_mitotic_cells_at_the_set_rate_with_condensed_dna_and_no_envelope():
     phase, content = cells._cycle(BOOK, 20000, np.random.default_rng(0))
     share = np.bincount(phase, minlength=4) / len(phase)

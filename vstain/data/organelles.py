@@ -61,11 +61,12 @@ def structures(cfg: SimConfig, col: Colony, rng: np.random.Generator,
     nucleoli = _nucleoli(cfg, col, yy, xx, rng, organelle_rng) * nucleus
 
     # DNA: total content per cell spread over its nucleus; heterochromatin at the periphery and in
-    # foci, low in nucleoli; a metaphase plate `chromatin_compaction` times denser
+    # foci, `nucleolar_dna` times as dense in nucleoli; a metaphase plate `chromatin_compaction` times denser
     chromatin = _tex(cfg, 0.35, rng)
     foci = np.clip(_tex(cfg, 0.3, rng) - 1.2, 0, None)
     periphery = shell(sdist + 0.35, 0.3)
-    dna = nucleus * np.clip(0.65 + 0.2 * chromatin + 0.25 * periphery + 0.6 * foci, 0.2, None) * (1 - 0.75 * nucleoli)
+    dna = nucleus * np.clip(0.65 + 0.2 * chromatin + 0.25 * periphery + 0.6 * foci, 0.2, None)
+    dna = dna * (1 - (1 - cfg.nucleolar_dna) * nucleoli)
     dna = dna + chromosomes * cfg.chromatin_compaction * np.clip(1 + 0.3 * chromatin, 0.3, None)
 
     cytoplasm = cell * (1 - chromatin_region)
@@ -85,22 +86,28 @@ def structures(cfg: SimConfig, col: Colony, rng: np.random.Generator,
 
 
 def _nucleoli(cfg: SimConfig, col: Colony, yy, xx, rng, org_rng) -> np.ndarray:
-    """1-3 irregular blobs well inside each interphase nucleus (radius in µm)."""
+    """1-3 irregular blobs inside each interphase nucleus, together ``nucleoli_fraction`` of its
+    volume (so they grow with the nucleus), shared unevenly between them."""
     nuc, lab, n = col.nucleus, col.label, len(col.seeds)
     count = org_rng.choice([1, 2, 3], n, p=cfg.nucleoli_count)
+    volume = draw(org_rng, cfg.nucleoli_fraction, n) * 4 / 3 * np.pi * nuc["a"] * nuc["b"] * nuc["c"]
+    share = org_rng.dirichlet((2.0, 2.0, 2.0), n) * (np.arange(3) < count[:, None])
+    radius = np.cbrt(3 * volume[:, None] * share / share.sum(1, keepdims=True) / (4 * np.pi))  # µm [n, 3]
     wobble = _tex(cfg, 0.4, rng)
     out = np.zeros(cfg.shape, np.float32)
     soft = 0.5 * min(cfg.pixel_size)
     for k in range(3):
-        r = draw(org_rng, cfg.nucleoli_radius, n)
+        r = radius[:, k]
         dirn = org_rng.normal(size=(n, 3))
-        dirn *= (org_rng.uniform(0.15, 0.55, n) / np.linalg.norm(dirn, axis=1))[:, None]
+        # the centre sits far enough inside that most of the nucleolus lies within the nucleus
+        room = np.clip(1 - r / np.minimum(np.minimum(nuc["a"], nuc["b"]), nuc["c"]), 0, None)
+        dirn *= (org_rng.uniform(0.1, 0.6, n) * room / np.linalg.norm(dirn, axis=1))[:, None]
         pu, pv = dirn[:, 0] * nuc["a"], dirn[:, 1] * nuc["b"]
         py = nuc["cy"] + np.sin(nuc["theta"]) * pu + np.cos(nuc["theta"]) * pv
         px = nuc["cx"] + np.cos(nuc["theta"]) * pu - np.sin(nuc["theta"]) * pv
-        pz = nuc["cz"] + dirn[:, 2] * nuc["c"] * 0.6
+        pz = nuc["cz"] + dirn[:, 2] * nuc["c"]
         d = np.sqrt((yy - py[lab]) ** 2 + (xx - px[lab]) ** 2 + (col.hz + col.z_basal - pz[lab]) ** 2)
-        out = np.maximum(out, step(r[lab] * (1 + 0.15 * wobble) - d, soft) * (count[lab] > k))
+        out = np.maximum(out, step(r[lab] * (1 + 0.15 * wobble) - d, soft) * ((count > k) & (r > 0))[lab])
     return out
 
 

@@ -52,9 +52,14 @@ class SimConfig:
     nucleus_lateral: Range = (0.85, 1.05)  # nucleus lateral semi-axis / inscribed cell radius, clipped by the walls
     nucleus_axial: Range = (0.36, 0.42)  # nucleus axial semi-axis / cell height: nuclei span most of the height
     wall_gap: float = 0.5  # µm of cytoplasm kept between a nucleus and its cell's wall (assumption)
-    # P(1, 2, 3 nucleoli) per nucleus: few, prominent (thomson1998; the shares are an assumption)
-    nucleoli_count: tuple[float, float, float] = (0.4, 0.35, 0.25)
-    nucleoli_radius: Range = (0.5, 1.5)  # µm: 1-3 µm nucleoli (assumption; none published for hiPSC)
+    # P(1, 2, 3 nucleoli) per nucleus: pluripotent cells mostly hold a single large nucleolus, differentiated
+    # cells more and smaller ones (esc_nucleolus2020; the shares are an assumption)
+    nucleoli_count: tuple[float, float, float] = (0.45, 0.35, 0.2)
+    # nucleolar / nuclear volume per nucleus: nucleoli take up to ~25 % of a nucleus (jastrow_nucleolus) and are
+    # large in pluripotent cells (esc_nucleolus2020); nucleolar size scales with cell size (weber2015); the range is an
+    # assumption (no hiPSC value published)
+    nucleoli_fraction: Range = (0.04, 0.12)
+    nucleolar_dna: float = 1 / 3  # DNA density in nucleoli / nucleoplasm: 3-fold lower (proteinatlas_nucleoli)
     # --- cell cycle ---
     # G1 19 %, S 65.5 %, G2/M 15.5 % in hESC (becker2006); M ~4 % of a 15.8 h cycle with a ~1 h
     # mitosis (assumption: 2^(1/15.8) - 1)
