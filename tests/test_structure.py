@@ -51,6 +51,35 @@ def test_blank_is_called_on_most_fovs_only_and_said_first():
     assert "median contrast 0% of" in text and "-0%" not in text
 
 
+def test_a_blank_prediction_that_varies_is_said_to_lie_off_the_structure():
+    """A prediction filling the whole nucleus instead of its envelope: no contrast on the rim,
+    but it varies; the sentence and the channel verdict say its signal lies off the structure."""
+    from vstain.evaluate import comparison
+
+    z, y, x = np.mgrid[:16, :32, :32]
+    r = np.sqrt((z - 8) ** 2 + (y - 16) ** 2 + (x - 16) ** 2)
+    rim = np.exp(-0.5 * (r - 6) ** 2).astype(np.float32)
+    mask = S.structure_mask(rim)
+    filled = (r < 3.5).astype(np.float32)  # the nucleus inside its envelope, not on it
+    assert abs(S.contrast(filled, rim, mask)) < 0.1 and filled.std() / rim.std() > 0.25
+    table = pd.concat([cells({("U-Net", "envelope"): [0.02, 0.05, 0.03], ("WGAN-GP", "envelope"): [0.01, 0.0, 0.02]}),
+                       pd.DataFrame([{"fov_id": str(i), "model": "U-Net", "channel": "envelope", "metric": "spread",
+                                      "value": v} for i, v in enumerate([0.5, 0.45, 0.55])]),
+                       pd.DataFrame([{"fov_id": str(i), "model": "WGAN-GP", "channel": "envelope", "metric": "spread",
+                                      "value": 0.01} for i in range(3)])])
+    blank = S.blank_channels(table).set_index("model")
+    assert bool(blank.loc["U-Net", "off"]) and not bool(blank.loc["WGAN-GP", "off"])
+    assert blank.loc["U-Net", "median_spread"] == 0.5
+    text = S.blank_sentence(blank.reset_index())
+    assert "the U-Net on Nuclear envelope (3 of 3 FOVs, median contrast 3% of the reference's; its prediction " \
+           "varies, 50% of the reference's spread, but off the structure)" in text
+    assert "the WGAN-GP on Nuclear envelope (3 of 3 FOVs, median contrast 1% of the reference's)" in text
+    comps = pd.DataFrame(columns=["model_a", "model_b", "channel", "metric"])
+    lines = comparison.channel_sentences(comps, "U-Net", "WGAN-GP", blank.reset_index())
+    assert lines == ["**Nuclear envelope**: the U-Net puts its signal off it (blank on 3 of 3 FOVs); "
+                     "the WGAN-GP predicts almost none of it (blank on 3 of 3 FOVs); not scored on any FOV."]
+
+
 def test_structure_table_calls_a_blank_model_and_keeps_a_faithful_one(tmp_path):
     """On a processed set of sparse blobs: the truth copied scores contrast 1 and no blank channel;
     a prediction of zeros is blank on every channel, though its whole-volume SSIM stays high."""
@@ -63,13 +92,15 @@ def test_structure_table_calls_a_blank_model_and_keeps_a_faithful_one(tmp_path):
     for f in faithful.glob("*.tif"):
         write_volume(zeros / f.name, np.zeros_like(read_volume(f)))
     table = S.structure_table(stage, {"copy": faithful, "zeros": zeros})
-    assert set(table["reference"]) == {"truth"} and set(table["metric"]) == {"ssim", "ssim_fg", "contrast"}
+    assert set(table["reference"]) == {"truth"} and set(table["metric"]) == {"ssim", "ssim_fg", "contrast", "spread"}
     common = table[table["channel"].isin(["dna", "membrane"])]  # every FOV carries them: the copy is exact
     med = common.groupby(["model", "metric"])["value"].median()
     assert med["copy", "contrast"] > 0.99 and med["zeros", "contrast"] == 0
     assert med["zeros", "ssim_fg"] < med["zeros", "ssim"]
+    assert med["copy", "spread"] > 0.99 and med["zeros", "spread"] == 0
     blank = S.blank_channels(table)
     assert sorted(blank.loc[blank["model"] == "zeros", "channel"]) == sorted(TARGETS)
+    assert not blank.loc[blank["model"] == "zeros", "off"].any()  # zeros vary nowhere: nothing, not off
     assert not ({"dna", "membrane"} & set(blank.loc[blank["model"] == "copy", "channel"]))
     summary = S.structure_summary(table)
     assert list(summary.index) == list(TARGETS) and ("contrast", "copy") in summary.columns

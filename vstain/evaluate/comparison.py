@@ -189,8 +189,9 @@ def channel_sentences(comparisons: pd.DataFrame, a: str, b: str, blank: pd.DataF
         rows = cells[cells["channel"] == channel]
         rows = rows.iloc[np.argsort([COLUMNS.index(m) for m in rows["metric"]], kind="stable")]
         empty = blank[(blank["channel"] == channel) & blank["model"].isin([a, b])]
-        first = "".join(f"the {r['model']} predicts almost none of it (blank on {r['blank']} of {r['n']} FOVs); "
-                        for _, r in empty.iterrows())
+        first = "".join(f"the {r['model']} "
+                        + ("puts its signal off it" if r.get("off", False) else "predicts almost none of it")
+                        + f" (blank on {r['blank']} of {r['n']} FOVs); " for _, r in empty.iterrows())
         if rows.empty:
             if first:
                 out.append(f"**{TARGET_LABELS[channel]}**: {first}not scored on any FOV.")

@@ -10,9 +10,12 @@ measured target), this module measures
   Otsu foreground, grown by ``dilate`` voxels), beside the whole-volume ``ssim``;
 - ``contrast``: the prediction's mean inside the structure minus its mean outside, over the same
   difference in the reference (1: as much signal on the structure as the reference; 0: none);
+- ``spread``: the prediction's standard deviation over the reference's (whole volume);
 
 and calls a model's channel *blank* (it predicts (almost) nothing of it) when its contrast is below
-:data:`BLANK_FRACTION` on at least half of the FOVs, before any other score is read.
+:data:`BLANK_FRACTION` on at least half of the FOVs, before any other score is read. A blank
+channel whose prediction still varies (``spread`` at least :data:`OFF_SPREAD`) puts its signal off
+the structure (for example, over the whole nucleus instead of its envelope) rather than nowhere.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from .metrics import ssim_window
 
 BLANK_FRACTION = 0.1  # under a tenth of the reference's contrast on the structure: (almost) nothing predicted
 BLANK_SHARE = 0.5  # ... on at least this share of the FOVs
+OFF_SPREAD = 0.25  # a blank prediction varying at least this much (sd over the reference's): signal off the structure
 
 
 def structure_mask(ref: np.ndarray, dilate: int = 1) -> np.ndarray:
@@ -64,8 +68,8 @@ def contrast(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
 
 def structure_table(stage_in: str | Path, pred_dirs: dict[str, str | Path], split: str = "test",
                     reference: str = "auto", dilate: int = 1) -> pd.DataFrame:
-    """``ssim`` (whole volume), ``ssim_fg`` and ``contrast`` of every model on every FOV of ``split``
-    and every channel the reference has.
+    """``ssim`` (whole volume), ``ssim_fg``, ``contrast`` and ``spread`` of every model on every FOV of
+    ``split`` and every channel the reference has.
 
     Args:
         stage_in: the ``03_denoising`` stage folder.
@@ -97,7 +101,9 @@ def structure_table(stage_in: str | Path, pred_dirs: dict[str, str | Path], spli
             mask = structure_mask(ref[c], dilate)
             for model, pred in preds.items():
                 whole, inside = ssim_whole_and_inside(pred[c], ref[c], mask)
-                for metric, value in (("ssim", whole), ("ssim_fg", inside), ("contrast", contrast(pred[c], ref[c], mask))):
+                spread = float(pred[c].std() / ref[c].std()) if ref[c].std() > 0 else float("nan")
+                for metric, value in (("ssim", whole), ("ssim_fg", inside), ("contrast", contrast(pred[c], ref[c], mask)),
+                                      ("spread", spread)):
                     rows.append({"fov_id": r["fov_id"], "model": model, "channel": name, "metric": metric,
                                  "value": float(value), "reference": reference})
     return pd.DataFrame(rows, columns=["fov_id", "model", "channel", "metric", "value", "reference"])
@@ -105,15 +111,20 @@ def structure_table(stage_in: str | Path, pred_dirs: dict[str, str | Path], spli
 
 def blank_channels(table: pd.DataFrame, fraction: float = BLANK_FRACTION, share: float = BLANK_SHARE) -> pd.DataFrame:
     """The (model, channel) cells whose prediction is blank: ``contrast`` below ``fraction`` on at
-    least ``share`` of the FOVs. Returns ``model, channel, blank, n, median_contrast``."""
+    least ``share`` of the FOVs. Returns ``model, channel, blank, n, median_contrast, median_spread``
+    (NaN where the table has no ``spread``) and ``off`` (the prediction varies, :data:`OFF_SPREAD`:
+    its signal lies off the structure)."""
     c = table[table["metric"] == "contrast"].dropna(subset=["value"])
+    spread = table[table["metric"] == "spread"].groupby(["model", "channel"])["value"].median()
     rows = []
     for (model, channel), g in c.groupby(["model", "channel"], sort=False):
         k = int((g["value"] < fraction).sum())
         if k / len(g) >= share:
+            sd = float(spread.get((model, channel), np.nan))
             rows.append({"model": model, "channel": channel, "blank": k, "n": len(g),
-                         "median_contrast": float(g["value"].median())})
-    return pd.DataFrame(rows, columns=["model", "channel", "blank", "n", "median_contrast"])
+                         "median_contrast": float(g["value"].median()), "median_spread": sd,
+                         "off": bool(sd >= OFF_SPREAD)})
+    return pd.DataFrame(rows, columns=["model", "channel", "blank", "n", "median_contrast", "median_spread", "off"])
 
 
 def blank_sentence(blank: pd.DataFrame, fraction: float = BLANK_FRACTION) -> str:
@@ -122,10 +133,13 @@ def blank_sentence(blank: pd.DataFrame, fraction: float = BLANK_FRACTION) -> str
         return (f"Every model puts at least {fraction:.0%} of the reference's contrast on the true structure of "
                 "every channel on most FOVs: no prediction is blank.")
     parts = [f"the {r['model']} on {TARGET_LABELS[r['channel']]} ({r['blank']} of {r['n']} FOVs, median contrast "
-             f"{round(r['median_contrast'], 2) + 0.0:.0%} of the reference's)" for _, r in blank.iterrows()]  # no "-0%"
+             f"{round(r['median_contrast'], 2) + 0.0:.0%} of the reference's"  # no "-0%"
+             + (f"; its prediction varies, {r['median_spread']:.0%} of the reference's spread, but off the "
+                "structure)" if r.get("off", False) else ")") for _, r in blank.iterrows()]
     return ("**Blank predictions**, read before any score: " + "; ".join(parts) + f". Each puts under {fraction:.0%} "
             "of the reference's contrast on the true structure, so it predicts (almost) nothing there, whatever "
-            "its whole-volume SSIM says.")
+            "its whole-volume SSIM says" + (": where its prediction varies, the signal lies beside or around the "
+            "structure, not on it." if blank.get("off", pd.Series(dtype=bool)).any() else "."))
 
 
 def structure_summary(table: pd.DataFrame) -> pd.DataFrame:
