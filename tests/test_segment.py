@@ -90,7 +90,11 @@ def test_segmentation_of_the_clean_truth_recovers_the_true_instances(fovs):
                                            f["labels"]["nuclei"][:, :, [0, -1]].ravel()]))
         missed = true_ids[iou.max(axis=1) <= 0.5]
         assert np.isin(missed, border).all()
-        assert iou.max(axis=0).min() > 0.5  # and nothing else
+        # and nothing else, but where the border cuts a nucleus (through its DNA-poor nucleolus, a
+        # cut nucleus can fall apart in two)
+        pred_border = np.unique(np.concatenate([nuclei[:, [0, -1]].ravel(), nuclei[:, :, [0, -1]].ravel()]))
+        inner = ~np.isin(np.unique(nuclei)[1:], pred_border)
+        assert iou.max(axis=0)[inner].min() > 0.5
         assert match_instances(nuclei, f["labels"]["nuclei"], exclude_edge=True)["f1"] == 1.0
         interior = match_instances(cells, f["labels"]["cells"], exclude_edge=True)
         assert interior["f1"] == 1.0

@@ -28,6 +28,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.feature import peak_local_max
 from skimage.filters import threshold_multiotsu
+from skimage.morphology import remove_small_holes
 from skimage.segmentation import relabel_sequential, watershed
 
 from vstain.data.simconfig import SimConfig
@@ -77,11 +78,15 @@ def _drop_small(labels: np.ndarray, min_voxels: float) -> np.ndarray:
 
 
 def segment_nuclei(dna: np.ndarray, voxel_size_zyx: Sequence[float] = VOXEL_SIZE_ZYX, smooth_um: float = 0.3,
-                   seed_distance_um: float = 5.0, min_volume_um3: float = 5.0) -> np.ndarray:
-    """Nuclei of a DNA channel: Otsu foreground split by a distance-transform watershed. The
-    foreground is above the lower of two three-class Otsu thresholds (background, nuclei, the
-    brightest chromatin), so a mitotic cell's condensed chromosomes, several times brighter than
-    interphase nuclei, do not raise it above them.
+                   seed_distance_um: float = 5.0, min_volume_um3: float = 5.0, hole_um: float = 6.0) -> np.ndarray:
+    """Nuclei of a DNA channel: a half-maximum foreground split by a distance-transform watershed.
+    The lower of two three-class Otsu thresholds (background, nuclei, the brightest chromatin)
+    parts background from nuclei, so a mitotic cell's condensed chromosomes, several times brighter
+    than interphase nuclei, do not raise it; the foreground is then above half-way between the
+    background's median and the nuclei's, the half-maximum edge of a blurred nucleus. Nucleoli hold
+    little DNA: their intermediate values would pull an Otsu threshold down into the gaps between
+    nuclei, and they are holes in the nuclei, open in 3D where a nucleolus touches the nucleus' top
+    or bottom, so holes up to ``hole_um`` wide are filled slice by slice before the 3D fill.
 
     Args:
         dna: the DNA channel ``Z Y X`` (any positive affine scale: ADU or z-scored).
@@ -93,13 +98,18 @@ def segment_nuclei(dna: np.ndarray, voxel_size_zyx: Sequence[float] = VOXEL_SIZE
             nuclei, smaller splits elongated ones.
         min_volume_um3: objects smaller than this are dropped (default 5 µm³; a hiPSC nucleus
             holds a few hundred µm³, a nucleus cut by the FOV border can be small).
+        hole_um: diameter (µm) of the largest hole filled in a slice (default 6: a large nucleolus;
+            the cytoplasm between nuclei is wider and connected).
 
     Returns:
         int32 labels ``Z Y X``: 0 = background, nuclei 1..N.
     """
     vox = _voxel(voxel_size_zyx)
     x = _smooth(_channel(dna, "dna"), smooth_um, vox)
-    fg = ndimage.binary_fill_holes(x > threshold_multiotsu(x, classes=3)[0])
+    lo = threshold_multiotsu(x, classes=3)[0]
+    fg = x > 0.5 * (np.median(x[x <= lo]) + np.median(x[x > lo]))
+    hole = max(int(np.pi * (hole_um / 2) ** 2 / (vox[1] * vox[2])), 1)  # voxels of a slice
+    fg = ndimage.binary_fill_holes(np.stack([remove_small_holes(s, max_size=hole) for s in fg]))
     # distance to the background in µm, lightly smoothed so a flat ridge gives one maximum
     dist = ndimage.gaussian_filter(ndimage.distance_transform_edt(fg, sampling=vox), 1.0) * fg
     components, n = ndimage.label(fg)
