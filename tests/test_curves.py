@@ -120,6 +120,8 @@ def curves(gap_mid: float, gap_last: float):
     (-0.10, -0.10, "stable"),    # constant gap
     (-0.05, -0.20, "widening"),  # b falling further behind
     (0.05, 0.20, "widening"),
+    (-0.20, 0.15, "reversing"),  # b behind, then ahead: the gap crossed zero
+    (0.10, -0.20, "reversing"),
 ])
 def test_trend_of_synthetic_gaps(gap_mid, gap_last, expected):
     t = gap_trend(*curves(gap_mid, gap_last))
@@ -131,6 +133,9 @@ def test_trend_needs_enough_fovs_to_call_a_change():
     a_mid, b_mid, a_last, b_last = curves(-0.2, -0.05)
     few = gap_trend(a_mid[:4], b_mid[:4], a_last[:4], b_last[:4])
     assert few.trend == "undecided"  # 4 FOVs decide nothing
+    crossed = gap_trend(*curves(-0.2, 0.15))
+    assert "the gap b - a closes and reopens the other way over the second half" in trend_sentence(
+        crossed, "a", "b", "PCC", "all")
     assert "with n = 4 FOVs the trend of the gap b - a cannot be decided" in trend_sentence(few, "a", "b", "PCC", "all")
 
 

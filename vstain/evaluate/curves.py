@@ -19,7 +19,8 @@ import pandas as pd
 
 from .stats import Difference, decided, fov_resamples, min_pairs, paired_difference, percentile_interval
 
-TRENDS = ("closing", "stable", "widening", "undecided")  # undecided: fewer FOVs than a decision needs
+# undecided: fewer FOVs than a decision needs; reversing: the gap closed and reopened the other way
+TRENDS = ("closing", "reversing", "stable", "widening", "undecided")
 CURVE_COLUMNS = ["model", "step", "wall_s", "metric", "channel", "mean", "low", "high", "n"]
 
 
@@ -28,7 +29,8 @@ class Trend:
     """The change of a paired gap ``b - a`` between two checkpoints.
 
     Args:
-        trend: ``"closing"``, ``"stable"`` or ``"widening"``.
+        trend: one of :data:`TRENDS`: ``"reversing"`` when the gap's change surely exceeds its
+            size at half-way (it crossed zero: the model behind is ahead at the end).
         gap_mid, gap_last: mean gap at the half-way and the last checkpoint.
         change: the interval of the change of the gap, signed so that > 0 means it grew
             (:class:`vstain.evaluate.stats.Difference` of ``s * gap_mid`` and ``s * gap_last``,
@@ -56,15 +58,19 @@ def gap_trend(a_mid, b_mid, a_last, b_last, confidence: float = 0.95, seed: int 
         raise ValueError(f"gap_trend needs the same FOVs at both checkpoints, got {mid.size} and {last.size} values")
     sign = np.sign(np.nanmean(mid)) or np.sign(np.nanmean(last)) or 1.0
     change = paired_difference(sign * mid, sign * last, confidence=confidence, seed=seed)
-    return Trend(_trend(change, confidence), float(np.nanmean(mid)), float(np.nanmean(last)), change)
+    return Trend(_trend(change, confidence, abs(float(np.nanmean(mid)))), float(np.nanmean(mid)),
+                 float(np.nanmean(last)), change)
 
 
-def _trend(change: Difference, confidence: float) -> str:
+def _trend(change: Difference, confidence: float, size_mid: float) -> str:
+    """``size_mid``: the gap's absolute size at half-way; a decided shrinking beyond it is a reversal."""
     if change.n < min_pairs(confidence):
         return "undecided"
     if not decided(change, confidence):
         return "stable"
-    return "widening" if change.diff > 0 else "closing"
+    if change.diff > 0:
+        return "widening"
+    return "reversing" if change.ci_high < -size_mid else "closing"
 
 
 def half_way(steps) -> tuple[int, int]:
@@ -103,7 +109,8 @@ def trend_sentence(t: Trend, model_a: str, model_b: str, metric: str, channel: s
     if t.trend == "undecided":
         return (f"{metric} ({channel}): with n = {c.n} FOVs the trend of the gap {model_b} - {model_a} cannot be "
                 f"decided ({min_pairs()} are needed; {numbers}).")
-    how = {"closing": "closes", "widening": "widens", "stable": "shows no detectable change"}[t.trend]
+    how = {"closing": "closes", "widening": "widens", "stable": "shows no detectable change",
+           "reversing": "closes and reopens the other way"}[t.trend]
     return f"{metric} ({channel}): the gap {model_b} - {model_a} {how} over the second half of training ({numbers})."
 
 
@@ -128,7 +135,7 @@ def resampled_trend(stat, n_fovs: int, n_resamples: int = 999, confidence: float
     lo, hi = percentile_interval(sign * (draws[:, 1] - draws[:, 0]), n_fovs, confidence)
     change = Difference(int(n_fovs), 0, float(sign * mid), float(sign * last), float(sign * (last - mid)),
                         float(lo), float(hi), float("nan"))
-    return Trend(_trend(change, confidence), float(mid), float(last), change)
+    return Trend(_trend(change, confidence, abs(float(mid))), float(mid), float(last), change)
 
 
 def curve_row(model: str, step: int, wall_s: float, metric: str, channel: str, mean: float, low: float,
