@@ -102,8 +102,9 @@ def structure_table(stage_in: str | Path, pred_dirs: dict[str, str | Path], spli
             for model, pred in preds.items():
                 whole, inside = ssim_whole_and_inside(pred[c], ref[c], mask)
                 spread = float(pred[c].std() / ref[c].std()) if ref[c].std() > 0 else float("nan")
-                for metric, value in (("ssim", whole), ("ssim_fg", inside), ("contrast", contrast(pred[c], ref[c], mask)),
-                                      ("spread", spread)):
+                scores = (("ssim", whole), ("ssim_fg", inside), ("contrast", contrast(pred[c], ref[c], mask)),
+                          ("spread", spread))
+                for metric, value in scores:
                     rows.append({"fov_id": r["fov_id"], "model": model, "channel": name, "metric": metric,
                                  "value": float(value), "reference": reference})
     return pd.DataFrame(rows, columns=["fov_id", "model", "channel", "metric", "value", "reference"])
