@@ -129,18 +129,19 @@ def blank_channels(table: pd.DataFrame, fraction: float = BLANK_FRACTION, share:
 
 
 def blank_sentence(blank: pd.DataFrame, fraction: float = BLANK_FRACTION) -> str:
-    """The blank cells of :func:`blank_channels` in words, to be read before any score of them."""
+    """The blank cells of :func:`blank_channels` (its ``off`` column included) in words, to be read
+    before any score of them."""
     if blank.empty:
         return (f"Every model puts at least {fraction:.0%} of the reference's contrast on the true structure of "
                 "every channel on most FOVs: no prediction is blank.")
     parts = [f"the {r['model']} on {TARGET_LABELS[r['channel']]} ({r['blank']} of {r['n']} FOVs, median contrast "
              f"{round(r['median_contrast'], 2) + 0.0:.0%} of the reference's"  # no "-0%"
              + (f"; its prediction varies, {r['median_spread']:.0%} of the reference's spread, but off the "
-                "structure)" if r.get("off", False) else ")") for _, r in blank.iterrows()]
+                "structure)" if r["off"] else ")") for _, r in blank.iterrows()]
     return ("**Blank predictions**, read before any score: " + "; ".join(parts) + f". Each puts under {fraction:.0%} "
             "of the reference's contrast on the true structure, so it predicts (almost) nothing there, whatever "
             "its whole-volume SSIM says" + (": where its prediction varies, the signal lies beside or around the "
-            "structure, not on it." if blank.get("off", pd.Series(dtype=bool)).any() else "."))
+            "structure, not on it." if blank["off"].any() else "."))
 
 
 def structure_summary(table: pd.DataFrame) -> pd.DataFrame:
