@@ -91,6 +91,7 @@ def _nucleoli(cfg: SimConfig, col: Colony, yy, xx, rng, org_rng) -> np.ndarray:
     nuc, lab, n = col.nucleus, col.label, len(col.seeds)
     count = org_rng.choice([1, 2, 3], n, p=cfg.nucleoli_count)
     volume = draw(org_rng, cfg.nucleoli_fraction, n) * 4 / 3 * np.pi * nuc["a"] * nuc["b"] * nuc["c"]
+    # uneven shares of that volume, Dirichlet(2, 2, 2) over the nucleoli present (assumption: none published)
     share = org_rng.dirichlet((2.0, 2.0, 2.0), n) * (np.arange(3) < count[:, None])
     radius = np.cbrt(3 * volume[:, None] * share / share.sum(1, keepdims=True) / (4 * np.pi))  # µm [n, 3]
     wobble = _tex(cfg, 0.4, rng)
@@ -99,7 +100,8 @@ def _nucleoli(cfg: SimConfig, col: Colony, yy, xx, rng, org_rng) -> np.ndarray:
     for k in range(3):
         r = radius[:, k]
         dirn = org_rng.normal(size=(n, 3))
-        # the centre sits far enough inside that most of the nucleolus lies within the nucleus
+        # the centre sits far enough inside that most of the nucleolus lies within the nucleus: 0.1-0.6 of
+        # the room left between it and the nucleus' shortest semi-axis (assumption: anywhere in the nucleoplasm)
         room = np.clip(1 - r / np.minimum(np.minimum(nuc["a"], nuc["b"]), nuc["c"]), 0, None)
         dirn *= (org_rng.uniform(0.1, 0.6, n) * room / np.linalg.norm(dirn, axis=1))[:, None]
         pu, pv = dirn[:, 0] * nuc["a"], dirn[:, 1] * nuc["b"]
