@@ -1,4 +1,6 @@
 """The thesis' generator and critic (chapter 3.1): parameter counts, receptive field, any-size inputs."""
+import warnings
+
 import pytest
 import torch
 
@@ -86,3 +88,36 @@ def test_summary_rows_match_the_model():
 def test_config_validation(bad):
     with pytest.raises(ValueError):
         GeneratorConfig(**bad)
+
+
+def _ops(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_a_single_cpu_volume_takes_the_onednn_kernel_with_the_same_result_and_gradients():
+    """A batch of one on the CPU would fall to PyTorch's native im2col kernel (small N*C*Z*Y); the
+    models' Conv3d sends it to oneDNN, as a larger batch goes, with nn.Conv3d's values and gradients.
+    Tracing keeps the plain call (an exported network must run on any device)."""
+    from vstain.models import Conv3d
+    torch.manual_seed(0)
+    conv = Conv3d(4, 4, kernel_size=3, padding=1)
+    plain = torch.nn.Conv3d(4, 4, kernel_size=3, padding=1)
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(1, 4, 8, 16, 16, requires_grad=True)
+    ours, ref = conv(x), plain(x)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(y.square().sum(), [x, m.weight]) for y, m in ((ours, conv), (ref, plain))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        assert "aten::mkldnn_convolution" in _ops(lambda: conv(x))
+        assert "aten::slow_conv3d_forward" in _ops(lambda: plain(x))  # the heuristic this works around
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; bioimage.io reads it
+            traced = torch.jit.trace(conv, x.detach())
+    assert "mkldnn_convolution" not in str(traced.graph)
+    gen = Generator(GeneratorConfig(4)).eval()
+    with torch.no_grad():
+        assert "aten::slow_conv3d_forward" not in _ops(lambda: gen(torch.randn(1, 1, 8, 32, 32)))
