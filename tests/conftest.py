@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -90,10 +91,10 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
-# Stems of the notebooks that tests/test_book.py's quick book executed in this session, from an
-# empty run directory, at the quick profile (the notebooks' own defaults, see
+# Stems of the notebooks that tests/test_book.py's quick book and quick study executed in this
+# session, from an empty run directory, at the notebooks' own defaults (see
 # test_pipeline.test_quick_profile_is_the_notebook_defaults): the nbval pass skips their cells
-# instead of training the same chain a second time. Filled only when the whole chain ran.
+# instead of running the same chain a second time. Filled only when the whole chain ran.
 QUICK_BOOK_EXECUTED: set[str] = set()
 
 
@@ -145,13 +146,15 @@ class Background:
         Path(self.log.name).unlink(missing_ok=True)
 
 
-def pipeline_in_background(profile: str, threads: int | None = None) -> Background:
+def pipeline_in_background(profile: str, threads: int | None = None, then: str | None = None) -> Background:
     """``python -m vstain.book.pipeline --profile <profile>`` from an empty ``.test-runs/<profile>`` (so
     04/05 train rather than resume a finished checkpoint and 03 trains its Noise2Void models), its
-    HTML included; ``threads``: CPU threads of every process it starts (default: torch's)."""
+    HTML included, and after it, when it succeeds, the profile ``then`` (one that extends it, in the
+    same run directory); ``threads``: CPU threads of every process it starts (default: torch's)."""
     shutil.rmtree(TEST_RUNS / profile, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
-    return Background([sys.executable, "-m", "vstain.book.pipeline", "--profile", profile], ROOT, env)
+    commands = [[sys.executable, "-m", "vstain.book.pipeline", "--profile", p] for p in (profile, then) if p]
+    return Background(["sh", "-c", " && ".join(shlex.join(c) for c in commands)], ROOT, env)
 
 
 # Slow runs started as soon as collection ends, so that they share the two cores with the unit

@@ -95,37 +95,43 @@ def test_results_check_needs_table_confusion_matrices_viewer_and_collapsed_code(
 
 
 def start_quick_book() -> Background:
-    """The whole chain at the quick profile from an empty ``.test-runs/quick`` (the tests' runs/), and its
-    HTML, one CPU thread per process (it shares the two cores with smoke-full and the unit tests)."""
-    return pipeline_in_background("quick", threads=1)
+    """The whole chain at the quick profile from an empty ``.test-runs/quick`` (the tests' runs/), then
+    the study's notebooks on it (quick-study), each with its HTML, one CPU thread per process (it
+    shares the two cores with smoke-full and the unit tests)."""
+    return pipeline_in_background("quick", threads=1, then="quick-study")
+
+
+def _statuses(timings) -> dict[str, str]:
+    with open(timings) as fh:
+        return {row["stage"]: row["status"] for row in csv.DictReader(fh)}
 
 
 @pytest.mark.slow
 @in_background(start_quick_book)
-def test_quick_book_builds_and_every_page_opens(request):
+def test_quick_book_and_study_build_and_every_page_opens(request):
     """The whole chain at the quick profile from an empty run directory (so 04/05 train rather than
     resume a finished checkpoint), in .test-runs/quick (what the notebooks' default run_dir resolves to
-    under the tests) and built
-    into .test-runs/quick/book_src/_build/html (never the user's book/_build), then every page opened
-    in headless Chromium. The chain starts when collection ends (conftest.in_background). Every
-    notebook then ran at its defaults, so the nbval pass of ``make test`` skips them
-    (conftest.QUICK_BOOK_EXECUTED) and runs the study's notebooks, which the quick book does not
-    hold, on this run."""
+    under the tests), then the study's notebooks at their defaults on that run (quick-study), each
+    built into its own HTML under .test-runs/quick (never the user's book/_build), and every page of
+    the study's book (the quick book's pages and the study's) opened in headless Chromium. The chain
+    starts when collection ends (conftest.in_background). Every notebook then ran at its defaults,
+    so the nbval pass of ``make test`` skips them (conftest.QUICK_BOOK_EXECUTED)."""
     rc, output = take_background(request).wait(timeout=1800)  # first: nothing may stop the test before it
     assert rc == 0, output[-6000:]
     chromium = chromium_or_fail()
-    with open(QUICK_BOOK / "timings.csv") as fh:
-        status = {row["stage"]: row["status"] for row in csv.DictReader(fh)}
     stems = [s.stem for s in pipeline.stages_from_toc(ROOT / "_toc.yml", ROOT)]
-    assert [status.get(s) for s in stems] == ["ran"] * len(stems), status
-    QUICK_BOOK_EXECUTED.update(stems)
-    html = QUICK_BOOK / "book_src" / "_build" / "html"
-    assert (html / "index.html").exists(), output[-3000:]
+    assert [_statuses(QUICK_BOOK / "timings.csv").get(s) for s in stems] == ["ran"] * len(stems)
+    study = _statuses(QUICK_BOOK / "timings_quick-study.csv")
+    added = [s for s in study if s not in stems and s != "jupyter-book"]
+    assert {study[s] for s in stems} == {"skipped"} and {study[s] for s in added} == {"ran"}, study
+    assert len(added) == len(pipeline.load_profile(ROOT / "profiles" / "quick-study.yaml").notebooks)
+    QUICK_BOOK_EXECUTED.update(stems + added)
+    assert (QUICK_BOOK / "book_src" / "_build" / "html" / "index.html").exists(), output[-3000:]
+    html = QUICK_BOOK / "quick-study" / "_build" / "html"
     reports = browser.check_book(html, chromium=chromium)
     bad = {r.page: r.errors for r in reports if r.errors}
     assert not bad, bad
     pages = {r.page for r in reports}
-    for entry in pipeline.toc_entries(ROOT / "_toc.yml"):
-        assert f"{entry}.html" in pages
-    shots = html.parent / "screenshots"
-    assert len(list(shots.glob("*.png"))) >= len(pipeline.toc_entries(ROOT / "_toc.yml"))
+    entries = [*pipeline.toc_entries(ROOT / "_toc.yml"), *(f"notebooks/{s}" for s in added)]
+    assert {f"{entry}.html" for entry in entries} <= pages
+    assert len(list((html.parent / "screenshots").glob("*.png"))) >= len(entries)

@@ -243,6 +243,15 @@ def test_quick_profile_is_the_notebook_defaults():
                     assert ast.literal_eval(declared[key]["default"]) == value, (stage.stem, key)
 
 
+def test_quick_study_is_the_study_notebooks_at_their_defaults():
+    """quick-study (run by `make test` after the quick book) adds study.yaml's notebooks to the quick
+    book and sets nothing, so it runs them exactly as nbval would."""
+    quick_study = pipeline.load_profile(ROOT / "profiles" / "quick-study.yaml")
+    study = pipeline.load_profile(ROOT / "profiles" / "study.yaml")
+    assert quick_study.extends == "quick" and quick_study.notebooks == study.notebooks
+    assert not quick_study.common and not any(quick_study.sections.values())
+
+
 def test_project_toc_lists_every_notebook(tmp_path):
     listed = {s.stem for path in PROFILES for s in _profile_stages(path, tmp_path)}
     stored = {p.stem for p in (ROOT / "notebooks").glob("*.ipynb")}
