@@ -39,13 +39,13 @@ $(MATHJAX): | $(STAMP)
 	else echo "MathJax $(MATHJAX_VERSION) not fetched (npm missing or offline): the book loads it from its CDN"; fi; \
 	rm -rf $$tmp
 
-# The unit tests; the quick book, run afresh into .test-runs/quick and opened in Chromium
-# (tests/test_book.py); `make smoke-full`'s pipeline (tests/test_smoke_full.py: the full profile's
-# method settings on tiny data); then every notebook with its quick defaults under nbval (the
-# study's notebooks too), except those the quick book already ran at these defaults
-# (tests/conftest.py). The quick book and smoke-full start in the background when collection ends
-# and share the two cores with the unit tests. One pytest run: its summary line and exit status
-# are make's; it ends with its 25 slowest tests (where the time goes).
+# The unit tests; the quick book run afresh into .test-runs/quick, the study's notebooks after it
+# (profile quick-study), and every page of the study's book opened in Chromium (tests/test_book.py);
+# `make smoke-full`'s pipeline (tests/test_smoke_full.py: the full profile's method settings on tiny
+# data); then every notebook with its quick defaults under nbval, except those the two pipelines
+# already ran at these defaults (tests/conftest.py). The pipelines start in the background when
+# collection ends and share the two cores with the unit tests. One pytest run: its summary line and
+# exit status are make's; it ends with its 25 slowest tests (where the time goes).
 test: $(STAMP) $(CHROMIUM) $(MATHJAX)
 	$(PY) -m pytest -q tests notebooks --nbval-lax --durations=25
 
