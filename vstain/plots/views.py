@@ -179,3 +179,13 @@ def section_grid(bf: np.ndarray, rows: Sequence[tuple[str, np.ndarray]], ranges:
              else f"XZ section at y = {y * voxel_size_zyx[1]:.1f} µm")
     fig.suptitle(f"{title} {where}\n{RANGE_RULE}".strip(), fontsize=9)
     return fig
+
+
+def save_and_show(fig, path, dpi: int = 100) -> None:
+    """Write ``fig`` to the PNG ``path`` and show that file in the notebook: one rendering where
+    ``savefig`` and then ``plt.show()`` draw it twice (a 72-panel gallery takes seconds to draw)."""
+    from IPython.display import Image, display
+
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    display(Image(filename=str(path)))
