@@ -1,6 +1,8 @@
 """The prediction figures' drawing rules: one display range per channel shared by the truth, the
 target and every model (unlabelled channels included), a colour bar per channel, a µm scale bar,
 and XZ sections at the true voxel aspect."""
+import io
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -154,4 +156,20 @@ def test_learning_curves_show_fine_tunes_on_their_own_linear_axis():
     line = fig.axes[4].get_lines()[0]  # third row, first panel: the fine-tune alone, steps after its start
     assert line.get_label() == "fine-tune" and list(line.get_xdata()) == [12, 150]
     assert fig.axes[4].get_xscale() == "linear" and fig.axes[0].get_xscale() == "log"
+    plt.close("all")
+
+
+def test_learning_curves_draw_a_metric_without_any_value():
+    """A KID from too few patches is NaN at every snapshot (tiny runs): its panels say so and the
+    figure still saves (an empty log axis would not draw)."""
+    from vstain.plots.curves import learning_curves
+
+    table = pd.DataFrame([{"model": "U-Net", "step": s, "wall_s": 1.0 * s, "metric": k, "channel": "all",
+                           "mean": np.nan if k == "kid" else 0.5, "low": np.nan, "high": np.nan, "n": 4}
+                          for s in (1, 2) for k in ("pcc", "kid")])
+    fig = learning_curves(table, metrics=("pcc", "kid"))
+    fig.savefig(io.BytesIO(), format="png", bbox_inches="tight")
+    kid = fig.axes[1]
+    assert kid.get_xscale() == "linear" and "no value" in kid.texts[0].get_text()
+    assert fig.axes[0].get_xscale() == "log" and not fig.axes[0].texts
     plt.close("all")

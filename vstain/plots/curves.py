@@ -39,6 +39,7 @@ def learning_curves(table: pd.DataFrame, snapshots: pd.DataFrame | None = None, 
     for j, metric in enumerate(metrics):
         for i, x in enumerate(rows):
             ax = axes[i, j]
+            drawn = False
             for model in (starts if x == "after" else models):
                 d = sel[(sel["model"] == model) & (sel["metric"] == metric)].sort_values("step")
                 if d.empty:
@@ -46,7 +47,11 @@ def learning_curves(table: pd.DataFrame, snapshots: pd.DataFrame | None = None, 
                 xs = d["step"] - starts[model] if x == "after" else d[x]
                 ax.plot(xs, d["mean"], styles[model], color=colors[model], ms=4, lw=1.5, mfc="none", label=model)
                 ax.fill_between(xs, d["low"], d["high"], color=colors[model], alpha=0.15, lw=0)
-            if x != "after":
+                drawn |= bool(d["mean"].notna().any())
+            if not drawn:  # e.g. a KID from too few patches: say so rather than draw an empty log axis
+                ax.text(0.5, 0.5, "no value at any snapshot", ha="center", va="center", transform=ax.transAxes,
+                        fontsize=8, color="0.4")
+            elif x != "after":
                 ax.set_xscale("log")
                 ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks crowd each other
             ax.set_xlabel({"step": "generator steps since random weights",
