@@ -5,6 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROFILE ?= book
 STAMP := $(VENV)/.installed
+# Python writes a module's bytecode on its first import and every later process reuses it (pip
+# installs without compiling, below). Where the environment sets PYTHONDONTWRITEBYTECODE, every
+# process would compile all it imports from source: on a fresh clone, torch and the training code
+# took 13.8 s to import each time instead of 5.4 s. Empty is "not set" to Python.
+export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: setup test book study check-book clean-runs bench lab smoke-full
 
