@@ -107,7 +107,8 @@ def declared_parameters(notebook: str | os.PathLike) -> list[str]:
             source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
             names: list[str] = []
             for node in ast.parse(source).body:
-                targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                    node, ast.AnnAssign) else []
                 names += [t.id for t in targets if isinstance(t, ast.Name) and t.id not in names]
             return names
     return []
