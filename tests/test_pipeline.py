@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import ROOT, STAGE_BODY, read_json, write_notebook
 
-from vstain.book import pipeline, rundir
+from vstain.book import kernel, pipeline, rundir, schedule
 from vstain.book.pipeline import NotebookFailed, ProfileError
 
 
@@ -202,6 +202,100 @@ def test_a_stage_that_writes_no_manifest_fails(tiny_book):
 
 
 # --------------------------------------------------------------------------------------------
+# Which notebook waits for which, and notebooks side by side
+# --------------------------------------------------------------------------------------------
+# A stage that reads the stages it names, logs when it started and ended, and may fail on request.
+READER_BODY = """\
+import json, pathlib, time
+from vstain.book import rundir
+{reads}
+out = rundir.stage_dir(run_dir, "{stem}")
+t0 = time.time()
+time.sleep(pause)
+assert not fail, "{stem} was asked to fail"
+(out / "span.json").write_text(json.dumps([t0, time.time()]))
+(out / "manifest.json").write_text(json.dumps({{"stage": "{stem}", "t": time.time()}}))
+"""
+
+
+def _reading_book(book, reads: dict[str, str]):
+    """Rewrite the tiny book's notebooks so that each reads the stages ``reads`` gives it (source lines)."""
+    for stem in book["stems"]:
+        write_notebook(book["root"] / "notebooks" / f"{stem}.ipynb",
+                       'run_dir = "runs/quick"  # run directory\npause = 0.0  # seconds of work\n'
+                       'fail = False  # raise on purpose',
+                       READER_BODY.format(stem=stem, reads=reads.get(stem, "")))
+
+
+def _deps(book, params=None):
+    stages = _stages(book)
+    return schedule.dependencies([s.stem for s in stages], {s.stem: s.source for s in stages},
+                                 params or {s.stem: {} for s in stages})
+
+
+def test_a_notebook_waits_for_the_stages_it_reads_and_no_other(tiny_book):
+    _reading_book(tiny_book, {"02_b": 'rundir.require(run_dir, "01_a")',
+                              "03_c": 'src = rundir.optional(run_dir, stage)\n%time rundir.require(run_dir, "01_a")'})
+    # 03_c names one stage by a variable: it waits for the stages its parameters name
+    assert _deps(tiny_book, {"01_a": {}, "02_b": {}, "03_c": {"stage": "02_b"}}) == {
+        "01_a": [], "02_b": ["01_a"], "03_c": ["01_a", "02_b"]}
+    assert _deps(tiny_book, {"01_a": {}, "02_b": {}, "03_c": {"stage": {"x": "01_a", "y": "elsewhere"}}}) == {
+        "01_a": [], "02_b": ["01_a"], "03_c": ["01_a"]}
+
+
+def test_a_notebook_that_names_no_stage_waits_for_every_stage_before_it(tiny_book):
+    assert _deps(tiny_book) == {"01_a": [], "02_b": ["01_a"], "03_c": ["01_a", "02_b"]}
+
+
+def test_notebooks_waiting_for_each_other_are_an_error(tiny_book):
+    _reading_book(tiny_book, {"01_a": 'rundir.optional(run_dir, "03_c")', "02_b": 'rundir.require(run_dir, "01_a")',
+                              "03_c": 'rundir.require(run_dir, "02_b")'})
+    with pytest.raises(schedule.DependencyError, match="01_a -> 03_c -> 02_b -> 01_a"):
+        _run(tiny_book)
+
+
+def test_the_project_notebooks_wait_for_what_they_read(tmp_path):
+    stages = _profile_stages(ROOT / "profiles" / "quick-study.yaml", tmp_path)
+    deps = schedule.dependencies(
+        [s.stem for s in stages], {s.stem: s.source for s in stages},
+        {s.stem: ({"model_stage": "05_wgan"} if s.stem == "09_predict" else {}) for s in stages})
+    assert deps["01_data"] == [] and deps["06_classifier"] == ["01_data", "03_denoising"]
+    # every model stage of 07's model_stages, and 09's model_stage as the profile sets it
+    assert {"04_unet", "05_wgan", "05b_wgan_from_unet", "05c_l1_control", "06_classifier"} <= set(deps["07_results"])
+    assert deps["09_predict"] == ["03_denoising", "05_wgan"]
+    # an optional stage the book has is waited for, even one that sorts after the notebook
+    assert "04c_unet_seed" in deps["07c_adversarial_sweep"] and "04_unet" in deps["03b_ablation"]
+
+
+def test_independent_notebooks_run_side_by_side_and_skip_as_before(tiny_book):
+    _reading_book(tiny_book, {"02_b": 'rundir.require(run_dir, "01_a")', "03_c": 'rundir.require(run_dir, "01_a")'})
+    tiny_book["profile"].write_text("all:\n  pause: 4.0  # long enough to overlap a kernel start\n")
+    result = _run(tiny_book, jobs=2)
+    assert [r.status for r in result.stages] == ["ran"] * 3
+    span = {s: read_json(tiny_book["run_dir"] / s / "span.json") for s in tiny_book["stems"]}
+    assert span["01_a"][1] < min(span["02_b"][0], span["03_c"][0])  # both waited for 01_a
+    assert span["02_b"][0] < span["03_c"][1] and span["03_c"][0] < span["02_b"][1]  # and overlapped
+    assert [r.status for r in _run(tiny_book, jobs=2).stages] == ["skipped"] * 3
+
+    # 02_b fails: 03_c, already running beside it, finishes; the failure is raised and recorded
+    tiny_book["profile"].write_text("all:\n  pause: 2.0  # shorter\n02_b:\n  fail: true  # on purpose\n")
+    with pytest.raises(NotebookFailed, match="02_b was asked to fail"):
+        _run(tiny_book, jobs=2)
+    with open(tiny_book["run_dir"] / "timings.csv") as f:
+        assert {r["stage"]: r["status"] for r in csv.DictReader(f)} == {"01_a": "ran", "02_b": "failed", "03_c": "ran"}
+
+
+def test_a_notebook_alone_gets_every_core_and_two_side_by_side_half_each():
+    two = lambda running, ready: kernel.threads_for_next(2, 2, running, ready)  # noqa: E731
+    assert two([], 1) == 2  # alone: as with one job
+    assert two([], 2) == 1 and two([1], 1) == 1  # two side by side: one thread each
+    assert two([2], 1) is None and two([1, 1], 1) is None  # the cores are taken: wait
+    assert kernel.threads_for_next(2, 16, [], 3) == 8
+    assert kernel.kernel_environment(1) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert kernel.kernel_environment(0) == {}  # torch's default
+
+
+# --------------------------------------------------------------------------------------------
 # The project's own profiles
 # --------------------------------------------------------------------------------------------
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
@@ -279,7 +373,7 @@ def test_progress_bars_are_stored_as_a_terminal_shows_them():
                     nbformat.v4.new_output("stream", name="stderr", text="Epoch 0:  50%\rEpoch 0: 100%\ndone\n"),
                     nbformat.v4.new_output("stream", name="stdout", text="result 1\n")]
     nb.cells.append(cell)
-    out = pipeline.render_carriage_returns(nb).cells[0].outputs
+    out = kernel.render_carriage_returns(nb).cells[0].outputs
     assert [o["name"] for o in out] == ["stderr", "stdout"]
     assert out[0]["text"] == "Epoch 0: 100%\ndone\n"
     assert out[1]["text"] == "result 1\n"

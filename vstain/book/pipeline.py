@@ -5,14 +5,15 @@
 1. loads ``profiles/<profile>.yaml`` (laid over its ``base`` profile, if it names one) and checks
    every key against the parameters each notebook declares (:mod:`vstain.book.profiles`); a key
    that the target notebook does not declare is an error naming the profile, the notebook and the key;
-2. runs the notebooks of ``_toc.yml`` with papermill in dependency order (``01_...`` to ``09_...``),
+2. runs the notebooks of ``_toc.yml`` with papermill in the book's order (``01_...`` to ``10_...``),
    from the project root, with ``run_dir: runs/<profile>`` injected, writing the executed notebooks
-   into the profile's staged book (``runs/<profile>/book_src/``);
+   into the profile's staged book (``runs/<profile>/book_src/``); a notebook starts once the stages
+   it reads have finished (:mod:`vstain.book.schedule`), and ``--jobs N`` runs up to N side by side;
 3. skips a notebook whose inputs did not change since its last successful run: its source, its
-   resolved parameters and the manifests of the stages before it (a record per stage in
+   resolved parameters and the manifests of the stages it reads (a record per stage in
    ``runs/<profile>/pipeline/``);
-4. stops at the first notebook that fails, names it and prints where its executed copy (with the
-   failing cell's traceback) is;
+4. stops at the first notebook that fails (the ones already running finish), names it and prints
+   where its executed copy (with the failing cell's traceback) is;
 5. writes per-notebook wall times to ``runs/<profile>/timings.csv``;
 6. builds the HTML with jupyter-book 1.x (execution off: papermill ran the notebooks), failing on
    any Sphinx warning.
@@ -37,42 +38,29 @@ import argparse
 import csv
 import hashlib
 import json
+import multiprocessing
+import os
 import shutil
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import yaml
 
-from . import rundir
+from . import rundir, schedule
+from .kernel import NotebookFailed, Stage, kernel_environment, submit, threads_for_next
 from .build import BuildFailed, build_html, stage_book_sources, toc_entries
 from .profiles import ProfileError, load_profile, resolve_parameters
 
 EXIT_OK, EXIT_FAILED_NOTEBOOK, EXIT_PROFILE, EXIT_BUILD = 0, 1, 2, 3
 
 
-class NotebookFailed(RuntimeError):
-    """A notebook raised; ``executed`` is its executed copy with the failing cell's output."""
-
-    def __init__(self, stage: str, executed: Path, detail: str):
-        self.stage, self.executed, self.detail = stage, executed, detail
-        super().__init__(f"notebook {stage} failed: {detail}\n  executed notebook: {executed}")
-
-
 # --------------------------------------------------------------------------------------------
 # The table of contents and the notebooks it names
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Stage:
-    """One notebook of the book: ``stem`` (``04_unet``), its source and its place in the toc."""
-
-    stem: str
-    source: Path  # the stored notebook (no outputs)
-    toc_file: str  # the toc entry, e.g. "notebooks/04_unet"
-
-
 def extended_toc(toc: Path, caption: str, notebooks: Sequence[str], out: Path) -> Path:
     """Write ``toc`` with one more numbered part, ``caption`` holding ``notebooks``, placed before
     the toc's last part (a profile that ``extends`` another adds its notebooks this way); returns ``out``."""
@@ -119,75 +107,6 @@ def inputs_hash(stage: Stage, params: dict[str, Any], upstream_manifests: dict[s
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _error_cells(nb) -> list[tuple[int, str]]:
-    """(index, 'Ename: value') of each cell that failed and was not tagged ``raises-exception``."""
-    bad = []
-    for i, cell in enumerate(nb.cells):
-        if cell.get("cell_type") != "code" or "raises-exception" in cell.get("metadata", {}).get("tags", []):
-            continue
-        for out in cell.get("outputs", []):
-            if out.get("output_type") == "error":
-                bad.append((i, f"{out.get('ename')}: {out.get('evalue')}"))
-                break
-        else:
-            if cell.get("metadata", {}).get("papermill", {}).get("exception"):
-                bad.append((i, "cell raised (no error output)"))
-    return bad
-
-
-def render_carriage_returns(nb):
-    """Store stream outputs as a terminal shows them: consecutive outputs of one stream merged, and
-    of each line only what follows its last carriage return. Progress bars (Lightning, careamics)
-    redraw one line with ``\r``; without this the book prints every redraw, hundreds of lines."""
-    for cell in nb.cells:
-        merged = []
-        for out in cell.get("outputs", []):
-            if out.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream" \
-                    and merged[-1].get("name") == out.get("name"):
-                merged[-1]["text"] += out["text"]
-            else:
-                merged.append(out)
-        for out in merged:
-            if out.get("output_type") == "stream" and "\r" in out["text"]:
-                lines = out["text"].split("\n")
-                out["text"] = "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in lines)
-        if "outputs" in cell:
-            cell["outputs"] = merged
-    return nb
-
-
-def execute(stage: Stage, params: dict[str, Any], executed: Path, cwd: Path, progress: bool = False) -> None:
-    """Run one notebook with papermill into ``executed``.
-
-    Papermill's own ``execute_notebook`` raises on *any* error output, including the deliberate
-    bad-input demos tagged ``raises-exception`` that nbclient lets pass; so this parameterises with
-    papermill, executes with papermill's engine (saving after each cell) and judges the errors here.
-
-    Raises:
-        NotebookFailed: a cell not tagged ``raises-exception`` raised.
-    """
-    import papermill
-    from papermill.engines import papermill_engines
-    from papermill.iorw import write_ipynb
-    from papermill.utils import chdir
-
-    executed.parent.mkdir(parents=True, exist_ok=True)
-    nb = papermill.execute_notebook(
-        str(stage.source), str(executed), parameters=params, prepare_only=True, progress_bar=False, cwd=str(cwd)
-    )
-    kernel = papermill_engines.nb_kernel_name(engine_name=None, nb=nb)
-    with chdir(str(cwd)):
-        nb = papermill_engines.execute_notebook_with_engine(
-            None, nb, kernel_name=kernel, input_path=str(stage.source), output_path=str(executed),
-            progress_bar=progress, log_output=False, start_timeout=120,
-        )
-    write_ipynb(render_carriage_returns(nb), str(executed))
-    bad = _error_cells(nb)
-    if bad:
-        index, what = bad[0]
-        raise NotebookFailed(stage.stem, executed, f"cell {index} raised {what}")
-
-
 # --------------------------------------------------------------------------------------------
 # The whole pipeline
 # --------------------------------------------------------------------------------------------
@@ -231,6 +150,7 @@ def run(
     force: bool = False,
     build: bool = True,
     progress: bool = False,
+    jobs: int = 1,
     log: Callable[[str], None] = print,
 ) -> Result:
     """Run the book for one profile (see the module docstring).
@@ -248,10 +168,16 @@ def run(
         force: rerun even when nothing changed.
         build: build the HTML after the notebooks.
         progress: show papermill's per-cell progress bar.
+        jobs: notebooks run at once, each in its own process, as soon as the stages they read have
+            finished (:mod:`vstain.book.schedule`); with more than one, a notebook alone gets every
+            core and notebooks side by side an equal share (:func:`~vstain.book.kernel.threads_for_next`),
+            unless ``OMP_NUM_THREADS`` is set (then every kernel inherits it).
 
     Raises:
-        ProfileError, NotebookFailed, BuildFailed, FileNotFoundError.
+        ProfileError, NotebookFailed, BuildFailed, FileNotFoundError, DependencyError.
     """
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs}: at least one notebook must run at a time")
     root = Path(root or rundir.repo_root()).resolve()
     profile_path = Path(profile_path or root / "profiles" / f"{profile}.yaml")
     prof = load_profile(profile_path)
@@ -275,55 +201,95 @@ def run(
             raise ProfileError(f"--only: no notebook named {', '.join(sorted(unknown))} in {toc}")
     log(f"[vstain] profile '{profile}': {len(stages)} notebooks, run_dir {run_dir}, staged book {book_src}")
 
-    results: list[NotebookRun] = []
+    deps = schedule.dependencies([s.stem for s in stages], {s.stem: s.source for s in stages}, params)
+    # an added notebook's results never feed the extended profile's notebooks
+    deps = {stem: [d for d in ds if stem in added or d not in added] for stem, ds in deps.items()}
+    index = {s.stem: i for i, s in enumerate(stages, 1)}
+    done: dict[str, NotebookRun] = {}
     timings = runs / f"timings{suffix}.csv"
+
+    def head(stage: Stage) -> str:
+        return f"[{index[stage.stem]}/{len(stages)}] {stage.stem:<14}"
+
+    def plan(stage: Stage) -> str | None:
+        """Skip ``stage`` (recorded in ``done``) and return None, or return its inputs' digest."""
+        executed = book_src / f"{stage.toc_file}.ipynb"
+        record_path = records / f"{stage.stem}.json"
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}
+        upstream = {d: runs / d / rundir.MANIFEST for d in deps[stage.stem]}
+        digest = inputs_hash(stage, params[stage.stem], upstream)
+        manifest = runs / stage.stem / rundir.MANIFEST
+        unchanged = (record.get("inputs") == digest and record.get("manifest") == _sha(manifest)
+                     and manifest.exists() and executed.exists())
+        if (only and stage.stem not in only) or (unchanged and not force):
+            why = "not selected" if only and stage.stem not in only else "unchanged"
+            log(f"{head(stage)} skipped ({why}; last run {record.get('wall_s', float('nan')):.1f} s)")
+            done[stage.stem] = NotebookRun(stage.stem, "skipped", 0.0, record.get("wall_s"))
+            if not executed.exists():  # never run: the book shows the stored notebook
+                executed.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(stage.source, executed)
+            return None
+        return digest
+
+    def finished(stage: Stage, digest: str, t0: float, error: str | None) -> NotebookFailed | None:
+        """Record a notebook that ended; the failure, if it failed."""
+        wall = time.time() - t0
+        executed = book_src / f"{stage.toc_file}.ipynb"
+        manifest = runs / stage.stem / rundir.MANIFEST
+        if error is None and not manifest.exists():
+            error = f"finished but wrote no {manifest} (rundir.finish)"
+        if error is not None:
+            done[stage.stem] = NotebookRun(stage.stem, "failed", wall, None)
+            log(f"{head(stage)} FAILED after {wall:.1f} s: {error}")
+            return NotebookFailed(stage.stem, executed, error)
+        record = {"inputs": digest, "manifest": _sha(manifest), "wall_s": round(wall, 2),
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "params": params[stage.stem]}
+        (records / f"{stage.stem}.json").write_text(json.dumps(record, indent=2, default=str))
+        done[stage.stem] = NotebookRun(stage.stem, "ran", wall, wall)
+        log(f"{head(stage)} ran in {wall:.1f} s")
+        return None
+
+    cores = os.cpu_count() or 1
+    chosen = jobs == 1 or "OMP_NUM_THREADS" in os.environ  # torch's default, or the user's threads
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) if jobs > 1 else None
+    pending, running = list(stages), {}
+    failure: NotebookFailed | None = None
     try:
-        for i, stage in enumerate(stages, 1):
-            executed = book_src / f"{stage.toc_file}.ipynb"
-            record_path = records / f"{stage.stem}.json"
-            record = json.loads(record_path.read_text()) if record_path.exists() else {}
-            # an added notebook's results never feed the extended profile's notebooks
-            upstream = {s.stem: runs / s.stem / rundir.MANIFEST for s in stages[: i - 1]
-                        if stage.stem in added or s.stem not in added}
-            digest = inputs_hash(stage, params[stage.stem], upstream)
-            manifest = runs / stage.stem / rundir.MANIFEST
-            head = f"[{i}/{len(stages)}] {stage.stem:<14}"
-            unchanged = (
-                record.get("inputs") == digest
-                and record.get("manifest") == _sha(manifest)
-                and manifest.exists()
-                and executed.exists()
-            )
-            if (only and stage.stem not in only) or (unchanged and not force):
-                why = "not selected" if only and stage.stem not in only else "unchanged"
-                log(f"{head} skipped ({why}; last run {record.get('wall_s', float('nan')):.1f} s)")
-                results.append(NotebookRun(stage.stem, "skipped", 0.0, record.get("wall_s")))
-                if not executed.exists():  # never run: the book shows the stored notebook
-                    executed.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(stage.source, executed)
-                continue
-            log(f"{head} running ...")
-            record_path.unlink(missing_ok=True)
-            t0 = time.time()
-            try:
-                execute(stage, params[stage.stem], executed, cwd=root, progress=progress)
-            except NotebookFailed:
-                results.append(NotebookRun(stage.stem, "failed", time.time() - t0, None))
-                raise
-            except Exception as exc:  # kernel died, timeout, bad parameters: same treatment
-                results.append(NotebookRun(stage.stem, "failed", time.time() - t0, None))
-                raise NotebookFailed(stage.stem, executed, f"{type(exc).__name__}: {exc}") from exc
-            wall = time.time() - t0
-            if not manifest.exists():
-                results.append(NotebookRun(stage.stem, "failed", wall, None))
-                raise NotebookFailed(stage.stem, executed, f"finished but wrote no {manifest} (rundir.finish)")
-            record = {"inputs": digest, "manifest": _sha(manifest), "wall_s": round(wall, 2),
-                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "params": params[stage.stem]}
-            record_path.write_text(json.dumps(record, indent=2, default=str))
-            results.append(NotebookRun(stage.stem, "ran", wall, wall))
-            log(f"{head} ran in {wall:.1f} s")
+        while pending or running:
+            # start notebooks whose upstream stages are done, in the book's order, while threads are free
+            while failure is None:
+                ready = [s for s in pending if all(d in done for d in deps[s.stem])]
+                digests = {s.stem: plan(s) for s in ready}  # an unchanged notebook is skipped at once
+                pending = [s for s in pending if s.stem not in done]
+                ready = [s for s in ready if digests[s.stem] is not None]
+                if not ready:
+                    if any(digests[s] is None for s in digests):
+                        continue  # skips may have made more notebooks ready
+                    break
+                threads = 0 if chosen and len(running) < jobs else None if chosen else threads_for_next(
+                    jobs, cores, [t for *_, t in running.values()], len(ready))
+                if threads is None:
+                    break
+                stage = ready[0]
+                pending.remove(stage)
+                log(f"{head(stage)} running ...")
+                (records / f"{stage.stem}.json").unlink(missing_ok=True)
+                args = (stage, params[stage.stem], book_src / f"{stage.toc_file}.ipynb", root, progress,
+                        kernel_environment(threads))
+                running[submit(pool, args)] = (stage, digests[stage.stem], time.time(), threads)
+            if not running:
+                break  # a failure stopped new starts, or nothing is left that can start
+            ended, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in ended:
+                stage, digest, t0, _ = running.pop(future)
+                failure = failure or finished(stage, digest, t0, future.result())
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        results = [done[s.stem] for s in stages if s.stem in done]
         _write_timings(timings, results, None)
+    if failure is not None:
+        raise failure
 
     html = None
     if build:
@@ -349,11 +315,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated notebook stems to run (others are kept as they are)")
     ap.add_argument("--force", action="store_true", help="rerun notebooks even when nothing changed")
     ap.add_argument("--no-build", action="store_true", help="run the notebooks, skip the HTML")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="notebooks run at once when the stages they read are done (default 1: one after another)")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error(f"--jobs {args.jobs}: at least one notebook must run at a time")
     try:
         run(args.profile, root=args.root, run_dir=args.run_dir, toc=args.toc, output=args.output, force=args.force,
-            build=not args.no_build, only=args.only.split(",") if args.only else None, progress=sys.stderr.isatty())
-    except (ProfileError, FileNotFoundError) as exc:
+            build=not args.no_build, only=args.only.split(",") if args.only else None, progress=sys.stderr.isatty() and args.jobs == 1,
+            jobs=args.jobs)
+    except (ProfileError, FileNotFoundError, schedule.DependencyError) as exc:
         print(f"[vstain] ERROR: {exc}", file=sys.stderr)
         return EXIT_PROFILE
     except NotebookFailed as exc:

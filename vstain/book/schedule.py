@@ -1,0 +1,134 @@
+"""Which notebooks of the book wait for which, so that independent ones can run side by side.
+
+A notebook reads an upstream stage only through ``rundir.require(run_dir, <stage>)`` or
+``rundir.optional(run_dir, <stage>)`` (the run-directory convention). Its dependencies are read
+from its code cells with :mod:`ast`:
+
+- a stage named by a string literal in such a call;
+- when a call names its stage through a variable (``rundir.require(run_dir, model_stage)``, or a
+  loop over ``model_stages.items()``), every stage that the notebook's resolved parameters name
+  (strings anywhere in their values: ``"04_unet"``, ``{"U-Net": "04_unet", ...}``);
+- a notebook that names no stage at all waits for every stage before it in the book's order (the
+  safe reading of a notebook that does not follow the convention).
+
+An optional stage is waited for like a required one when the book has it, so a notebook sees the
+same upstream folders however the runs are interleaved.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+READERS = ("require", "optional")  # the rundir calls by which a notebook reads an upstream stage
+_MAGIC = re.compile(r"^(\s*)%{1,2}\w+\s*")  # an IPython magic: the code after it is still read
+_SHELL = re.compile(r"^\s*!")  # a shell line: nothing for Python to read
+
+
+def _python(source: str) -> str:
+    """A cell's source as plain Python: magics stripped to the code they run, shell lines dropped."""
+    return "\n".join(_MAGIC.sub(r"\1", line) for line in source.splitlines() if not _SHELL.match(line))
+
+
+class DependencyError(ValueError):
+    """Notebooks that wait for each other in a circle."""
+
+
+def stage_calls(notebook: Path) -> tuple[set[str], bool]:
+    """The stages ``notebook`` names by string literal in ``rundir.require``/``rundir.optional``,
+    and whether some such call names its stage through a variable instead."""
+    literal: set[str] = set()
+    dynamic = False
+    for cell in json.loads(Path(notebook).read_text())["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+        try:
+            tree = ast.parse(_python(source))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in READERS and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "rundir" and len(node.args) >= 2):
+                continue
+            arg = node.args[1]
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                literal.add(arg.value)
+            else:
+                dynamic = True
+    return literal, dynamic
+
+
+def parameter_defaults(notebook: Path) -> dict[str, Any]:
+    """The literal values that ``notebook``'s ``parameters`` cell assigns (names bound to anything
+    but a literal are left out)."""
+    for cell in json.loads(Path(notebook).read_text())["cells"]:
+        if cell["cell_type"] == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
+            source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+            out = {}
+            for node in ast.parse(source).body:
+                if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+                    try:
+                        value = ast.literal_eval(node.value)
+                    except ValueError:
+                        continue
+                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                    out.update({t.id: value for t in targets if isinstance(t, ast.Name)})
+            return out
+    return {}
+
+
+def _strings(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple, set)):
+        for v in value:
+            yield from _strings(v)
+
+
+def dependencies(stems: Sequence[str], sources: Mapping[str, Path],
+                 params: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Stem -> the stems it waits for (see the module docstring), for the stages ``stems`` in the
+    book's order; ``params``: what the pipeline injects into each (laid over the notebook's own
+    defaults). A name that is not one of ``stems`` (a stage of another profile) is left out.
+
+    Raises:
+        DependencyError: two or more notebooks wait for each other.
+    """
+    known = set(stems)
+    deps: dict[str, list[str]] = {}
+    for i, stem in enumerate(stems):
+        literal, dynamic = stage_calls(sources[stem])
+        named = set(literal)
+        if dynamic:
+            values = {**parameter_defaults(sources[stem]), **params.get(stem, {})}
+            named |= {s for s in _strings(values) if s in known}
+        if not literal and not dynamic:
+            named = set(stems[:i])
+        deps[stem] = sorted((named & known) - {stem}, key=stems.index)
+    _check_acyclic(stems, deps)
+    return deps
+
+
+def _check_acyclic(stems: Sequence[str], deps: Mapping[str, list[str]]) -> None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(stem: str, path: list[str]) -> None:
+        if state.get(stem) == 2:
+            return
+        if state.get(stem) == 1:
+            cycle = path[path.index(stem):] + [stem]
+            raise DependencyError(f"notebooks wait for each other: {' -> '.join(cycle)}")
+        state[stem] = 1
+        for d in deps[stem]:
+            visit(d, [*path, stem])
+        state[stem] = 2
+
+    for stem in stems:
+        visit(stem, [])
