@@ -4,10 +4,10 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PROFILE ?= book
-# Notebooks the pipeline runs at once (its --jobs): with 2, a notebook starts as soon as the stages it
-# reads are done, two side by side get one core each and a notebook alone gets both. The quick
-# book took 193 s this way against 230 s one after another (2 cores); 1 keeps the order of the toc.
-JOBS ?= 1
+# Notebooks the pipeline runs at once (its --jobs; empty: the profile's `jobs:`, 2 for quick, else 1).
+# With 2, a notebook starts as soon as the stages it reads are done, two side by side get one core
+# each and a notebook alone gets both; a long training that outlives its neighbour keeps its one core.
+JOBS ?=
 STAMP := $(VENV)/.installed
 # Python writes a module's bytecode on its first import and every later process reuses it (pip
 # installs without compiling, below). Where the environment sets PYTHONDONTWRITEBYTECODE, every
@@ -62,13 +62,13 @@ test: $(STAMP) $(CHROMIUM) $(MATHJAX)
 # Run the notebooks of PROFILE (quick, book, full) with papermill, skipping the unchanged ones, and
 # build the HTML into book/_build/html.
 book: $(STAMP) $(MATHJAX)
-	$(PY) -m vstain.book.pipeline --profile $(PROFILE) --output book --jobs $(JOBS)
+	$(PY) -m vstain.book.pipeline --profile $(PROFILE) --output book $(if $(JOBS),--jobs $(JOBS))
 
 # The study's longer experiments (profiles/study.yaml extends the book profile: the seed spread, the
 # adversarial-weight sweep, the ablation). Runs in runs/book, reusing every unchanged notebook of
 # `make book`, and builds its own HTML into runs/book/study/_build/html.
 study: $(STAMP) $(MATHJAX)
-	$(PY) -m vstain.book.pipeline --profile study --jobs $(JOBS)
+	$(PY) -m vstain.book.pipeline --profile study $(if $(JOBS),--jobs $(JOBS))
 
 # The full profile's method settings (widths 64, RMSprop 5e-5, a WGAN-GP from scratch, bf16-mixed,
 # ResNet-18) on a tiny simulated registry, two steps per stage: profiles/smoke-full.yaml lays only

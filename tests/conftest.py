@@ -146,9 +146,9 @@ class Background:
         Path(self.log.name).unlink(missing_ok=True)
 
 
-def pipeline_in_background(profile: str, threads: int | None = None, jobs: int = 1,
-                           first: str | None = None) -> Background:
-    """``python -m vstain.book.pipeline --profile <profile> --jobs <jobs>`` from an empty
+def pipeline_in_background(profile: str, threads: int | None = None, first: str | None = None) -> Background:
+    """``python -m vstain.book.pipeline --profile <profile>`` (as many notebooks at once as the
+    profile's ``jobs``) from an empty
     ``.test-runs/<profile>`` (so 04/05 train rather than resume a finished checkpoint and 03 trains
     its Noise2Void models), its HTML included. ``first``: a profile that extends it, run before it in
     the same run directory, so that the notebooks of both are scheduled together (``profile``'s run
@@ -156,8 +156,7 @@ def pipeline_in_background(profile: str, threads: int | None = None, jobs: int =
     process it starts (default: torch's)."""
     shutil.rmtree(TEST_RUNS / profile, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
-    commands = [[sys.executable, "-m", "vstain.book.pipeline", "--profile", p, "--jobs", str(jobs)]
-                for p in (first, profile) if p]
+    commands = [[sys.executable, "-m", "vstain.book.pipeline", "--profile", p] for p in (first, profile) if p]
     return Background(["sh", "-c", " && ".join(shlex.join(c) for c in commands)], ROOT, env)
 
 

@@ -96,9 +96,10 @@ def test_results_check_needs_table_confusion_matrices_viewer_and_collapsed_code(
 
 def start_quick_book() -> Background:
     """The quick book and the study's notebooks on it (quick-study) from an empty ``.test-runs/quick``
-    (the tests' runs/), as one schedule of two notebooks at a time, one CPU thread each (it shares the
-    two cores with smoke-full and the unit tests), then the quick book's own HTML."""
-    return pipeline_in_background("quick", threads=1, jobs=2, first="quick-study")
+    (the tests' runs/), as one schedule of two notebooks at a time (the quick profile's ``jobs``), one
+    CPU thread each (it shares the two cores with smoke-full and the unit tests), then the quick
+    book's own HTML."""
+    return pipeline_in_background("quick", threads=1, first="quick-study")
 
 
 def _statuses(timings) -> dict[str, str]:

@@ -212,8 +212,8 @@ from vstain.book import rundir
 out = rundir.stage_dir(run_dir, "{stem}")
 t0 = time.time()
 time.sleep(pause)
-assert not fail, "{stem} was asked to fail"
 (out / "span.json").write_text(json.dumps([t0, time.time()]))
+assert not fail, "{stem} was asked to fail"
 (out / "manifest.json").write_text(json.dumps({{"stage": "{stem}", "t": time.time()}}))
 """
 
@@ -267,22 +267,35 @@ def test_the_project_notebooks_wait_for_what_they_read(tmp_path):
     assert "04c_unet_seed" in deps["07c_adversarial_sweep"] and "04_unet" in deps["03b_ablation"]
 
 
-def test_independent_notebooks_run_side_by_side_and_skip_as_before(tiny_book):
+def test_independent_notebooks_run_side_by_side_and_a_failure_stops_only_what_follows(tiny_book):
     _reading_book(tiny_book, {"02_b": 'rundir.require(run_dir, "01_a")', "03_c": 'rundir.require(run_dir, "01_a")'})
-    tiny_book["profile"].write_text("all:\n  pause: 4.0  # long enough to overlap a kernel start\n")
-    result = _run(tiny_book, jobs=2)
-    assert [r.status for r in result.stages] == ["ran"] * 3
-    span = {s: read_json(tiny_book["run_dir"] / s / "span.json") for s in tiny_book["stems"]}
-    assert span["01_a"][1] < min(span["02_b"][0], span["03_c"][0])  # both waited for 01_a
-    assert span["02_b"][0] < span["03_c"][1] and span["03_c"][0] < span["02_b"][1]  # and overlapped
-    assert [r.status for r in _run(tiny_book, jobs=2).stages] == ["skipped"] * 3
-
-    # 02_b fails: 03_c, already running beside it, finishes; the failure is raised and recorded
-    tiny_book["profile"].write_text("all:\n  pause: 2.0  # shorter\n02_b:\n  fail: true  # on purpose\n")
+    # 02_b fails: 03_c, running beside it, finishes; the failure is raised and recorded
+    tiny_book["profile"].write_text("all:\n  pause: 3.0  # long enough to overlap a kernel start\n"
+                                    "02_b:\n  fail: true  # on purpose\n")
     with pytest.raises(NotebookFailed, match="02_b was asked to fail"):
         _run(tiny_book, jobs=2)
     with open(tiny_book["run_dir"] / "timings.csv") as f:
         assert {r["stage"]: r["status"] for r in csv.DictReader(f)} == {"01_a": "ran", "02_b": "failed", "03_c": "ran"}
+    span = {s: read_json(tiny_book["run_dir"] / s / "span.json") for s in tiny_book["stems"]}
+    assert span["01_a"][1] < min(span["02_b"][0], span["03_c"][0])  # both waited for 01_a
+    assert span["02_b"][0] < span["03_c"][1] and span["03_c"][0] < span["02_b"][1]  # and overlapped
+
+    # fixed, the run resumes at 02_b alone: 03_c reads only 01_a, which did not change
+    tiny_book["profile"].write_text("all:\n  pause: 3.0  # as before\n")
+    assert [r.status for r in _run(tiny_book, jobs=2).stages] == ["skipped", "ran", "skipped"]
+
+
+@pytest.mark.parametrize("jobs", ["0", "two", "true", "1.5"])
+def test_jobs_of_a_profile_is_a_whole_number_of_at_least_one(tiny_book, jobs):
+    tiny_book["profile"].write_text(f"jobs: {jobs}  # notebooks at once\n")
+    with pytest.raises(ProfileError, match="profile 'p'.*'jobs' must be a whole number"):
+        _run(tiny_book)
+
+
+def test_jobs_carry_to_the_profiles_built_on_one():
+    load = lambda name: pipeline.load_profile(ROOT / "profiles" / f"{name}.yaml")  # noqa: E731
+    assert load("quick").jobs == 2 and load("quick-study").jobs == 2  # extends quick
+    assert load("book").jobs == 1 and load("study").jobs == 1 and load("smoke-full").jobs == load("full").jobs
 
 
 def test_a_notebook_alone_gets_every_core_and_two_side_by_side_half_each():

@@ -150,7 +150,7 @@ def run(
     force: bool = False,
     build: bool = True,
     progress: bool = False,
-    jobs: int = 1,
+    jobs: int | None = None,
     log: Callable[[str], None] = print,
 ) -> Result:
     """Run the book for one profile (see the module docstring).
@@ -167,20 +167,23 @@ def run(
         only: run only these stems (the others are still validated and, if executed before, kept).
         force: rerun even when nothing changed.
         build: build the HTML after the notebooks.
-        progress: show papermill's per-cell progress bar.
-        jobs: notebooks run at once, each in its own process, as soon as the stages they read have
-            finished (:mod:`vstain.book.schedule`); with more than one, a notebook alone gets every
-            core and notebooks side by side an equal share (:func:`~vstain.book.kernel.threads_for_next`),
-            unless ``OMP_NUM_THREADS`` is set (then every kernel inherits it).
+        progress: show papermill's per-cell progress bar (one notebook at a time only).
+        jobs: notebooks run at once (default: the profile's ``jobs``), each in its own process as
+            soon as the stages it reads have finished (:mod:`vstain.book.schedule`); with more than
+            one, a notebook alone gets every core and notebooks side by side an equal share
+            (:func:`~vstain.book.kernel.threads_for_next`), unless ``OMP_NUM_THREADS`` is set (then
+            every kernel inherits it).
 
     Raises:
         ProfileError, NotebookFailed, BuildFailed, FileNotFoundError, DependencyError.
     """
-    if jobs < 1:
-        raise ValueError(f"jobs={jobs}: at least one notebook must run at a time")
     root = Path(root or rundir.repo_root()).resolve()
     profile_path = Path(profile_path or root / "profiles" / f"{profile}.yaml")
     prof = load_profile(profile_path)
+    jobs = jobs or prof.jobs
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs}: at least one notebook must run at a time")
+    progress = progress and jobs == 1  # papermill's per-cell bars of two notebooks would interleave
     toc = Path(toc or root / "_toc.yml")
     run_dir = run_dir or f"runs/{prof.extends or profile}"
     runs = rundir.resolve(run_dir, root)
@@ -315,14 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated notebook stems to run (others are kept as they are)")
     ap.add_argument("--force", action="store_true", help="rerun notebooks even when nothing changed")
     ap.add_argument("--no-build", action="store_true", help="run the notebooks, skip the HTML")
-    ap.add_argument("--jobs", type=int, default=1,
-                    help="notebooks run at once when the stages they read are done (default 1: one after another)")
+    ap.add_argument("--jobs", type=int,
+                    help="notebooks run at once when the stages they read are done (default: the profile's jobs, else 1)")
     args = ap.parse_args(argv)
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         ap.error(f"--jobs {args.jobs}: at least one notebook must run at a time")
     try:
         run(args.profile, root=args.root, run_dir=args.run_dir, toc=args.toc, output=args.output, force=args.force,
-            build=not args.no_build, only=args.only.split(",") if args.only else None, progress=sys.stderr.isatty() and args.jobs == 1,
+            build=not args.no_build, only=args.only.split(",") if args.only else None, progress=sys.stderr.isatty(),
             jobs=args.jobs)
     except (ProfileError, FileNotFoundError, schedule.DependencyError) as exc:
         print(f"[vstain] ERROR: {exc}", file=sys.stderr)

@@ -22,7 +22,10 @@ A profile may instead ``extend`` another with more notebooks (``study`` extends 
     03b_ablation:
       steps: 300                                   # reason
 
-It runs in the extended profile's run directory with every one of its values, so after ``make book``
+A top-level ``jobs: N`` says how many notebooks the pipeline runs at once (:mod:`vstain.book.pipeline`);
+a profile built on another takes its value unless it sets its own.
+
+An extending profile runs in the extended profile's run directory with every one of its values, so after ``make book``
 the extended notebooks are reused as they are and only the added ones run; it may set values for the
 added notebooks only (anything else would rerun the extended book with other settings).
 
@@ -77,11 +80,19 @@ class Profile:
     extends: str | None = None  # the profile this one adds notebooks to (same run directory)
     part: str = ""  # caption of the added notebooks in the book's table of contents
     notebooks: tuple[str, ...] = ()  # toc entries of the added notebooks, e.g. "notebooks/03b_ablation"
+    jobs: int = 1  # notebooks the pipeline runs at once (its --jobs), from ``jobs:`` or the profile it builds on
 
 
-def _read_sections(path: Path) -> tuple[str | None, dict[str, dict[str, Any]]]:
-    """``(base, {section: values})`` of one profile file, ``all`` included (and, when it extends
-    another, the ``extends``/``part``/``notebooks`` entries as they are)."""
+def _read_jobs(name: str, path: Path, data: dict[str, Any]) -> int | None:
+    jobs = data.pop("jobs", None)
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ProfileError(f"profile '{name}' ({path}): 'jobs' must be a whole number of at least 1, got {jobs!r}")
+    return jobs
+
+
+def _read_sections(path: Path) -> tuple[str | None, int | None, dict[str, dict[str, Any]]]:
+    """``(base, jobs, {section: values})`` of one profile file, ``all`` included (and, when it
+    extends another, the ``extends``/``part``/``notebooks`` entries as they are)."""
     name = path.stem
     if not path.exists():
         avail = sorted(p.stem for p in path.parent.glob("*.yaml"))
@@ -89,7 +100,7 @@ def _read_sections(path: Path) -> tuple[str | None, dict[str, dict[str, Any]]]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ProfileError(f"profile '{name}' ({path}): expected a mapping of sections, got {type(data).__name__}")
-    base = data.pop("base", None)
+    base, jobs = data.pop("base", None), _read_jobs(name, path, data)
     if base is not None and not isinstance(base, str):
         raise ProfileError(f"profile '{name}' ({path}): 'base' must name a profile, got {base!r}")
     sections = {}
@@ -101,7 +112,7 @@ def _read_sections(path: Path) -> tuple[str | None, dict[str, dict[str, Any]]]:
         if not isinstance(values, dict):
             raise ProfileError(f"profile '{name}' ({path}): section '{section}' must be a mapping of key: value")
         sections[str(section)] = dict(values)
-    return base, sections
+    return base, jobs, sections
 
 
 def check_scale_only(name: str, path: Path, base: str, sections: dict[str, dict[str, Any]]) -> None:
@@ -136,13 +147,13 @@ def load_profile(path: Path, _seen: tuple[Path, ...] = ()) -> Profile:
     path = Path(path)
     if path.resolve() in _seen:
         raise ProfileError(f"profile '{path.stem}' ({path}): its base chain comes back to itself")
-    base_name, own = _read_sections(path)
+    base_name, jobs, own = _read_sections(path)
     if "extends" in own:
-        return _load_extending(path, base_name, own, _seen)
+        return _load_extending(path, base_name, jobs, own, _seen)
     if any(k in own for k in EXTENDS_KEYS):
         raise ProfileError(f"profile '{path.stem}' ({path}): 'part' and 'notebooks' need 'extends: <profile>'")
     if base_name is None:
-        return Profile(path.stem, path, own.pop("all", {}), own)
+        return Profile(path.stem, path, own.pop("all", {}), own, jobs=jobs or 1)
     check_scale_only(path.stem, path, base_name, own)
     base = load_profile(path.parent / f"{base_name}.yaml", (*_seen, path.resolve()))
     common = {**base.common, **own.get("all", {})}
@@ -152,10 +163,11 @@ def load_profile(path: Path, _seen: tuple[Path, ...] = ()) -> Profile:
             continue
         values = {k: v for k, v in base.sections.get(stem, {}).items() if k not in own.get("all", {})}
         sections[stem] = {**values, **own.get(stem, {})}
-    return Profile(path.stem, path, common, sections, base_name)
+    return Profile(path.stem, path, common, sections, base_name, jobs=jobs or base.jobs)
 
 
-def _load_extending(path: Path, base_name: str | None, own: dict[str, Any], seen: tuple[Path, ...]) -> Profile:
+def _load_extending(path: Path, base_name: str | None, jobs: int | None, own: dict[str, Any],
+                    seen: tuple[Path, ...]) -> Profile:
     """A profile that adds notebooks to the one it ``extends`` (see the module docstring).
 
     Raises:
@@ -177,7 +189,8 @@ def _load_extending(path: Path, base_name: str | None, own: dict[str, Any], seen
                                f"({', '.join(sorted(added))}); the notebooks of '{extends}' keep its values")
     parent = load_profile(path.parent / f"{extends}.yaml", (*seen, path.resolve()))
     return Profile(name, path, dict(parent.common), {**parent.sections, **own}, parent.base,
-                   extends=parent.extends or extends, part=str(part), notebooks=(*parent.notebooks, *notebooks))
+                   extends=parent.extends or extends, part=str(part), notebooks=(*parent.notebooks, *notebooks),
+                   jobs=jobs or parent.jobs)
 
 
 def declared_parameters(notebook: Path) -> dict[str, str]:
