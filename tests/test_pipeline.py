@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -241,6 +242,20 @@ def test_a_notebook_waits_for_the_stages_it_reads_and_no_other(tiny_book):
         "01_a": [], "02_b": ["01_a"], "03_c": ["01_a", "02_b"]}
     assert _deps(tiny_book, {"01_a": {}, "02_b": {}, "03_c": {"stage": {"x": "01_a", "y": "elsewhere"}}}) == {
         "01_a": [], "02_b": ["01_a"], "03_c": ["01_a"]}
+
+
+def test_a_run_recorded_before_dependencies_were_known_is_not_redone(tiny_book):
+    """Records once hashed the manifests of every stage before a notebook; such a record of an
+    unchanged run still counts as unchanged."""
+    _reading_book(tiny_book, {"02_b": 'rundir.require(run_dir, "01_a")', "03_c": 'rundir.require(run_dir, "01_a")'})
+    _run(tiny_book)
+    stages, record_path = _stages(tiny_book), tiny_book["run_dir"] / "pipeline" / "03_c.json"
+    params = {"run_dir": str(tiny_book["run_dir"])}
+    before = {s.stem: tiny_book["run_dir"] / s.stem / "manifest.json" for s in stages[:2]}
+    record = read_json(record_path)
+    assert record["inputs"] != pipeline.inputs_hash(stages[2], params, before)  # 03_c reads 01_a only
+    record_path.write_text(json.dumps({**record, "inputs": pipeline.inputs_hash(stages[2], params, before)}))
+    assert [r.status for r in _run(tiny_book).stages] == ["skipped"] * 3
 
 
 def test_a_notebook_that_names_no_stage_waits_for_every_stage_before_it(tiny_book):

@@ -221,9 +221,12 @@ def run(
         record = json.loads(record_path.read_text()) if record_path.exists() else {}
         upstream = {d: runs / d / rundir.MANIFEST for d in deps[stage.stem]}
         digest = inputs_hash(stage, params[stage.stem], upstream)
+        # a record written before the pipeline knew what each notebook reads hashed every stage before it
+        earlier = {s.stem: runs / s.stem / rundir.MANIFEST for s in stages[: index[stage.stem] - 1]
+                   if stage.stem in added or s.stem not in added}
         manifest = runs / stage.stem / rundir.MANIFEST
-        unchanged = (record.get("inputs") == digest and record.get("manifest") == _sha(manifest)
-                     and manifest.exists() and executed.exists())
+        unchanged = (record.get("inputs") in (digest, inputs_hash(stage, params[stage.stem], earlier))
+                     and record.get("manifest") == _sha(manifest) and manifest.exists() and executed.exists())
         if (only and stage.stem not in only) or (unchanged and not force):
             why = "not selected" if only and stage.stem not in only else "unchanged"
             log(f"{head(stage)} skipped ({why}; last run {record.get('wall_s', float('nan')):.1f} s)")
