@@ -286,9 +286,10 @@ def run(
             if not running:
                 break  # a failure stopped new starts, or nothing is left that can start
             ended, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in ended:
+            for future in sorted(ended, key=lambda f: index[running[f][0].stem]):  # in the book's order
                 stage, digest, t0, _ = running.pop(future)
-                failure = failure or finished(stage, digest, t0, future.result())
+                failed = finished(stage, digest, t0, future.result())  # recorded even after a failure
+                failure = failure or failed
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
