@@ -267,10 +267,9 @@ def run(
                 ready = [s for s in pending if all(d in done for d in deps[s.stem])]
                 digests = {s.stem: plan(s) for s in ready}  # an unchanged notebook is skipped at once
                 pending = [s for s in pending if s.stem not in done]
-                ready = [s for s in ready if digests[s.stem] is not None]
+                if any(d is None for d in digests.values()):
+                    continue  # skips may have made more notebooks ready: skip all there is first
                 if not ready:
-                    if any(digests[s] is None for s in digests):
-                        continue  # skips may have made more notebooks ready
                     break
                 threads = 0 if chosen and len(running) < jobs else None if chosen else threads_for_next(
                     jobs, cores, [t for *_, t in running.values()], len(ready))
