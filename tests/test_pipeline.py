@@ -220,6 +220,16 @@ assert not fail, "{stem} was asked to fail"
 """
 
 
+# Two notebooks that each wait (up to a minute) until the other has started: they overlap in time
+# whenever they run side by side, however loaded the machine.
+BARRIER = """\
+(rundir.resolve(run_dir) / "started_{me}").touch()
+deadline = time.time() + 60
+while not (rundir.resolve(run_dir) / "started_{other}").exists() and time.time() < deadline:
+    time.sleep(0.05)
+"""
+
+
 def _reading_book(book, reads: dict[str, str]):
     """Rewrite the tiny book's notebooks so that each reads the stages ``reads`` gives it (source lines)."""
     for stem in book["stems"]:
@@ -243,6 +253,16 @@ def test_a_notebook_waits_for_the_stages_it_reads_and_no_other(tiny_book):
         "01_a": [], "02_b": ["01_a"], "03_c": ["01_a", "02_b"]}
     assert _deps(tiny_book, {"01_a": {}, "02_b": {}, "03_c": {"stage": {"x": "01_a", "y": "elsewhere"}}}) == {
         "01_a": [], "02_b": ["01_a"], "03_c": ["01_a"]}
+    # a read that a false parameter switches off is no read; one that no parameter names waits for all
+    _reading_book(tiny_book, {"02_b": 'rundir.require(run_dir, "01_a")',
+                              "03_c": 'b = rundir.optional(run_dir, "02_b") if use_b else None\n'
+                                      'rundir.require(run_dir, "01_a")'})
+    assert _deps(tiny_book, {"01_a": {}, "02_b": {}, "03_c": {"use_b": False}})["03_c"] == ["01_a"]
+    assert _deps(tiny_book, {"01_a": {}, "02_b": {}, "03_c": {"use_b": True}})["03_c"] == ["01_a", "02_b"]
+    _reading_book(tiny_book, {"03_c": 'rundir.require(run_dir, [s for s in ("02_b",)][0])'})
+    assert _deps(tiny_book)["03_c"] == ["01_a", "02_b"]
+    _reading_book(tiny_book, {"03_c": 'rundir.require(run_dir, "01_a")\nif True'})  # a cell that does not parse
+    assert _deps(tiny_book)["03_c"] == ["01_a", "02_b"]
 
 
 def test_a_run_recorded_before_dependencies_were_known_is_not_redone(tiny_book):
@@ -279,16 +299,21 @@ def test_the_project_notebooks_wait_for_what_they_read(tmp_path):
     # every model stage of 07's model_stages, and 09's model_stage as the profile sets it
     assert {"04_unet", "05_wgan", "05b_wgan_from_unet", "05c_l1_control", "06_classifier"} <= set(deps["07_results"])
     assert deps["09_predict"] == ["03_denoising", "05_wgan"]
-    # an optional stage the book has is waited for, even one that sorts after the notebook
-    assert "04c_unet_seed" in deps["07c_adversarial_sweep"] and "04_unet" in deps["03b_ablation"]
+    # an optional stage the book has is waited for, even one that sorts after the notebook, unless a
+    # false parameter switches the read off (03b scores 04_unet only with include_book_unet)
+    assert "04c_unet_seed" in deps["07c_adversarial_sweep"] and "04_unet" not in deps["03b_ablation"]
+    with_unet = schedule.dependencies([s.stem for s in stages], {s.stem: s.source for s in stages},
+                                      {"03b_ablation": {"include_book_unet": True}})
+    assert "04_unet" in with_unet["03b_ablation"]
 
 
 def test_independent_notebooks_run_side_by_side_and_a_failure_stops_only_what_follows(tiny_book, monkeypatch):
     # the pipeline learns of 02_b and 03_c ending in one batch (as on a busy machine), failure first
     monkeypatch.setattr(pipeline, "wait", lambda fs, return_when: futures.wait(fs, return_when=futures.ALL_COMPLETED))
-    _reading_book(tiny_book, {"02_b": 'rundir.require(run_dir, "01_a")', "03_c": 'rundir.require(run_dir, "01_a")'})
+    _reading_book(tiny_book, {s: f'rundir.require(run_dir, "01_a")\n{BARRIER.format(me=s, other=o)}'
+                              for s, o in [("02_b", "03_c"), ("03_c", "02_b")]})
     # 02_b fails: 03_c, running beside it, finishes; the failure is raised and recorded
-    tiny_book["profile"].write_text("all:\n  pause: 3.0  # long enough to overlap a kernel start\n"
+    tiny_book["profile"].write_text("all:\n  pause: 1.0  # seconds of work after both started\n"
                                     "02_b:\n  fail: true  # on purpose\n")
     with pytest.raises(NotebookFailed, match="02_b was asked to fail"):
         _run(tiny_book, jobs=2)
@@ -299,7 +324,7 @@ def test_independent_notebooks_run_side_by_side_and_a_failure_stops_only_what_fo
     assert span["02_b"][0] < span["03_c"][1] and span["03_c"][0] < span["02_b"][1]  # and overlapped
 
     # fixed, the run resumes at 02_b alone: 03_c reads only 01_a, which did not change
-    tiny_book["profile"].write_text("all:\n  pause: 3.0  # as before\n")
+    tiny_book["profile"].write_text("all:\n  pause: 1.0  # as before\n")
     assert [r.status for r in _run(tiny_book, jobs=2).stages] == ["skipped", "ran", "skipped"]
 
 

@@ -102,9 +102,9 @@ def threads_for_next(jobs: int, cores: int, running: list[int], ready: int) -> i
     one included), or None when it must wait for one to end.
 
     A notebook alone (nothing running, nothing else ready) gets every core, as with one job;
-    otherwise each gets an equal share, ``cores // jobs``, so that two kernels never run more threads
-    than there are cores (torch's OpenMP threads spin while they wait for each other, and two
-    oversubscribed kernels each ran about 4x slower).
+    otherwise each gets an equal share, ``cores // jobs`` (at least one), so that kernels side by side
+    run no more threads than there are cores unless ``jobs`` exceeds them (torch's OpenMP threads
+    spin while they wait for each other: two oversubscribed kernels each ran about 4x slower).
     """
     if len(running) >= jobs:
         return None
@@ -120,10 +120,18 @@ def kernel_environment(threads: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
 
 
+_ADDED: dict[str, str] = {}  # what this process added to its environment for its last kernel
+
+
 def _execute_guarded(stage: Stage, params: dict[str, Any], executed: Path, cwd: Path, progress: bool,
                      env: dict[str, str]) -> str | None:
-    """:func:`execute` with ``env`` added for its kernel; what went wrong, or None."""
+    """:func:`execute` with ``env`` added for its kernel (in place of an earlier task's); what went
+    wrong, or None."""
+    for key in _ADDED.keys() - env.keys():
+        os.environ.pop(key, None)
     os.environ.update(env)
+    _ADDED.clear()
+    _ADDED.update(env)
     try:
         execute(stage, params, executed, cwd=cwd, progress=progress)
     except NotebookFailed as exc:

@@ -75,7 +75,7 @@ def extended_toc(toc: Path, caption: str, notebooks: Sequence[str], out: Path) -
 
 
 def stages_from_toc(toc: Path, root: Path) -> list[Stage]:
-    """The notebooks the toc names, in dependency order (sorted by stem: ``01_`` before ``02_``).
+    """The notebooks the toc names, in the book's order (sorted by stem: ``01_`` before ``02_``).
 
     Raises:
         FileNotFoundError: a toc entry that points at no file.
@@ -98,7 +98,7 @@ def _sha(path: Path) -> str | None:
 
 
 def inputs_hash(stage: Stage, params: dict[str, Any], upstream_manifests: dict[str, Path]) -> str:
-    """What decides a stage's result: its source, its parameters, the manifests before it."""
+    """What decides a stage's result: its source, its parameters, the manifests of the stages it reads."""
     key = {
         "notebook": _sha(stage.source),
         "params": params,
@@ -180,7 +180,7 @@ def run(
     root = Path(root or rundir.repo_root()).resolve()
     profile_path = Path(profile_path or root / "profiles" / f"{profile}.yaml")
     prof = load_profile(profile_path)
-    jobs = jobs or prof.jobs
+    jobs = prof.jobs if jobs is None else jobs
     if jobs < 1:
         raise ValueError(f"jobs={jobs}: at least one notebook must run at a time")
     progress = progress and jobs == 1  # papermill's per-cell bars of two notebooks would interleave
@@ -225,7 +225,8 @@ def run(
         earlier = {s.stem: runs / s.stem / rundir.MANIFEST for s in stages[: index[stage.stem] - 1]
                    if stage.stem in added or s.stem not in added}
         manifest = runs / stage.stem / rundir.MANIFEST
-        unchanged = (record.get("inputs") in (digest, inputs_hash(stage, params[stage.stem], earlier))
+        legacy = inputs_hash(stage, params[stage.stem], earlier) if set(deps[stage.stem]) <= set(earlier) else None
+        unchanged = (record.get("inputs") in (digest, legacy)
                      and record.get("manifest") == _sha(manifest) and manifest.exists() and executed.exists())
         if (only and stage.stem not in only) or (unchanged and not force):
             why = "not selected" if only and stage.stem not in only else "unchanged"
@@ -255,7 +256,7 @@ def run(
         log(f"{head(stage)} ran in {wall:.1f} s")
         return None
 
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     chosen = jobs == 1 or "OMP_NUM_THREADS" in os.environ  # torch's default, or the user's threads
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) if jobs > 1 else None
     pending, running = list(stages), {}
@@ -287,7 +288,11 @@ def run(
             ended, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in sorted(ended, key=lambda f: index[running[f][0].stem]):  # in the book's order
                 stage, digest, t0, _ = running.pop(future)
-                failed = finished(stage, digest, t0, future.result())  # recorded even after a failure
+                try:
+                    error = future.result()
+                except Exception as exc:  # the worker process itself died
+                    error = f"{type(exc).__name__}: {exc}"
+                failed = finished(stage, digest, t0, error)  # recorded even after a failure
                 failure = failure or failed
     finally:
         if pool is not None:

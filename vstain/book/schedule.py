@@ -8,8 +8,11 @@ from its code cells with :mod:`ast`:
 - when a call names its stage through a variable (``rundir.require(run_dir, model_stage)``, or a
   loop over ``model_stages.items()``), every stage that the notebook's resolved parameters name
   (strings anywhere in their values: ``"04_unet"``, ``{"U-Net": "04_unet", ...}``);
-- a notebook that names no stage at all waits for every stage before it in the book's order (the
-  safe reading of a notebook that does not follow the convention).
+- a notebook that names no stage at all, names its stage through a variable that no parameter
+  explains, or has a code cell that cannot be parsed waits for every stage before it in the book's
+  order (the safe reading of a notebook that does not follow the convention);
+- a read in the branch of an ``if`` whose test is a parameter set to false
+  (``rundir.optional(run_dir, "04_unet") if include_book_unet else None``) is no read.
 
 An optional stage is waited for like a required one when the book has it, so a notebook sees the
 same upstream folders however the runs are interleaved.
@@ -36,11 +39,26 @@ class DependencyError(ValueError):
     """Notebooks that wait for each other in a circle."""
 
 
-def stage_calls(notebook: Path) -> tuple[set[str], bool]:
+def _switched_off(node: ast.AST, parents: dict[ast.AST, ast.AST], values: Mapping[str, Any]) -> bool:
+    """Whether ``node`` sits in the taken-if-true branch of an ``if``/conditional expression whose
+    test is a parameter that is false (``rundir.optional(...) if include_book_unet else None``)."""
+    child, parent = node, parents.get(node)
+    while parent is not None:
+        if isinstance(parent, (ast.If, ast.IfExp)) and isinstance(parent.test, ast.Name) \
+                and parent.test.id in values and not values[parent.test.id]:
+            if child is parent.body or (isinstance(parent.body, list) and child in parent.body):
+                return True
+        child, parent = parent, parents.get(parent)
+    return False
+
+
+def stage_calls(notebook: Path, values: Mapping[str, Any] | None = None) -> tuple[set[str], bool, bool]:
     """The stages ``notebook`` names by string literal in ``rundir.require``/``rundir.optional``,
-    and whether some such call names its stage through a variable instead."""
+    whether some call names its stage through a variable instead, and whether a code cell cannot be
+    parsed (then what it reads cannot be told). A call switched off by a false parameter in
+    ``values`` (the notebook's resolved parameters) is no read."""
     literal: set[str] = set()
-    dynamic = False
+    dynamic = unparsed = False
     for cell in json.loads(Path(notebook).read_text())["cells"]:
         if cell["cell_type"] != "code":
             continue
@@ -48,18 +66,22 @@ def stage_calls(notebook: Path) -> tuple[set[str], bool]:
         try:
             tree = ast.parse(_python(source))
         except SyntaxError:
+            unparsed = True
             continue
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
         for node in ast.walk(tree):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and node.func.attr in READERS and isinstance(node.func.value, ast.Name)
                     and node.func.value.id == "rundir" and len(node.args) >= 2):
+                continue
+            if _switched_off(node, parents, values or {}):
                 continue
             arg = node.args[1]
             if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
                 literal.add(arg.value)
             else:
                 dynamic = True
-    return literal, dynamic
+    return literal, dynamic, unparsed
 
 
 def parameter_defaults(notebook: Path) -> dict[str, Any]:
@@ -73,7 +95,7 @@ def parameter_defaults(notebook: Path) -> dict[str, Any]:
                 if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
                     try:
                         value = ast.literal_eval(node.value)
-                    except ValueError:
+                    except (ValueError, TypeError, SyntaxError):
                         continue
                     targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                     out.update({t.id: value for t in targets if isinstance(t, ast.Name)})
@@ -104,13 +126,14 @@ def dependencies(stems: Sequence[str], sources: Mapping[str, Path],
     known = set(stems)
     deps: dict[str, list[str]] = {}
     for i, stem in enumerate(stems):
-        literal, dynamic = stage_calls(sources[stem])
-        named = set(literal)
+        values = {**parameter_defaults(sources[stem]), **params.get(stem, {})}
+        literal, dynamic, unparsed = stage_calls(sources[stem], values)
+        named = set(literal) & known
         if dynamic:
-            values = {**parameter_defaults(sources[stem]), **params.get(stem, {})}
-            named |= {s for s in _strings(values) if s in known}
-        if not literal and not dynamic:
-            named = set(stems[:i])
+            from_params = {s for s in _strings(values) if s in known} - {stem}
+            named |= from_params or set(stems[:i])  # a read that no parameter names: all before it
+        if unparsed or not (literal or dynamic):
+            named |= set(stems[:i])
         deps[stem] = sorted((named & known) - {stem}, key=stems.index)
     _check_acyclic(stems, deps)
     return deps
