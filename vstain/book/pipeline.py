@@ -272,8 +272,10 @@ def run(
                     continue  # skips may have made more notebooks ready: skip all there is first
                 if not ready:
                     break
-                threads = 0 if chosen and len(running) < jobs else None if chosen else threads_for_next(
-                    jobs, cores, [t for *_, t in running.values()], len(ready))
+                if chosen:
+                    threads = 0 if len(running) < jobs else None
+                else:
+                    threads = threads_for_next(jobs, cores, [t for *_, t in running.values()], len(ready))
                 if threads is None:
                     break
                 stage = ready[0]

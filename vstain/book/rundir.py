@@ -97,21 +97,37 @@ def _device() -> str:
     return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
+def _parameter_assignments(notebook: str | os.PathLike) -> list[tuple[str, ast.expr | None]]:
+    """``(name, value)`` of every assignment in the notebook's ``parameters`` cell, in order."""
+    for cell in json.loads(Path(notebook).read_text())["cells"]:
+        if cell["cell_type"] == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
+            source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+            out = []
+            for node in ast.parse(source).body:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                    node, ast.AnnAssign) else []
+                out += [(t.id, node.value) for t in targets if isinstance(t, ast.Name)]
+            return out
+    return []
+
+
 def declared_parameters(notebook: str | os.PathLike) -> list[str]:
     """The names that the notebook's ``parameters`` cell assigns, in order: the list
     ``papermill.inspect_notebook`` gives (a test checks every notebook), read with :mod:`ast` so a
     stage's kernel need not import papermill and nbformat (~1.4 s) to write its manifest."""
-    cells = json.loads(Path(notebook).read_text())["cells"]
-    for cell in cells:
-        if cell["cell_type"] == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
-            source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
-            names: list[str] = []
-            for node in ast.parse(source).body:
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
-                    node, ast.AnnAssign) else []
-                names += [t.id for t in targets if isinstance(t, ast.Name) and t.id not in names]
-            return names
-    return []
+    return list(dict.fromkeys(name for name, _ in _parameter_assignments(notebook)))
+
+
+def parameter_defaults(notebook: str | os.PathLike) -> dict[str, Any]:
+    """The literal values that the notebook's ``parameters`` cell assigns (a name bound to anything
+    but a literal is left out)."""
+    out = {}
+    for name, value in _parameter_assignments(notebook):
+        try:
+            out[name] = ast.literal_eval(value)
+        except (ValueError, TypeError, SyntaxError):
+            continue
+    return out
 
 
 def notebook_parameters(stage: str, namespace: Mapping[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from . import rundir
+
 READERS = ("require", "optional")  # the rundir calls by which a notebook reads an upstream stage
 _MAGIC = re.compile(r"^(\s*)%{1,2}\w+\s*")  # an IPython magic: the code after it is still read
 _SHELL = re.compile(r"^\s*!")  # a shell line: nothing for Python to read
@@ -84,25 +86,6 @@ def stage_calls(notebook: Path, values: Mapping[str, Any] | None = None) -> tupl
     return literal, dynamic, unparsed
 
 
-def parameter_defaults(notebook: Path) -> dict[str, Any]:
-    """The literal values that ``notebook``'s ``parameters`` cell assigns (names bound to anything
-    but a literal are left out)."""
-    for cell in json.loads(Path(notebook).read_text())["cells"]:
-        if cell["cell_type"] == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
-            source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
-            out = {}
-            for node in ast.parse(source).body:
-                if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
-                    try:
-                        value = ast.literal_eval(node.value)
-                    except (ValueError, TypeError, SyntaxError):
-                        continue
-                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                    out.update({t.id: value for t in targets if isinstance(t, ast.Name)})
-            return out
-    return {}
-
-
 def _strings(value: Any) -> Iterable[str]:
     if isinstance(value, str):
         yield value
@@ -126,7 +109,7 @@ def dependencies(stems: Sequence[str], sources: Mapping[str, Path],
     known = set(stems)
     deps: dict[str, list[str]] = {}
     for i, stem in enumerate(stems):
-        values = {**parameter_defaults(sources[stem]), **params.get(stem, {})}
+        values = {**rundir.parameter_defaults(sources[stem]), **params.get(stem, {})}
         literal, dynamic, unparsed = stage_calls(sources[stem], values)
         named = set(literal) & known
         if dynamic:
