@@ -51,9 +51,9 @@ $(MATHJAX): | $(STAMP)
 # The unit tests; the quick book and the study's notebooks on it (profile quick-study) run afresh into
 # .test-runs/quick, two notebooks at a time, and every page of the study's book opened in Chromium
 # (tests/test_book.py); `make smoke-full`'s pipeline (tests/test_smoke_full.py: the full profile's
-# method settings on tiny data); then every notebook with its quick defaults under nbval, except those the two pipelines
-# already ran at these defaults (tests/conftest.py). The pipelines start in the background when
-# collection ends and share the two cores with the unit tests. One pytest run: its summary line and
+# method settings on tiny data); then every notebook with its quick defaults under nbval, except those
+# the two pipelines already ran at these defaults (tests/conftest.py). The pipelines start in the
+# background when collection ends and share the two cores with the unit tests. One pytest run: its summary line and
 # exit status are make's; it ends with its 25 slowest tests (where the time goes).
 test: $(STAMP) $(CHROMIUM) $(MATHJAX)
 	$(PY) -m pytest -q tests notebooks --nbval-lax --durations=25
