@@ -19,13 +19,16 @@ export PYTHONDONTWRITEBYTECODE :=
 
 setup: $(STAMP)
 
-# requirements.lock is one tested resolution; --no-deps keeps pip from backtracking over
+# requirements.lock is one tested resolution; --no-deps keeps the installer from backtracking over
 # careamics' torch<2.14 pin (the torch 2.14.1 CUDA build runs on CPU here and on a GPU).
-# --no-compile: pip would byte-compile all ~17,000 modules (~45 s of CPU); Python compiles the few
-# thousand a run imports on first use and keeps them.
+# uv installs the lock: it fetches and unpacks the wheels in parallel (13 s on 2 cores from an empty
+# cache, against pip's 75 s for the same 231 pins). Neither byte-compiles: Python compiles the few
+# thousand modules a run imports on first use and keeps them.
+UV_VERSION := 0.13.10
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	set -o pipefail; $(PY) -m pip install -q --no-deps --no-compile -r requirements.lock 2>&1 | grep -v '^WARNING: Location' || test $${PIPESTATUS[0]} -eq 0
+	set -o pipefail; $(PY) -m pip install -q uv==$(UV_VERSION) 2>&1 | grep -v '^WARNING: Location' || test $${PIPESTATUS[0]} -eq 0
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -r requirements.lock
 	@# the project itself: a path entry, so no build backend has to be fetched
 	echo "$(CURDIR)" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/vstain.pth
 	touch $(STAMP)
