@@ -129,6 +129,9 @@ def peaks(tmp_path_factory):
     base = write_stage01(root / "base", n_per_structure=1, shape=FOV_SHAPE)
     cfg = classifier.ClassifierConfig(patch=(8, 16, 16), widen_factor=0.125, pool_per_class=16)
     out = {}
+    # built (and MONAI imported) before any measurement: an import under tracemalloc is slow, and
+    # its allocations would count in the first run's peak only
+    clf = classifier.build_classifier(cfg)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(denoise, "train_n2v", identity_n2v)
         for copies in (3, 6):
@@ -146,7 +149,7 @@ def peaks(tmp_path_factory):
             out["metrics", copies] = _peak(lambda: metrics.evaluate_predictions(d / "03", {"m": preds}, "train"))[0]
             out["training_pool", copies] = _peak(lambda: patches.training_pool(d / "03", cfg))[0]
             out["score_models", copies] = _peak(lambda: perceptual.score_models(
-                classifier.build_classifier(cfg), cfg, d / "03", {"m": preds}, "train"))[0]
+                clf, cfg, d / "03", {"m": preds}, "train"))[0]
             peak, (_, cut) = _peak(lambda: patches.scoring_patches(d / "03", "train", cfg, {"m": preds}))
             out["scoring_patches", copies] = peak - 2 * sum(p.nbytes for p in cut.values())  # FOVs' + joined
     return out
