@@ -78,6 +78,39 @@ def test_the_final_snapshot_reuses_the_stage_predictions(stage, tmp_path):  # no
                                                                 read_volume(out / "predictions" / first.name))
 
 
+@pytest.mark.slow
+def test_a_snapshot_another_curve_predicted_is_copied(stage, tmp_path, monkeypatch):  # noqa: F811
+    """Learning curves under another model name (07e's "WGAN-GP, equal time" is 07's "WGAN-GP")
+    copy the predictions another curve made from the same snapshot file, and predict again where
+    those are incomplete."""
+    from vstain.inference import infer
+    from vstain.studies import curves
+    from vstain.training.unet import run_unet_stage
+    from vstain.volumes import read_volume
+
+    out = tmp_path / "04_unet"
+    run_unet_stage(stage, out, tiny_cfg(max_steps=4, val_every=4, snapshots=2), splits=("test",), progress=False)
+    curves.snapshot_predictions(stage, {"U-Net": out}, tmp_path / "07", progress=False)
+    first = tmp_path / "07" / "u_net" / "step_000002" / "predictions"
+    predicted = []
+
+    def counted(*a, **k):
+        predicted.append(a)
+        return infer.write_predictions(*a, **k)
+
+    monkeypatch.setattr(curves, "write_predictions", counted)
+    table = curves.snapshot_predictions(stage, {"Renamed": out}, tmp_path / "07e", progress=False,
+                                        reuse_from=[tmp_path / "07"]).set_index("step")
+    assert predicted == [] and table["seconds"].isna().all()  # nothing predicted: copied, and the final reused
+    for f in sorted(first.glob("*.tif")):
+        assert np.array_equal(read_volume(tmp_path / "07e" / "renamed" / "step_000002" / "predictions" / f.name),
+                              read_volume(f))
+    # a folder missing one FOV is no source: that snapshot is predicted
+    sorted(first.glob("*.tif"))[0].unlink()
+    curves.snapshot_predictions(stage, {"Renamed": out}, tmp_path / "07f", progress=False, reuse_from=[tmp_path / "07"])
+    assert len(predicted) == 1
+
+
 def test_missing_snapshots_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="snapshots.csv"):
         read_snapshots(tmp_path)

@@ -48,17 +48,35 @@ def step_dir(out_dir, model: str, step: int) -> Path:
     return Path(out_dir) / slug / f"step_{int(step):06d}"
 
 
+def predicted_elsewhere(reuse_from, fov_ids) -> dict[str, Path]:
+    """Snapshot SHA-256 -> a ``predictions`` folder under ``reuse_from`` (the output folders of other
+    learning curves on the same run directory) that holds every FOV of ``fov_ids`` predicted from
+    that snapshot file (its ``snapshot.sha256``)."""
+    found = {}
+    for root in reuse_from:
+        for marker in sorted(Path(root).glob(f"*/step_*/{SOURCE_SHA}")):
+            preds = marker.parent / PREDICTIONS
+            if {p.stem for p in preds.glob("*.tif")} == set(fov_ids):
+                found.setdefault(marker.read_text().strip(), preds)
+    return found
+
+
 def snapshot_predictions(stage_in, stages: dict[str, Path], out_dir, split: str = "test", max_voxels=None,
-                         progress: bool = True) -> pd.DataFrame:
+                         progress: bool = True, reuse_from=()) -> pd.DataFrame:
     """Predict the FOVs of ``split`` from every snapshot of every model (``stages``: name -> stage
     folder with ``snapshots.csv``); a snapshot whose predictions are complete and were made from the
     same snapshot file (its SHA-256 in ``snapshot.sha256``) is skipped, so an interrupted run
-    resumes and a retrained stage is predicted again. Returns one row per snapshot: ``model, step,
-    wall_s`` (training time up to it), ``dir`` and ``seconds`` (the inference time of its FOVs; NaN when reused: a
-    resumed snapshot, or the final one, whose predictions are the stage's own, see :func:`reuse_final`)."""
+    resumes and a retrained stage is predicted again. A snapshot that another learning curve already
+    predicted from the same file (``reuse_from``: its output folders, :func:`predicted_elsewhere`)
+    is copied from there. Returns one row per snapshot: ``model, step, wall_s`` (training time up to
+    it), ``dir`` and ``seconds`` (the inference time of its FOVs; NaN when reused: a resumed or
+    copied snapshot, or the final one, whose predictions are the stage's own, see :func:`reuse_final`)."""
     out_dir = Path(out_dir)
     done = pd.read_csv(out_dir / SNAPSHOT_PREDICTIONS) if (out_dir / SNAPSHOT_PREDICTIONS).exists() else None
-    n_fovs = None
+    fovs = read_manifest(stage_in)
+    fov_ids = fovs.loc[fovs["split"] == split, "fov_id"].astype(str)
+    n_fovs = len(fov_ids)
+    elsewhere = predicted_elsewhere(reuse_from, fov_ids)
     rows = []
     metas = {m: read_model_json(d) for m, d in stages.items()}
     for m, meta in metas.items():
@@ -69,18 +87,19 @@ def snapshot_predictions(stage_in, stages: dict[str, Path], out_dir, split: str 
     for model, snap in tqdm(jobs, desc="snapshots", disable=not progress):
         folder, step = step_dir(out_dir, model, snap["step"]), int(snap["step"])
         meta = metas[model]
-        preds = folder / "predictions"
-        if n_fovs is None:
-            n_fovs = int((read_manifest(stage_in)["split"] == split).sum())
+        preds = folder / PREDICTIONS
         seconds = float("nan")
         sha, marker = sha256(snapshot_path(stages[model], step)), folder / SOURCE_SHA
         if not (preds.exists() and len(list(preds.glob("*.tif"))) == n_fovs and made_from(marker, sha)):
             shutil.rmtree(preds, ignore_errors=True)  # another snapshot's (a retrained stage) or cut short
-            gen = load_snapshot(stages[model], step, Generator(GeneratorConfig(**meta["generator"])))
-            if not reuse_final(stage_in, stages[model], meta, gen, folder, split, max_voxels):
-                t = time.perf_counter()
-                write_predictions(gen, stage_in, folder, splits=(split,), max_voxels=max_voxels)
-                seconds = time.perf_counter() - t
+            if sha in elsewhere and elsewhere[sha].resolve() != preds.resolve():
+                shutil.copytree(elsewhere[sha], preds)  # another curve predicted this very snapshot
+            else:
+                gen = load_snapshot(stages[model], step, Generator(GeneratorConfig(**meta["generator"])))
+                if not reuse_final(stage_in, stages[model], meta, gen, folder, split, max_voxels):
+                    t = time.perf_counter()
+                    write_predictions(gen, stage_in, folder, splits=(split,), max_voxels=max_voxels)
+                    seconds = time.perf_counter() - t
             mark_source(marker, sha)
         elif done is not None:
             prev = done[(done["model"] == model) & (done["step"] == step)]
@@ -350,12 +369,14 @@ class CurvesResult:
 
 def run_curves(stage_in, stages: dict[str, Path], clf, clf_cfg, out_dir, pairs: list[tuple[str, str]],
                split: str = "test", n_resamples: int = 999, confidence: float = 0.95, seed: int = 0,
-               max_voxels=None, device: str = "cpu", precision: str = "32-true", progress: bool = True) -> CurvesResult:
-    """The learning curves in one call: predict the test FOVs from every snapshot (resumable), score
-    them, write ``curves.csv``, ``trends.csv`` and ``convergence.csv`` into ``out_dir``, and decide
-    each pair's trend (``pairs``: ``(model_a, model_b)`` names of ``stages``)."""
+               max_voxels=None, device: str = "cpu", precision: str = "32-true", progress: bool = True,
+               reuse_from=()) -> CurvesResult:
+    """The learning curves in one call: predict the test FOVs from every snapshot (resumable; copied
+    where another curve's folder in ``reuse_from`` predicted the same snapshot file), score them,
+    write ``curves.csv``, ``trends.csv`` and ``convergence.csv`` into ``out_dir``, and decide each
+    pair's trend (``pairs``: ``(model_a, model_b)`` names of ``stages``)."""
     out_dir = Path(out_dir)
-    snaps = snapshot_predictions(stage_in, stages, out_dir, split, max_voxels, progress)
+    snaps = snapshot_predictions(stage_in, stages, out_dir, split, max_voxels, progress, reuse_from)
     scores = score_snapshots(stage_in, snaps, clf, clf_cfg, split, device, precision)
     table = curve_table(scores, snaps, n_resamples, confidence, seed)
     trends = pd.concat([pair_trends(scores, a, b, n_resamples, confidence, seed) for a, b in pairs], ignore_index=True)
