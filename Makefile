@@ -9,8 +9,8 @@ PROFILE ?= book
 # each and a notebook alone gets both; a long training that outlives its neighbour keeps its one core.
 JOBS ?=
 STAMP := $(VENV)/.installed
-# Python writes a module's bytecode on its first import and every later process reuses it (pip
-# installs without compiling, below). Where the environment sets PYTHONDONTWRITEBYTECODE, every
+# Python writes a module's bytecode on its first import and every later process reuses it (the
+# venv is installed without compiling, below). Where the environment sets PYTHONDONTWRITEBYTECODE, every
 # process would compile all it imports from source: on a fresh clone, torch and the training code
 # took 13.8 s to import each time instead of 5.4 s. Empty is "not set" to Python.
 export PYTHONDONTWRITEBYTECODE :=
@@ -28,7 +28,9 @@ UV_VERSION := 0.13.10
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	set -o pipefail; $(PY) -m pip install -q uv==$(UV_VERSION) 2>&1 | grep -v '^WARNING: Location' || test $${PIPESTATUS[0]} -eq 0
-	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -r requirements.lock
+	@# uv reads no pip configuration: where the wheels come only from pip's (a mirror, a wheelhouse), pip installs
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -r requirements.lock || \
+	  $(PY) -m pip install -q --no-deps --no-compile -r requirements.lock
 	@# the project itself: a path entry, so no build backend has to be fetched
 	echo "$(CURDIR)" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/vstain.pth
 	touch $(STAMP)
@@ -56,10 +58,12 @@ $(MATHJAX): | $(STAMP)
 # (tests/test_book.py); `make smoke-full`'s pipeline (tests/test_smoke_full.py: the full profile's
 # method settings on tiny data); then every notebook with its quick defaults under nbval, except those
 # the two pipelines already ran at these defaults (tests/conftest.py). The pipelines start in the
-# background when collection ends and share the two cores with the unit tests. One pytest run: its summary line and
-# exit status are make's; it ends with its 25 slowest tests (where the time goes).
+# background when collection ends and share the two cores with the unit tests, one CPU thread per
+# process (tests/conftest.py says why; an exported OMP_NUM_THREADS wins). One pytest run: its summary
+# line and exit status are make's; it ends with its 25 slowest tests (where the time goes).
 test: $(STAMP) $(CHROMIUM) $(MATHJAX)
-	$(PY) -m pytest -q tests notebooks --nbval-lax --durations=25
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1} OPENBLAS_NUM_THREADS=$${OPENBLAS_NUM_THREADS:-1} \
+	  $(PY) -m pytest -q tests notebooks --nbval-lax --durations=25
 
 # Run the notebooks of PROFILE (quick, book, full) with papermill, skipping the unchanged ones, and
 # build the HTML into book/_build/html.

@@ -15,8 +15,9 @@ from pathlib import Path
 # background pipelines, subprocesses): the unit tests and two pipelines share the cores, and libraries
 # that spread over all cores by default (torch's OpenMP, numpy's OpenBLAS) spin in their threads
 # while the other processes need the cycles. Measured on 2 cores, the whole run in place: 494 s of
-# pytest and 937 CPU-s with each library's default, 454 s and 864 CPU-s with one thread. Set before
-# the libraries load, which read it once.
+# pytest and 937 CPU-s with each library's default, 454 s and 864 CPU-s with one thread. A library
+# reads it once, when it loads: `make test` sets it before pytest starts (a pytest plugin may load
+# numpy before this file runs); here it covers a bare `pytest`, and an exported value wins.
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
@@ -161,7 +162,7 @@ def pipeline_in_background(profile: str, threads: int | None = None, first: str 
     its Noise2Void models), its HTML included. ``first``: a profile that extends it, run before it in
     the same run directory, so that the notebooks of both are scheduled together (``profile``'s run
     then finds every notebook done and builds its own HTML); ``threads``: CPU threads of every
-    process it starts (default: torch's)."""
+    process it starts (default: the test session's, one unless exported)."""
     shutil.rmtree(TEST_RUNS / profile, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
     commands = [[sys.executable, "-m", "vstain.book.pipeline", "--profile", p] for p in (first, profile) if p]

@@ -81,17 +81,25 @@ def test_the_final_snapshot_reuses_the_stage_predictions(stage, tmp_path):  # no
 @pytest.mark.slow
 def test_a_snapshot_another_curve_predicted_is_copied(stage, tmp_path, monkeypatch):  # noqa: F811
     """Learning curves under another model name (07e's "WGAN-GP, equal time" is 07's "WGAN-GP")
-    copy the predictions another curve made from the same snapshot file, and predict again where
-    those are incomplete."""
+    copy the predictions another curve made from the same snapshot file on the same processed set;
+    another snapshot file, another processed set or an incomplete folder is predicted again."""
+    import json
+    import shutil
+
     from vstain.inference import infer
     from vstain.studies import curves
     from vstain.training.unet import run_unet_stage
-    from vstain.volumes import read_volume
+    from vstain.volumes import read_volume, sha256
 
+    stage_in = tmp_path / "03_denoising"
+    shutil.copytree(stage, stage_in)
+    (stage_in / "manifest.json").write_text('{"stage": "03_denoising"}')
     out = tmp_path / "04_unet"
-    run_unet_stage(stage, out, tiny_cfg(max_steps=4, val_every=4, snapshots=2), splits=("test",), progress=False)
-    curves.snapshot_predictions(stage, {"U-Net": out}, tmp_path / "07", progress=False)
-    first = tmp_path / "07" / "u_net" / "step_000002" / "predictions"
+    run_unet_stage(stage_in, out, tiny_cfg(max_steps=4, val_every=4, snapshots=2), splits=("test",), progress=False)
+    results = tmp_path / "07_results"
+    curves.snapshot_predictions(stage_in, {"U-Net": out}, results / "curves", progress=False)
+    (results / "manifest.json").write_text(json.dumps({"inputs": {"03": sha256(stage_in / "manifest.json")}}))
+    first = results / "curves" / "u_net" / "step_000002" / "predictions"
     predicted = []
 
     def counted(*a, **k):
@@ -99,16 +107,31 @@ def test_a_snapshot_another_curve_predicted_is_copied(stage, tmp_path, monkeypat
         return infer.write_predictions(*a, **k)
 
     monkeypatch.setattr(curves, "write_predictions", counted)
-    table = curves.snapshot_predictions(stage, {"Renamed": out}, tmp_path / "07e", progress=False,
-                                        reuse_from=[tmp_path / "07"]).set_index("step")
+
+    def curve(stages, name):
+        return curves.snapshot_predictions(stage_in, stages, tmp_path / name, progress=False,
+                                           reuse_from=[results / "curves"]).set_index("step")
+
+    table = curve({"Renamed": out}, "07e")
     assert predicted == [] and table["seconds"].isna().all()  # nothing predicted: copied, and the final reused
     for f in sorted(first.glob("*.tif")):
         assert np.array_equal(read_volume(tmp_path / "07e" / "renamed" / "step_000002" / "predictions" / f.name),
                               read_volume(f))
-    # a folder missing one FOV is no source: that snapshot is predicted
-    sorted(first.glob("*.tif"))[0].unlink()
-    curves.snapshot_predictions(stage, {"Renamed": out}, tmp_path / "07f", progress=False, reuse_from=[tmp_path / "07"])
+    # another training (another seed): other snapshot files, predicted
+    other = tmp_path / "04c_unet_seed"
+    run_unet_stage(stage_in, other, tiny_cfg(max_steps=4, val_every=4, snapshots=2, seed=1), splits=("test",),
+                   progress=False)
+    curve({"Seed 1": other}, "07f")
     assert len(predicted) == 1
+    # the processed set changed since the other curve ran: predicted
+    (stage_in / "manifest.json").write_text('{"stage": "03_denoising", "again": true}')
+    curve({"Renamed": out}, "07g")
+    assert len(predicted) == 2
+    # a folder missing one FOV is no source: predicted
+    (results / "manifest.json").write_text(json.dumps({"inputs": {"03": sha256(stage_in / "manifest.json")}}))
+    sorted(first.glob("*.tif"))[0].unlink()
+    curve({"Renamed": out}, "07h")
+    assert len(predicted) == 3
 
 
 def test_missing_snapshots_are_named(tmp_path):

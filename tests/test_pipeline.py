@@ -308,6 +308,9 @@ def test_the_project_notebooks_wait_for_what_they_read(tmp_path):
 
 
 def test_independent_notebooks_run_side_by_side_and_a_failure_stops_only_what_follows(tiny_book, monkeypatch):
+    # the threads chosen per kernel (threads_for_next), as under `make book`: not the test session's one
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
     # the pipeline learns of 02_b and 03_c ending in one batch (as on a busy machine), failure first
     monkeypatch.setattr(pipeline, "wait", lambda fs, return_when: futures.wait(fs, return_when=futures.ALL_COMPLETED))
     _reading_book(tiny_book, {s: f'rundir.require(run_dir, "01_a")\n{BARRIER.format(me=s, other=o)}'

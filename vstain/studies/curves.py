@@ -11,6 +11,7 @@ their budget).
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -48,15 +49,27 @@ def step_dir(out_dir, model: str, step: int) -> Path:
     return Path(out_dir) / slug / f"step_{int(step):06d}"
 
 
-def predicted_elsewhere(reuse_from, fov_ids) -> dict[str, Path]:
+def predicted_elsewhere(reuse_from, stage_in, fov_ids) -> dict[str, Path]:
     """Snapshot SHA-256 -> a ``predictions`` folder under ``reuse_from`` (the output folders of other
-    learning curves on the same run directory) that holds every FOV of ``fov_ids`` predicted from
-    that snapshot file (its ``snapshot.sha256``)."""
+    learning curves) that holds every FOV of ``fov_ids`` predicted from that snapshot file (its
+    ``snapshot.sha256``). A folder counts only when the stage that wrote it (its parent, with a
+    ``manifest.json``) recorded the current ``stage_in`` among its inputs: predictions of an older
+    processed set are never copied."""
+    source = Path(stage_in) / "manifest.json"
+    if not source.exists():
+        return {}
+    current = sha256(source)
     found = {}
-    for root in reuse_from:
-        for marker in sorted(Path(root).glob(f"*/step_*/{SOURCE_SHA}")):
+    for root in map(Path, reuse_from):
+        try:
+            inputs = json.loads((root.parent / "manifest.json").read_text()).get("inputs", {})
+        except (OSError, ValueError):
+            continue
+        if current not in inputs.values():
+            continue
+        for marker in sorted(root.glob(f"*/step_*/{SOURCE_SHA}")):
             preds = marker.parent / PREDICTIONS
-            if {p.stem for p in preds.glob("*.tif")} == set(fov_ids):
+            if preds.is_dir() and {p.stem for p in preds.glob("*.tif")} == set(fov_ids):
                 found.setdefault(marker.read_text().strip(), preds)
     return found
 
@@ -67,16 +80,18 @@ def snapshot_predictions(stage_in, stages: dict[str, Path], out_dir, split: str 
     folder with ``snapshots.csv``); a snapshot whose predictions are complete and were made from the
     same snapshot file (its SHA-256 in ``snapshot.sha256``) is skipped, so an interrupted run
     resumes and a retrained stage is predicted again. A snapshot that another learning curve already
-    predicted from the same file (``reuse_from``: its output folders, :func:`predicted_elsewhere`)
-    is copied from there. Returns one row per snapshot: ``model, step, wall_s`` (training time up to
-    it), ``dir`` and ``seconds`` (the inference time of its FOVs; NaN when reused: a resumed or
-    copied snapshot, or the final one, whose predictions are the stage's own, see :func:`reuse_final`)."""
+    predicted from the same file on the same processed set (``reuse_from``: its output folders,
+    :func:`predicted_elsewhere`) is copied from there. Returns one row per snapshot: ``model, step,
+    wall_s`` (training time up to it), ``dir`` and ``seconds`` (the inference time of its FOVs; a
+    resumed snapshot keeps the time recorded when it was predicted; NaN when nothing was predicted:
+    a copied snapshot, or the final one, whose predictions are the stage's own, see :func:`reuse_final`)."""
     out_dir = Path(out_dir)
     done = pd.read_csv(out_dir / SNAPSHOT_PREDICTIONS) if (out_dir / SNAPSHOT_PREDICTIONS).exists() else None
     fovs = read_manifest(stage_in)
     fov_ids = fovs.loc[fovs["split"] == split, "fov_id"].astype(str)
     n_fovs = len(fov_ids)
-    elsewhere = predicted_elsewhere(reuse_from, fov_ids)
+    # copies only at the default inference budget, the one every learning curve of the book uses
+    elsewhere = predicted_elsewhere(reuse_from, stage_in, fov_ids) if max_voxels is None else {}
     rows = []
     metas = {m: read_model_json(d) for m, d in stages.items()}
     for m, meta in metas.items():
