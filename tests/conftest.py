@@ -155,18 +155,17 @@ class Background:
         Path(self.log.name).unlink(missing_ok=True)
 
 
-def pipeline_in_background(profile: str, threads: int | None = None, first: str | None = None) -> Background:
+def pipeline_in_background(profile: str, first: str | None = None) -> Background:
     """``python -m vstain.book.pipeline --profile <profile>`` (as many notebooks at once as the
     profile's ``jobs``) from an empty
     ``.test-runs/<profile>`` (so 04/05 train rather than resume a finished checkpoint and 03 trains
     its Noise2Void models), its HTML included. ``first``: a profile that extends it, run before it in
     the same run directory, so that the notebooks of both are scheduled together (``profile``'s run
-    then finds every notebook done and builds its own HTML); ``threads``: CPU threads of every
-    process it starts (default: the test session's, one unless exported)."""
+    then finds every notebook done and builds its own HTML). Every process it starts inherits the
+    session's CPU threads (one, see the top of this file)."""
     shutil.rmtree(TEST_RUNS / profile, ignore_errors=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
     commands = [[sys.executable, "-m", "vstain.book.pipeline", "--profile", p] for p in (first, profile) if p]
-    return Background(["sh", "-c", " && ".join(shlex.join(c) for c in commands)], ROOT, env)
+    return Background(["sh", "-c", " && ".join(shlex.join(c) for c in commands)], ROOT)
 
 
 # Slow runs started as soon as collection ends, so that they share the two cores with the unit

@@ -99,7 +99,7 @@ def start_quick_book() -> Background:
     (the tests' runs/), as one schedule of two notebooks at a time (the quick profile's ``jobs``), one
     CPU thread each (it shares the two cores with smoke-full and the unit tests), then the quick
     book's own HTML."""
-    return pipeline_in_background("quick", threads=1, first="quick-study")
+    return pipeline_in_background("quick", first="quick-study")
 
 
 def _statuses(timings) -> dict[str, str]:

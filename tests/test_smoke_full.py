@@ -121,7 +121,7 @@ def test_derived_values_replace_the_base_values_they_name(tmp_path):
 def start_smoke_run() -> Background:
     """``make smoke-full``'s pipeline, from an empty run directory, on one CPU thread (it runs beside
     the quick book and the unit tests)."""
-    return pipeline_in_background("smoke-full", threads=1)
+    return pipeline_in_background("smoke-full")
 
 
 @pytest.mark.slow

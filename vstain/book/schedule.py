@@ -111,7 +111,7 @@ def dependencies(stems: Sequence[str], sources: Mapping[str, Path],
     for i, stem in enumerate(stems):
         values = {**rundir.parameter_defaults(sources[stem]), **params.get(stem, {})}
         literal, dynamic, unparsed = stage_calls(sources[stem], values)
-        named = set(literal) & known
+        named = set(literal)
         if dynamic:
             from_params = {s for s in _strings(values) if s in known} - {stem}
             named |= from_params or set(stems[:i])  # a read that no parameter names: all before it

@@ -107,7 +107,7 @@ def snapshot_predictions(stage_in, stages: dict[str, Path], out_dir, split: str 
         sha, marker = sha256(snapshot_path(stages[model], step)), folder / SOURCE_SHA
         if not (preds.exists() and len(list(preds.glob("*.tif"))) == n_fovs and made_from(marker, sha)):
             shutil.rmtree(preds, ignore_errors=True)  # another snapshot's (a retrained stage) or cut short
-            if sha in elsewhere and elsewhere[sha].resolve() != preds.resolve():
+            if sha in elsewhere:
                 shutil.copytree(elsewhere[sha], preds)  # another curve predicted this very snapshot
             else:
                 gen = load_snapshot(stages[model], step, Generator(GeneratorConfig(**meta["generator"])))
