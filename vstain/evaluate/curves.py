@@ -102,10 +102,12 @@ def model_trend(per_fov: pd.DataFrame, model_a: str, model_b: str, metric: str, 
 
 
 def trend_sentence(t: Trend, model_a: str, model_b: str, metric: str, channel: str, digits: int = 3) -> str:
-    """One sentence: the gap's size at half-way and at the end, and the decided trend."""
+    """One sentence: the gap at half-way and at the end, and the decided trend. The change is taken
+    along the half-way gap's sign (+ widens it, - closes it; closing by more than its half-way size
+    reverses it), so a gap that changes sign is not read as one that grew."""
     c = t.change
-    numbers = (f"{t.gap_mid:+.{digits}f} at half-way, {t.gap_last:+.{digits}f} at the end; change of its size "
-               f"{c.diff:+.{digits}f}, 95% CI {c.ci_low:+.{digits}f} to {c.ci_high:+.{digits}f}, n = {c.n} FOVs")
+    numbers = (f"{t.gap_mid:+.{digits}f} at half-way, {t.gap_last:+.{digits}f} at the end; widening (+) or "
+               f"closing (-) {c.diff:+.{digits}f}, 95% CI {c.ci_low:+.{digits}f} to {c.ci_high:+.{digits}f}, n = {c.n} FOVs")
     if t.trend == "undecided":
         return (f"{metric} ({channel}): with n = {c.n} FOVs the trend of the gap {model_b} - {model_a} cannot be "
                 f"decided ({min_pairs()} are needed; {numbers}).")
