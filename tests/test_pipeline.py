@@ -290,6 +290,33 @@ def test_notebooks_waiting_for_each_other_are_an_error(tiny_book):
         _run(tiny_book)
 
 
+def test_chain_lengths_count_the_notebooks_on_the_longest_chain_from_each():
+    deps = {"a": [], "b": ["a"], "c": ["a"], "d": ["c"], "e": ["b", "d"], "f": []}
+    assert schedule.chain_lengths(deps) == {"a": 4, "b": 2, "c": 3, "d": 2, "e": 1, "f": 1}
+
+
+def test_of_the_ready_notebooks_the_head_of_the_longest_chain_starts_first(tiny_book):
+    # 01_a ends a branch; 03_c waits for 02_b: 02_b heads the longer chain and runs first, although
+    # the book lists 01_a before it; 01_a and 03_c then tie and keep the book's order
+    elsewhere = 'rundir.optional(run_dir, "00_not_in_this_book")'  # reads no stage of the book
+    _reading_book(tiny_book, {"01_a": elsewhere, "02_b": elsewhere, "03_c": 'rundir.require(run_dir, "02_b")'})
+    assert _deps(tiny_book) == {"01_a": [], "02_b": [], "03_c": ["02_b"]}
+    tiny_book["profile"].write_text("all:\n  pause: 0.0  # no work\n")
+    _run(tiny_book)
+    starts = {s: read_json(tiny_book["run_dir"] / s / "span.json")[0] for s in tiny_book["stems"]}
+    assert sorted(starts, key=starts.get) == ["02_b", "01_a", "03_c"]
+
+
+def test_the_project_chain_goes_before_the_notebooks_that_end_a_branch(tmp_path):
+    """In the quick study (two notebooks at a time), 05_wgan, which 05b, 05c and 07 wait for, starts
+    before the study's own 03b and 04c, which nothing in the book's chain waits for."""
+    stages = _profile_stages(ROOT / "profiles" / "quick-study.yaml", tmp_path)
+    chain = schedule.chain_lengths(
+        schedule.dependencies([s.stem for s in stages], {s.stem: s.source for s in stages}, {}))
+    assert chain["04_unet"] > chain["05_wgan"] > chain["05b_wgan_from_unet"] > chain["07_results"] > 1
+    assert chain["05_wgan"] > max(chain["03b_ablation"], chain["04c_unet_seed"], chain["09_predict"])
+
+
 def test_the_project_notebooks_wait_for_what_they_read(tmp_path):
     stages = _profile_stages(ROOT / "profiles" / "quick-study.yaml", tmp_path)
     deps = schedule.dependencies(

@@ -8,7 +8,8 @@
 2. runs the notebooks of ``_toc.yml`` with papermill in the book's order (``01_...`` to ``10_...``),
    from the project root, with ``run_dir: runs/<profile>`` injected, writing the executed notebooks
    into the profile's staged book (``runs/<profile>/book_src/``); a notebook starts once the stages
-   it reads have finished (:mod:`vstain.book.schedule`), and ``--jobs N`` runs up to N side by side;
+   it reads have finished (:mod:`vstain.book.schedule`), and ``--jobs N`` runs up to N side by side
+   (of the ready ones, the notebook heading the longest chain of notebooks first);
 3. skips a notebook whose inputs did not change since its last successful run: its source, its
    resolved parameters and the manifests of the stages it reads (a record per stage in
    ``runs/<profile>/pipeline/``);
@@ -208,6 +209,7 @@ def run(
     # an added notebook's results never feed the extended profile's notebooks
     deps = {stem: [d for d in ds if stem in added or d not in added] for stem, ds in deps.items()}
     index = {s.stem: i for i, s in enumerate(stages, 1)}
+    chain = schedule.chain_lengths(deps)
     done: dict[str, NotebookRun] = {}
     timings = runs / f"timings{suffix}.csv"
 
@@ -263,9 +265,11 @@ def run(
     failure: NotebookFailed | None = None
     try:
         while pending or running:
-            # start notebooks whose upstream stages are done, in the book's order, while threads are free
+            # start notebooks whose upstream stages are done while threads are free: the one heading the
+            # longest chain of notebooks first (schedule.chain_lengths), else in the book's order
             while failure is None:
-                ready = [s for s in pending if all(d in done for d in deps[s.stem])]
+                ready = sorted((s for s in pending if all(d in done for d in deps[s.stem])),
+                               key=lambda s: (-chain[s.stem], index[s.stem]))
                 digests = {s.stem: plan(s) for s in ready}  # an unchanged notebook is skipped at once
                 pending = [s for s in pending if s.stem not in done]
                 if any(d is None for d in digests.values()):

@@ -16,6 +16,10 @@ from its code cells with :mod:`ast`:
 
 An optional stage is waited for like a required one when the book has it, so a notebook sees the
 same upstream folders however the runs are interleaved.
+
+Of the notebooks ready to start, the one heading the longest chain of notebooks still to run goes
+first (:func:`chain_lengths`): a notebook that others wait for does not queue behind one that ends
+a branch.
 """
 from __future__ import annotations
 
@@ -120,6 +124,29 @@ def dependencies(stems: Sequence[str], sources: Mapping[str, Path],
         deps[stem] = sorted((named & known) - {stem}, key=stems.index)
     _check_acyclic(stems, deps)
     return deps
+
+
+def chain_lengths(deps: Mapping[str, Sequence[str]]) -> dict[str, int]:
+    """Stem -> how many notebooks the longest chain that starts at it holds (itself, then a notebook
+    that waits for it, then one that waits for that ...), for ``deps`` from :func:`dependencies`.
+
+    When fewer notebooks may run than are ready, starting the one with the longest chain first
+    shortens the run: a notebook that ends a branch can run beside the chain instead of holding it up.
+    Counted in notebooks, not seconds, so the order is the same on a fresh run and a repeated one."""
+    waiting: dict[str, list[str]] = {stem: [] for stem in deps}
+    for stem, ds in deps.items():
+        for d in ds:
+            waiting[d].append(stem)
+    lengths: dict[str, int] = {}
+
+    def length(stem: str) -> int:
+        if stem not in lengths:
+            lengths[stem] = 1 + max((length(w) for w in waiting[stem]), default=0)
+        return lengths[stem]
+
+    for stem in deps:
+        length(stem)
+    return lengths
 
 
 def _check_acyclic(stems: Sequence[str], deps: Mapping[str, list[str]]) -> None:
