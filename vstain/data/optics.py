@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import fft as sfft
-from scipy import ndimage, signal
+from scipy import ndimage
 
 # ----------------------------------------------------------------------------------------------
 # Fluorescence: PSF and convolution
@@ -88,6 +88,8 @@ def fft_convolve(volume: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     padded = np.pad(volume.astype(np.float32), half, mode="symmetric")
     k = kernel.reshape((1,) * extra + kernel.shape).astype(np.float32)
     axes = tuple(range(extra, volume.ndim))
+    from scipy import signal  # here: its import (0.5 s, scipy.stats with it) is paid only by a simulation
+
     return signal.fftconvolve(padded, k, mode="valid", axes=axes).astype(np.float32)
 
 
