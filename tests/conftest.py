@@ -131,7 +131,6 @@ class Background:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="vstain-test-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
-        self.emptied: Path | None = None  # the run folder it emptied when it started, if any
 
     def wait(self, timeout: float) -> tuple[int | None, str]:
         """Wait for the command: its exit status (None when it ran past ``timeout`` seconds and was
@@ -166,21 +165,18 @@ def pipeline_in_background(profile: str, first: str | None = None) -> Background
     session's CPU threads (one, see the top of this file)."""
     shutil.rmtree(TEST_RUNS / profile, ignore_errors=True)
     commands = [[sys.executable, "-m", "vstain.book.pipeline", "--profile", p] for p in (first, profile) if p]
-    run = Background(["sh", "-c", " && ".join(shlex.join(c) for c in commands)], ROOT)
-    run.emptied = TEST_RUNS / profile
-    return run
+    return Background(["sh", "-c", " && ".join(shlex.join(c) for c in commands)], ROOT)
 
 
-# Slow runs started as soon as their test is collected (when -k, -m or the like may still deselect
-# it: when collection ends), so that they share the two cores with the rest of the collection and
-# the unit tests instead of running after them: test name -> Background. A test declares its run with
+# Slow runs started as soon as collection ends, so that they share the two cores with the unit
+# tests instead of running after them: test name -> Background. A test declares its run with
 # @in_background(start), is moved after the other tests (but before the notebooks), takes its run
 # with take_background and waits for it; a run no test took is stopped when the session ends.
 BACKGROUND: dict[str, Background] = {}
 
 
 def in_background(start):
-    """Declare that a test's slow run is ``start()`` (a :class:`Background`), started when it is collected (pytest_itemcollected)."""
+    """Declare that a test's slow run is ``start()`` (a :class:`Background`), started when collection ends."""
     def mark(test):
         test.background = start
         return test
@@ -202,30 +198,13 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: (str(item.fspath).endswith(".ipynb"), _background(item) is not None))
 
 
-def _nothing_deselected(config) -> bool:
-    """True when every collected test will run: no -k, -m, --deselect, --lf or --sw narrows them."""
-    opt = config.option
-    return not (opt.collectonly or getattr(opt, "keyword", "") or getattr(opt, "markexpr", "")
-                or getattr(opt, "deselect", None) or getattr(opt, "lf", False) or getattr(opt, "stepwise", False))
-
-
-def pytest_itemcollected(item):
-    """A background run starts as soon as its test is collected when nothing can deselect it: the
-    rest of the collection (~20 s on a fresh clone, importing every test module on one core) then
-    runs beside it instead of leaving the second core idle."""
-    if _background(item) is not None and item.name not in BACKGROUND and _nothing_deselected(item.config):
-        BACKGROUND[item.name] = _background(item)()
-
-
 def pytest_collection_finish(session):
     """Once the items are chosen (after -k/-m): when notebooks run under nbval, start them from an
     empty ``.test-runs/quick`` (otherwise 04/05 would resume a finished checkpoint and train zero steps,
-    and nbval would not test training at all; a quick book already started emptied it itself); then
-    start the background runs not started yet."""
+    and nbval would not test training at all); then start the background runs."""
     if session.config.option.collectonly:
         return
-    quick_started = any(run.emptied == TEST_RUNS / "quick" for run in BACKGROUND.values())
-    if any(str(item.fspath).endswith(".ipynb") for item in session.items) and not quick_started:
+    if any(str(item.fspath).endswith(".ipynb") for item in session.items):
         shutil.rmtree(TEST_RUNS / "quick", ignore_errors=True)
     for item in session.items:
         if _background(item) is not None and item.name not in BACKGROUND:

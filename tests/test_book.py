@@ -115,7 +115,7 @@ def test_quick_book_and_study_build_and_every_page_opens(request):
     under the tests), then the study's notebooks at their defaults on that run (quick-study), each
     built into its own HTML under .test-runs/quick (never the user's book/_build), and every page of
     the study's book (the quick book's pages and the study's) opened in headless Chromium. The chain
-    starts when this test is collected (conftest.in_background). Every notebook then ran at its defaults,
+    starts when collection ends (conftest.in_background). Every notebook then ran at its defaults,
     so the nbval pass of ``make test`` skips them (conftest.QUICK_BOOK_EXECUTED)."""
     rc, output = take_background(request).wait(timeout=1800)  # first: nothing may stop the test before it
     assert rc == 0, output[-6000:]

@@ -3,7 +3,7 @@
 The profile lays a few scale keys over ``full`` (vstain.book.profiles.SCALE_KEYS); the fast tests
 check that layering and that nothing else of ``full`` changes; the slow one runs all notebooks and
 builds the HTML in a subprocess, as ``make smoke-full`` does, so its pass or failure shows in
-pytest's summary (~3 min on 2 cores; started in the background when collected).
+pytest's summary (~3 min on 2 cores; started in the background when collection ends).
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def start_smoke_run() -> Background:
 @in_background(start_smoke_run)
 def test_smoke_full_runs_every_notebook(request):
     """Every notebook at the full profile's method settings, a few steps each, and the HTML
-    (``make smoke-full``), started when collected (conftest.in_background)."""
+    (``make smoke-full``), started when collection ends (conftest.in_background)."""
     rc, output = take_background(request).wait(timeout=1800)
     assert rc == 0, output[-6000:]
     stages = [s.stem for s in pipeline.stages_from_toc(ROOT / "_toc.yml", ROOT)]
