@@ -41,6 +41,17 @@ class InstanceNorm3d(nn.InstanceNorm3d):
         return super().forward(x)
 
 
+def deep_level(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` for a level of Z/8-deep maps (2 slices for a 16-slice crop), in float32 inside
+    a CPU bfloat16 autocast: oneDNN's bf16 weight gradients of such maps differ from run to run
+    (two trainings from one seed ended 0.007 apart; bit-identical, and no slower, with these levels
+    in float32: ``benchmarks/bench_bf16.py``). Elsewhere (float32, a GPU, tracing) ``module(x)``."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing():
+        with torch.autocast("cpu", enabled=False):
+            return module(x.float())
+    return module(x)
+
+
 class Conv3d(nn.Conv3d):
     """``nn.Conv3d`` that runs a single float32 volume on the CPU through oneDNN too.
 
@@ -175,7 +186,7 @@ class Generator(nn.Module):
         e1 = self.enc1(x)  # [N, w, Z', Y', X']
         e2 = self.enc2(self.down1(e1))  # [N, 2w, Z'/2, Y'/2, X'/2]
         e3 = self.enc3(self.down2(e2))  # [N, 4w, Z'/4, ...]
-        b = self.bottleneck(self.down3(e3))  # [N, 8w, Z'/8, ...]
+        b = deep_level(self.bottleneck, self.down3(e3))  # [N, 8w, Z'/8, ...]
         d3 = self.up3(b, e3)  # [N, 4w, Z'/4, ...]
         d2 = self.up2(d3, e2)  # [N, 2w, Z'/2, ...]
         d1 = self.up1(d2, e1)  # [N, w, Z', Y', X']
@@ -253,9 +264,9 @@ class Critic(nn.Module):
         check_size(h.shape, "critic input")
         h = self.block1(h)  # [N, w, Z/2, ...]
         h = self.block2(h)  # [N, 2w, Z/4, ...]
-        h = self.block3(h)  # [N, 4w, Z/8, ...]
-        h = self.block4(h)  # [N, 8w, Z/8, ...]
-        return self.score(h)  # [N, 1, Z/8, Y/8, X/8]
+        h = deep_level(self.block3, h)  # [N, 4w, Z/8, ...]
+        h = deep_level(self.block4, h)  # [N, 8w, Z/8, ...]
+        return deep_level(self.score, h)  # [N, 1, Z/8, Y/8, X/8]
 
     def receptive_field(self) -> int:
         """Voxels (per axis) of input seen by one output score: 54 for the thesis' critic."""
@@ -354,7 +365,7 @@ class VelocityNet(nn.Module):
         e1 = u.enc1(h)  # [N, w, Z', Y', X']
         e2 = u.enc2(u.down1(e1 * g1))  # [N, 2w, Z'/2, ...]
         e3 = u.enc3(u.down2(e2 * g2))  # [N, 4w, Z'/4, ...]
-        b = u.bottleneck(u.down3(e3 * g3))  # [N, 8w, Z'/8, ...]
+        b = deep_level(u.bottleneck, u.down3(e3 * g3))  # [N, 8w, Z'/8, ...]
         d3 = u.up3(b * g4, e3)  # [N, 4w, Z'/4, ...]
         d2 = u.up2(d3 * g5, e2)  # [N, 2w, Z'/2, ...]
         d1 = u.up1(d2 * g6, e1)  # [N, w, Z', Y', X']
