@@ -96,6 +96,22 @@ def test_bm3d_lowers_the_error_of_a_noisy_smooth_volume(mode, shape):
     assert after["psnr"] > before["psnr"] + 3 and after["ssim"] > before["ssim"]
 
 
+def test_slices_denoised_in_threads_equal_one_after_another(monkeypatch):
+    """BM3D and NLM run the slices of a stack in as many threads as OMP_NUM_THREADS gives (the
+    process's share of the cores), with the same output as one slice after another."""
+    _, noisy = blobs((4, 24, 26), 5)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert classical.slice_threads() == 3
+    threaded = [classical.bm3d_denoise(noisy), classical.nlm_denoise(noisy)]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert classical.slice_threads() == 1
+    serial = [classical.bm3d_denoise(noisy), classical.nlm_denoise(noisy)]
+    for a, b in zip(threaded, serial):
+        np.testing.assert_array_equal(a, b)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert classical.slice_threads() >= 1  # the cores this process may use
+
+
 def test_bm3d_bad_input():
     flat = np.full((2, 16, 16), 7.0, np.float32)
     assert np.array_equal(classical.bm3d_denoise(flat), flat)  # zero noise: nothing to remove, no NaN
