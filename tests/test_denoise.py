@@ -1,5 +1,7 @@
 """Noise2Void through careamics (vstain.preprocess.denoise), the BM3D and NLM baselines and the scores
 (vstain.preprocess.classical), and the processed set."""
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -108,8 +110,14 @@ def test_slices_denoised_in_threads_equal_one_after_another(monkeypatch):
     serial = [classical.bm3d_denoise(noisy), classical.nlm_denoise(noisy)]
     for a, b in zip(threaded, serial):
         np.testing.assert_array_equal(a, b)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2,1")  # OpenMP's nested form: the outer level counts
+    assert classical.slice_threads() == 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    for unset in ("0", "many"):
+        monkeypatch.setenv("OMP_NUM_THREADS", unset)
+        assert classical.slice_threads() == cores  # not a thread count: the cores this process may use
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert classical.slice_threads() >= 1  # the cores this process may use
+    assert classical.slice_threads() == cores
 
 
 def test_bm3d_bad_input():

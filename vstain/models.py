@@ -4,10 +4,9 @@ Read top to bottom: the building blocks, then :class:`GeneratorConfig` / :class:
 :class:`CriticConfig` / :class:`Critic`, then helpers for tests and the architecture figures
 (:func:`num_params`, :func:`summarize`). Tensors are ``N C Z Y X``. The models never print.
 
-With their default configurations the generator has 23,092,678 trainable parameters (the thesis
-reports 23.1 M) and the critic 6,203,841 (thesis: 6.2 M) with a receptive field of 54 voxels.
-Those counts hold with InstanceNorm3d *without* affine parameters (PyTorch's default); an affine
-norm would give 23.10 M and 6.21 M.
+With their default configurations the generator has 23,092,678 trainable parameters (the thesis reports
+23.1 M) and the critic 6,203,841 (thesis: 6.2 M) with a receptive field of 54 voxels. Those counts hold with
+InstanceNorm3d *without* affine parameters (PyTorch's default); an affine norm would give 23.10 M and 6.21 M.
 """
 from __future__ import annotations
 
@@ -42,11 +41,12 @@ class InstanceNorm3d(nn.InstanceNorm3d):
 
 
 def deep_level(module: nn.Module, x: Tensor) -> Tensor:
-    """``module(x)`` for a level of Z/8-deep maps (2 slices for a 16-slice crop), in float32 inside
-    a CPU bfloat16 autocast: oneDNN's bf16 weight gradients of such maps differ from run to run
-    (two trainings from one seed ended 0.007 apart; bit-identical, and no slower, with these levels
-    in float32: ``benchmarks/bench_bf16.py``). Elsewhere (float32, a GPU, tracing) ``module(x)``."""
-    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing():
+    """``module(x)`` for a level of Z/8-deep maps (2 slices for a 16-slice crop), in float32 inside a CPU
+    bfloat16 autocast: oneDNN's bf16 weight gradients of such maps differ from run to run (two trainings
+    from one seed ended 0.007 apart; bit-identical with these levels in float32, 0.405 against 0.421 s
+    per step: ``benchmarks/bench_bf16.py``). Elsewhere (float32, a GPU, tracing) ``module(x)``."""
+    cpu_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    if x.device.type == "cpu" and cpu_bf16 and not torch.jit.is_tracing():
         with torch.autocast("cpu", enabled=False):
             return module(x.float())
     return module(x)

@@ -73,8 +73,8 @@ def execute(stage: Stage, params: dict[str, Any], executed: Path, cwd: Path, pro
 
     The kernel is stopped at once when its last cell has ended, not asked to shut down: by then
     every cell has returned and every file a stage writes is closed (its ``manifest.json`` last),
-    and tearing down an interpreter that holds torch and Lightning took ~2 CPU-s per notebook
-    (measured: 2.0 s after the last cell with a graceful shutdown, 0.1 s stopped).
+    and a graceful shutdown of a kernel that holds torch and Lightning took 2.0 s after the last
+    cell and ~2 CPU-s more (tearing down the interpreter), against 0.1 s stopped.
 
     Raises:
         NotebookFailed: a cell not tagged ``raises-exception`` raised.

@@ -5,11 +5,11 @@
 1. loads ``profiles/<profile>.yaml`` (laid over its ``base`` profile, if it names one) and checks
    every key against the parameters each notebook declares (:mod:`vstain.book.profiles`); a key
    that the target notebook does not declare is an error naming the profile, the notebook and the key;
-2. runs the notebooks of ``_toc.yml`` with papermill in the book's order (``01_...`` to ``10_...``),
+2. runs the notebooks of ``_toc.yml`` with papermill as they become ready (the stages they read done;
+   of those ready, the one heading the longest chain first, then the book's order ``01_...`` to ``10_...``),
    from the project root, with ``run_dir: runs/<profile>`` injected, writing the executed notebooks
    into the profile's staged book (``runs/<profile>/book_src/``); a notebook starts once the stages
-   it reads have finished (:mod:`vstain.book.schedule`), and ``--jobs N`` runs up to N side by side
-   (of the ready ones, the notebook heading the longest chain of notebooks first);
+   it reads have finished (:mod:`vstain.book.schedule`), and ``--jobs N`` runs up to N side by side;
 3. skips a notebook whose inputs did not change since its last successful run: its source, its
    resolved parameters and the manifests of the stages it reads (a record per stage in
    ``runs/<profile>/pipeline/``);

@@ -17,7 +17,7 @@ from its code cells with :mod:`ast`:
 An optional stage is waited for like a required one when the book has it, so a notebook sees the
 same upstream folders however the runs are interleaved.
 
-Of the notebooks ready to start, the one heading the longest chain of notebooks still to run goes
+Of the notebooks ready to start, the one heading the longest chain of notebooks that wait on it goes
 first (:func:`chain_lengths`): a notebook that others wait for does not queue behind one that ends
 a branch.
 """

@@ -24,9 +24,12 @@ BASELINES = ("bm3d", "nlm")  # the classical denoisers stage 03 runs beside Nois
 def slice_threads() -> int:
     """Threads for slice-by-slice denoising: ``OMP_NUM_THREADS`` where set (the pipeline gives a
     notebook its share of the cores there; ``make test`` one), else the cores this process may use."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
+    try:
+        threads = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0])  # OpenMP allows "2,1" (nested)
+    except ValueError:
+        threads = 0
+    if threads > 0:
+        return threads
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -102,7 +105,7 @@ def bm3d_denoise(stack: np.ndarray, mode: str = "2d", sigma: float | None = None
     import bm3d
 
     profile = bm3d.BM3DProfile()
-    profile.num_threads = 1
+    profile.num_threads = 1  # must stay 1 while slices run in threads: the library's thread pool is process-global
     return _per_slice(lambda z: bm3d.bm3d(z, sigma_psd=sigma, profile=profile), s)
 
 
