@@ -49,6 +49,11 @@ def step_dir(out_dir, model: str, step: int) -> Path:
     return Path(out_dir) / slug / f"step_{int(step):06d}"
 
 
+def _every_fov(preds: Path, fov_ids) -> bool:
+    """Whether the folder ``preds`` holds a prediction of every FOV of ``fov_ids`` and of no other."""
+    return preds.is_dir() and {p.stem for p in preds.glob("*.tif")} == set(fov_ids)
+
+
 def predicted_elsewhere(reuse_from, stage_in, fov_ids) -> dict[str, Path]:
     """Snapshot SHA-256 -> a ``predictions`` folder under ``reuse_from`` (the output folders of other
     learning curves) that holds every FOV of ``fov_ids`` predicted from that snapshot file (its
@@ -68,9 +73,8 @@ def predicted_elsewhere(reuse_from, stage_in, fov_ids) -> dict[str, Path]:
         if current not in inputs.values():
             continue
         for marker in sorted(root.glob(f"*/step_*/{SOURCE_SHA}")):
-            preds = marker.parent / PREDICTIONS
-            if preds.is_dir() and {p.stem for p in preds.glob("*.tif")} == set(fov_ids):
-                found.setdefault(marker.read_text().strip(), preds)
+            if _every_fov(marker.parent / PREDICTIONS, fov_ids):
+                found.setdefault(marker.read_text().strip(), marker.parent / PREDICTIONS)
     return found
 
 
@@ -89,7 +93,6 @@ def snapshot_predictions(stage_in, stages: dict[str, Path], out_dir, split: str 
     done = pd.read_csv(out_dir / SNAPSHOT_PREDICTIONS) if (out_dir / SNAPSHOT_PREDICTIONS).exists() else None
     fovs = read_manifest(stage_in)
     fov_ids = fovs.loc[fovs["split"] == split, "fov_id"].astype(str)
-    n_fovs = len(fov_ids)
     # copies only at the default inference budget, the one every learning curve of the book uses
     elsewhere = predicted_elsewhere(reuse_from, stage_in, fov_ids) if max_voxels is None else {}
     rows = []
@@ -105,7 +108,7 @@ def snapshot_predictions(stage_in, stages: dict[str, Path], out_dir, split: str 
         preds = folder / PREDICTIONS
         seconds = float("nan")
         sha, marker = sha256(snapshot_path(stages[model], step)), folder / SOURCE_SHA
-        if not (preds.exists() and len(list(preds.glob("*.tif"))) == n_fovs and made_from(marker, sha)):
+        if not (_every_fov(preds, fov_ids) and made_from(marker, sha)):
             shutil.rmtree(preds, ignore_errors=True)  # another snapshot's (a retrained stage) or cut short
             if sha in elsewhere:
                 shutil.copytree(elsewhere[sha], preds)  # another curve predicted this very snapshot
