@@ -24,6 +24,9 @@ def _stages(book):
 
 
 def _run(book, **kw):
+    # kernels started afresh: a warm process (test_forkserver.py) would import torch for notebooks that
+    # import nothing; the failure test below runs with one
+    kw.setdefault("warm_kernels", False)
     return pipeline.run("p", root=book["root"], profile_path=book["profile"], run_dir=str(book["run_dir"]),
                         build=False, log=lambda s: None, **kw)
 
@@ -102,7 +105,7 @@ def test_extending_profile_reuses_the_run_and_runs_only_its_notebooks(tiny_book)
     assert [r.status for r in p_result.stages] == ["ran"] * 3
     path = _extending(tiny_book, "extends: p\npart: Extra\nnotebooks: [notebooks/02_x]\n02_x:\n  value: 4  # why\n")
     result = pipeline.run("s", root=tiny_book["root"], profile_path=path, run_dir=str(tiny_book["run_dir"]),
-                          build=False, log=lambda s: None)
+                          build=False, log=lambda s: None, warm_kernels=False)
     assert [(r.stem, r.status) for r in result.stages] == [
         ("01_a", "skipped"), ("02_b", "skipped"), ("02_x", "ran"), ("03_c", "skipped")]
     assert read_json(tiny_book["run_dir"] / "pipeline" / "02_x.json")["params"]["value"] == 4
@@ -167,7 +170,7 @@ def test_skips_unchanged_and_reruns_what_changed(tiny_book):
 def test_stops_at_first_failure_and_names_it(tiny_book, capsys):
     tiny_book["profile"].write_text("02_b:\n  fail: true  # on purpose\n")
     code = pipeline.main(["--profile", "p", "--root", str(tiny_book["root"]), "--run-dir", str(tiny_book["run_dir"]),
-                          "--no-build"])
+                          "--no-build", "--cold-kernels"])
     err = capsys.readouterr().err
     executed = tiny_book["run_dir"] / "book_src" / "notebooks" / "02_b.ipynb"
     assert code == pipeline.EXIT_FAILED_NOTEBOOK
@@ -346,7 +349,7 @@ def test_independent_notebooks_run_side_by_side_and_a_failure_stops_only_what_fo
     tiny_book["profile"].write_text("all:\n  pause: 1.0  # seconds of work after both started\n"
                                     "02_b:\n  fail: true  # on purpose\n")
     with pytest.raises(NotebookFailed, match="02_b was asked to fail"):
-        _run(tiny_book, jobs=2)
+        _run(tiny_book, jobs=2, warm_kernels=True)  # the kernels forked in the worker processes
     with open(tiny_book["run_dir"] / "timings.csv") as f:
         assert {r["stage"]: r["status"] for r in csv.DictReader(f)} == {"01_a": "ran", "02_b": "failed", "03_c": "ran"}
     span = {s: read_json(tiny_book["run_dir"] / s / "span.json") for s in tiny_book["stems"]}

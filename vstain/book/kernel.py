@@ -84,15 +84,20 @@ def execute(stage: Stage, params: dict[str, Any], executed: Path, cwd: Path, pro
     from papermill.iorw import write_ipynb
     from papermill.utils import chdir
 
+    from . import forkserver
+
     executed.parent.mkdir(parents=True, exist_ok=True)
     nb = papermill.execute_notebook(
         str(stage.source), str(executed), parameters=params, prepare_only=True, progress_bar=False, cwd=str(cwd)
     )
     kernel = papermill_engines.nb_kernel_name(engine_name=None, nb=nb)
+    warm = {}
+    if os.environ.get(forkserver.ADDRESS):  # the pipeline's warm process forks the kernel
+        warm = {"kernel_manager_class": forkserver.ForkKernelManager}
     with chdir(str(cwd)):
         nb = papermill_engines.execute_notebook_with_engine(
             None, nb, kernel_name=kernel, input_path=str(stage.source), output_path=str(executed),
-            progress_bar=progress, log_output=False, start_timeout=120, shutdown_kernel="immediate",
+            progress_bar=progress, log_output=False, start_timeout=120, shutdown_kernel="immediate", **warm,
         )
     write_ipynb(render_carriage_returns(nb), str(executed))
     bad = _error_cells(nb)

@@ -52,6 +52,7 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from . import rundir, schedule
+from .forkserver import ForkServer
 from .kernel import NotebookFailed, Stage, kernel_environment, submit, threads_for_next
 from .build import BuildFailed, build_html, stage_book_sources, toc_entries
 from .profiles import ProfileError, load_profile, resolve_parameters
@@ -152,6 +153,7 @@ def run(
     build: bool = True,
     progress: bool = False,
     jobs: int | None = None,
+    warm_kernels: bool = True,
     log: Callable[[str], None] = print,
 ) -> Result:
     """Run the book for one profile (see the module docstring).
@@ -174,6 +176,8 @@ def run(
             one, a notebook alone gets every core and notebooks side by side an equal share
             (:func:`~vstain.book.kernel.threads_for_next`), unless ``OMP_NUM_THREADS`` is set (then
             every kernel inherits it).
+        warm_kernels: fork each notebook's kernel from one process that has imported the study's
+            libraries (:mod:`vstain.book.forkserver`), instead of starting each from scratch.
 
     Raises:
         ProfileError, NotebookFailed, BuildFailed, FileNotFoundError, DependencyError.
@@ -263,6 +267,7 @@ def run(
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) if jobs > 1 else None
     pending, running = list(stages), {}
     failure: NotebookFailed | None = None
+    warm = ForkServer() if warm_kernels else None  # the process the kernels fork from, once a notebook runs
     try:
         while pending or running:
             # start notebooks whose upstream stages are done while threads are free: the one heading the
@@ -284,6 +289,8 @@ def run(
                     break
                 stage = ready[0]
                 pending.remove(stage)
+                if warm is not None and not warm.started:
+                    warm.start()  # before the first worker process forks: they inherit its address
                 log(f"{head(stage)} running ...")
                 (records / f"{stage.stem}.json").unlink(missing_ok=True)
                 args = (stage, params[stage.stem], book_src / f"{stage.toc_file}.ipynb", root, progress,
@@ -303,6 +310,8 @@ def run(
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        if warm is not None:
+            warm.stop()
         results = [done[s.stem] for s in stages if s.stem in done]
         _write_timings(timings, results, None)
     if failure is not None:
@@ -332,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated notebook stems to run (others are kept as they are)")
     ap.add_argument("--force", action="store_true", help="rerun notebooks even when nothing changed")
     ap.add_argument("--no-build", action="store_true", help="run the notebooks, skip the HTML")
+    ap.add_argument("--cold-kernels", action="store_true",
+                    help="start every notebook's kernel from scratch, not forked from a process with the libraries imported")
     ap.add_argument("--jobs", type=int,
                     help="notebooks run at once when the stages they read are done (default: the profile's jobs, else 1)")
     args = ap.parse_args(argv)
@@ -340,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args.profile, root=args.root, run_dir=args.run_dir, toc=args.toc, output=args.output, force=args.force,
             build=not args.no_build, only=args.only.split(",") if args.only else None, progress=sys.stderr.isatty(),
-            jobs=args.jobs)
+            jobs=args.jobs, warm_kernels=not args.cold_kernels)
     except (ProfileError, FileNotFoundError, schedule.DependencyError) as exc:
         print(f"[vstain] ERROR: {exc}", file=sys.stderr)
         return EXIT_PROFILE
