@@ -75,13 +75,14 @@ def test_without_a_warm_process_the_kernel_starts_afresh(tmp_path):
     server = forkserver.ForkServer().start()
     server.process.kill()
     server.process.wait()
+    source = write_notebook(tmp_path / "plain.ipynb", "x = 0  # a value", "import os\nprint(os.getppid(), x)")
     try:
         t0 = time.monotonic()
-        out = _execute(tmp_path, "fallback", threads=1)
+        kernel.execute(kernel.Stage("plain", source, "plain"), {"x": 5}, tmp_path / "out.ipynb", cwd=tmp_path)
         assert time.monotonic() - t0 < 30  # no wait for a process that will never serve
     finally:
         server.stop()
-    assert out[0].splitlines()[1].startswith("1 [('blas', 1), ('openmp', 1)]")
+    assert _outputs(tmp_path / "out.ipynb") == [f"{os.getpid()} 5\n"]  # a kernel of this process's own
     assert forkserver.ADDRESS not in os.environ
 
 
