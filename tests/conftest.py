@@ -25,6 +25,7 @@ import nbformat  # noqa: E402
 import pytest  # noqa: E402
 
 from vstain.book import rundir  # noqa: E402
+from vstain.book.forkserver import keep_priority  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tests' own runs/: notebooks, nbval and the background pipelines resolve "runs/<name>" here
@@ -138,6 +139,7 @@ class Background:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="vstain-test-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(["nice", "-n", str(BACKGROUND_NICE), *cmd], cwd=cwd, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        keep_priority(self.proc.pid, BACKGROUND_NICE)  # and its session: where Linux shares the CPU by session
 
     def wait(self, timeout: float) -> tuple[int | None, str]:
         """Wait for the command: its exit status (None when it ran past ``timeout`` seconds and was

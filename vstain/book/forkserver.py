@@ -92,11 +92,26 @@ def thread_counts(env: dict[str, str]) -> tuple[int, int]:
     return torch_threads, blas
 
 
+def keep_priority(pid: int = 0, nice: int | None = None) -> None:
+    """Give the session of process ``pid`` (0: this one) the process's scheduling priority (or ``nice``).
+
+    A kernel runs in a session of its own, and where Linux groups the CPU time by session
+    (autogroup), a session's share follows the session's nice value, not its processes': a kernel
+    started from ``nice make book`` would otherwise compete at full weight with everything else."""
+    try:
+        nice = os.getpriority(os.PRIO_PROCESS, pid) if nice is None else nice
+        if nice > 0:
+            Path(f"/proc/{pid or 'self'}/autogroup").write_text(str(nice))
+    except OSError:  # no autogroup (another OS, or a kernel without it): the process's nice is what counts
+        pass
+
+
 def _become_kernel(request: dict[str, Any]) -> None:
     """In the forked child: become the kernel ``request`` describes; never returns."""
     code = 0
     try:
         os.setsid()  # its own process group, as jupyter_client starts kernels (stopped with killpg)
+        keep_priority()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the kernel waits for its own subprocesses
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
@@ -295,7 +310,9 @@ class ForkProvisioner(LocalProvisioner):
                 env["JPY_PARENT_PID"] = str(os.getpid())  # as jupyter_client's launch_kernel sets it
             pid = request_kernel(address, list(cmd), env, cwd)
         if pid is None:
-            return await super().launch_kernel(cmd, **kwargs)
+            info = await super().launch_kernel(cmd, **kwargs)
+            keep_priority(self.pid)  # jupyter_client starts it in a session of its own
+            return info
         self.process = ForkedProcess(pid)
         self.pid = self.pgid = pid  # the kernel's first act is setsid(): its group is its pid
         self.cwd = kwargs.get("cwd", Path.cwd())
