@@ -58,7 +58,8 @@ $(MATHJAX): | $(STAMP)
 # (tests/test_book.py); `make smoke-full`'s pipeline (tests/test_smoke_full.py: the full profile's
 # method settings on tiny data); then every notebook with its quick defaults under nbval, except those
 # the two pipelines already ran at these defaults (tests/conftest.py). The pipelines start in the
-# background when collection ends and share the two cores with the unit tests, one CPU thread per
+# background when collection ends and share the two cores with the unit tests at a lower priority
+# (nice 10: the unit tests are one process, the pipelines several), one CPU thread per
 # process (tests/conftest.py says why; an exported OMP_NUM_THREADS wins). One pytest run: its summary
 # line and exit status are make's; it ends with its 25 slowest tests (where the time goes).
 test: $(STAMP) $(CHROMIUM) $(MATHJAX)
