@@ -131,9 +131,9 @@ BACKGROUND_NICE = 10
 
 
 class Background:
-    """A command running in the background in its own process group (stopping it stops the
-    kernels and builds it started too), at :data:`BACKGROUND_NICE`, its output going to a log file
-    (a pipe nobody reads would fill and stall it)."""
+    """A command running in the background in its own process group (stopping it stops the builds
+    and the warm kernel processes it started, and their kernels with them), at
+    :data:`BACKGROUND_NICE`, its output going to a log file (a pipe nobody reads would fill and stall it)."""
 
     def __init__(self, cmd: list[str], cwd: Path, env: dict | None = None):
         self.log = tempfile.NamedTemporaryFile("w+", prefix="vstain-test-", suffix=".log", delete=False)

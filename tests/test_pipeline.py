@@ -25,7 +25,7 @@ def _stages(book):
 
 def _run(book, **kw):
     # kernels started afresh: a warm process (test_forkserver.py) would import torch for notebooks that
-    # import nothing; the failure test below runs with one
+    # import nothing; test_independent_notebooks_run_side_by_side_... runs with warm processes
     kw.setdefault("warm_kernels", False)
     return pipeline.run("p", root=book["root"], profile_path=book["profile"], run_dir=str(book["run_dir"]),
                         build=False, log=lambda s: None, **kw)

@@ -1,27 +1,31 @@
-"""Notebook kernels forked from one process that has imported the study's libraries already.
+"""Notebook kernels forked from a process that has imported the study's libraries already.
 
 Every notebook of the book opens by importing torch, Lightning, pandas, matplotlib and ``vstain``:
-3-6 s of a fresh kernel's time on 2 cores before the notebook computes anything, and more in the
-cells that import further modules on first use. The pipeline starts one *warm* process per run
-(:class:`ForkServer`) that imports :data:`PRELOAD` once and waits; each notebook's kernel is then a
-fork of it (:class:`ForkKernelManager`), which finds those modules imported.
+3-6 s of a fresh kernel on 2 cores before the notebook computes anything, and more in the cells that
+import further modules on first use. The pipeline starts a *warm* process (:class:`ForkServer`) that
+imports :data:`PRELOAD` once and waits; each notebook's kernel is then a fork of it
+(:class:`ForkKernelManager`), which finds those modules imported.
 
-A forked kernel computes what a fresh one does (``tests/test_forkserver.py`` compares the two):
+A forked kernel is the kernel a fresh start would give (``tests/test_forkserver.py`` compares them):
 
-- it is ipykernel started by ipykernel's own entry point, in a session (process group) of its own,
-  with the environment, working directory and connection file jupyter_client gives any kernel;
-- the warm process only imports, with one CPU thread and the inline matplotlib backend that
-  ipykernel sets in every kernel, so no thread pool exists when it forks; the kernel then sets
-  torch's and the BLAS libraries' threads as a fresh interpreter reads them from its environment
-  (:func:`thread_counts`);
-- a kernel whose command is not this interpreter's ipykernel, or one asked for while the warm
-  process is still importing or is gone, starts afresh as jupyter_client starts it.
+- ipykernel started by its own entry point, in a session (process group) of its own, with the
+  connection file, working directory and environment jupyter_client gives any kernel;
+- the warm process runs with the kernels' environment, CPU thread variables included (one warm
+  process per thread setting, :class:`WarmKernels`), so every library read at import what a fresh
+  kernel's reads; it only imports (no thread pool of torch's exists when it forks; OpenBLAS stops its
+  threads before a fork and starts them again after), with the inline matplotlib backend ipykernel
+  sets in every kernel; a kernel whose environment differs from the warm process's, or whose command
+  is not this interpreter's ipykernel, starts afresh;
+- the one difference: a warning a library prints while it is imported appears once, in the
+  pipeline's output, instead of in the first cell of every notebook that imports it.
 
-The warm process ends with the pipeline, or by itself once the process that started it is gone.
+A kernel asked for while the warm process imports waits for it (so every kernel of a run starts
+the same way); if the warm process is gone, kernels start afresh. Kernels end with their warm
+process, and it with the pipeline.
 """
 from __future__ import annotations
 
-import atexit
+import errno
 import gc
 import importlib
 import importlib.util
@@ -35,61 +39,25 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from pathlib import Path
 from typing import Any
 
 from jupyter_client import AsyncKernelManager
 from jupyter_client.provisioning import LocalProvisioner
 
-ADDRESS = "VSTAIN_KERNEL_SERVER"  # the environment variable that names the warm process's socket
+ADDRESS = "VSTAIN_KERNEL_SERVER"  # the environment variable naming the warm process's socket to a kernel manager
 INLINE = "module://matplotlib_inline.backend_inline"  # ipykernel's default backend (kernelapp.init_gui_pylab)
-# What the notebooks import (their import cells), heaviest first; a module that fails to import is
-# left for the kernel to import (and fail on) itself.
+# What the notebooks import (their import cells). ipykernel first: it decides what tqdm and
+# matplotlib see of the notebook front end. A module that fails to import is left to the kernel.
 PRELOAD = (
     "ipykernel.kernelapp", "torch", "lightning", "torchmetrics", "pandas", "scipy.stats", "scipy.ndimage",
     "skimage.measure", "matplotlib.pyplot", "IPython.display",
     "vstain.book.rundir", "vstain.data.stage", "vstain.plots.views", "vstain.training.unet", "vstain.training.wgan",
     "vstain.training.flow", "vstain.evaluate.metrics", "vstain.evaluate.perceptual",
 )
-
-
-# --------------------------------------------------------------------------------------------
-# The warm process
-# --------------------------------------------------------------------------------------------
-def _count(env: dict[str, str], name: str) -> int | None:
-    """A thread count from ``env[name]`` (its first field: OpenMP writes one per nesting level)."""
-    try:
-        n = int(env.get(name, "").split(",")[0])
-    except ValueError:
-        return None
-    return n if n >= 1 else None
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _physical_cores() -> int:
-    """The machine's physical cores (torch's default thread count), from Linux's CPU topology."""
-    cores = set()
-    for topology in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
-        try:
-            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
-        except OSError:
-            continue
-    return len(cores) or os.cpu_count() or 1
-
-
-def thread_counts(env: dict[str, str]) -> tuple[int, int]:
-    """The CPU threads of torch and of the BLAS libraries in a fresh interpreter with environment
-    ``env``, as each reads it when it loads: torch ``MKL_NUM_THREADS``, else ``OMP_NUM_THREADS``, else
-    the physical cores; OpenBLAS ``OPENBLAS_NUM_THREADS``, else ``GOTO_NUM_THREADS``, else
-    ``OMP_NUM_THREADS``, else the cores this process may use."""
-    torch_threads = _count(env, "MKL_NUM_THREADS") or _count(env, "OMP_NUM_THREADS") or _physical_cores()
-    blas = next((n for n in map(lambda k: _count(env, k), ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS",
-                                                           "OMP_NUM_THREADS")) if n), None) or _cores()
-    return torch_threads, blas
+# Environment variables that may differ between a kernel and its warm process: the kernel manager's
+# own, and the socket's name.
+PER_KERNEL = ("JPY_PARENT_PID", "JPY_SESSION_NAME", ADDRESS)
 
 
 def keep_priority(pid: int = 0, nice: int | None = None) -> None:
@@ -97,37 +65,48 @@ def keep_priority(pid: int = 0, nice: int | None = None) -> None:
 
     A kernel runs in a session of its own, and where Linux groups the CPU time by session
     (autogroup), a session's share follows the session's nice value, not its processes': a kernel
-    started from ``nice make book`` would otherwise compete at full weight with everything else."""
+    started from ``nice make book`` would otherwise compete at full weight with everything else.
+    Linux lets a process without privileges set it once per 100 ms: a refused write is retried."""
     try:
         nice = os.getpriority(os.PRIO_PROCESS, pid) if nice is None else nice
-        if nice > 0:
+    except OSError:
+        return
+    if nice <= 0:
+        return
+    for _ in range(20):
+        try:
             Path(f"/proc/{pid or 'self'}/autogroup").write_text(str(nice))
-    except OSError:  # no autogroup (another OS, or a kernel without it): the process's nice is what counts
-        pass
+            return
+        except OSError as exc:  # no autogroup (another OS, or a kernel without it): the process's nice counts
+            if exc.errno != errno.EAGAIN:
+                return
+            time.sleep(0.1)
 
 
-def _become_kernel(request: dict[str, Any]) -> None:
-    """In the forked child: become the kernel ``request`` describes; never returns."""
+def _same_environment(request: dict[str, str], base: dict[str, str]) -> bool:
+    drop = set(PER_KERNEL)
+    return {k: v for k, v in request.items() if k not in drop} == {k: v for k, v in base.items() if k not in drop}
+
+
+def _become_kernel(request: dict[str, Any], added: dict[str, str]) -> None:
+    """In the forked child: become the kernel ``request`` describes (``added``: what the imports put
+    in the environment, as they would in a fresh kernel); never returns."""
     code = 0
     try:
         os.setsid()  # its own process group, as jupyter_client starts kernels (stopped with killpg)
         keep_priority()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the kernel waits for its own subprocesses
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
         os.environ.clear()
-        os.environ.update(request["env"])
+        os.environ.update({**added, **request["env"]})
         os.chdir(request["cwd"])
-        import threadpoolctl
-        import torch
-
-        torch_threads, blas_threads = thread_counts(os.environ)
-        torch.set_num_threads(torch_threads)  # its OpenMP and MKL threads
-        threadpoolctl.threadpool_limits(blas_threads, user_api="blas")  # numpy's and scipy's OpenBLAS
         sys.argv = [importlib.util.find_spec("ipykernel_launcher").origin, *request["argv"][3:]]  # as under `python -m`
-        if os.environ.get("JPY_PARENT_PID"):  # ipykernel read it when the warm process imported it
-            sys.argv.append(f"--IPKernelApp.parent_handle={os.environ['JPY_PARENT_PID']}")
+        # ipykernel read JPY_PARENT_PID when the warm process imported it: the kernel watches the
+        # warm process instead, and ends when it does
+        sys.argv.append(f"--IPKernelApp.parent_handle={os.getppid()}")
         from ipykernel import kernelapp
 
         kernelapp.launch_new_instance()
@@ -138,7 +117,6 @@ def _become_kernel(request: dict[str, Any]) -> None:
         code = 1
     finally:
         try:
-            atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
@@ -147,52 +125,74 @@ def _become_kernel(request: dict[str, Any]) -> None:
 
 def serve(address: str, parent: int) -> None:
     """Import :data:`PRELOAD`, then fork a kernel for each request on the Unix socket ``address``
-    (one JSON line: ``argv``, ``env``, ``cwd``; the reply is the kernel's pid), until ``parent`` is gone."""
+    (one JSON line: ``argv``, ``env``, ``cwd``; the reply is the kernel's pid, or an empty line when
+    the kernel's environment is not this process's), until ``parent`` is gone or SIGTERM."""
     if sys.path and Path(sys.path[0] or ".").resolve() == Path.cwd():
-        del sys.path[0]  # as ipykernel's launcher does: a kernel imports nothing from where it was started
+        del sys.path[0]  # started with -m from the pipeline's folder: import nothing from there, as a kernel
+    base = dict(os.environ)
     os.environ.setdefault("MPLBACKEND", INLINE)
-    with warnings.catch_warnings():  # a warning at import belongs to no notebook
-        warnings.simplefilter("ignore")
-        for name in PRELOAD:
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - the kernel that needs it imports it and reports the error
-                pass
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the kernel that needs it imports it and reports the error
+            pass
+    added = {k: v for k, v in os.environ.items() if k not in base}
     gc.freeze()  # what the imports made stays out of the kernels' garbage collections (and unwritten)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    kernels: list[int] = []
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # ended kernels are reaped at once; their end is polled by pid
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(address + ".tmp")
     server.listen(16)
     os.rename(address + ".tmp", address)  # the socket appears once it accepts
     server.settimeout(1.0)
-    while os.getppid() == parent:
-        try:
-            conn, _ = server.accept()
-        except socket.timeout:
-            continue
-        with conn:
-            conn.settimeout(30)
-            request = json.loads(conn.makefile("r").readline())
-            pid = os.fork()
-            if pid == 0:
-                server.close()
-                conn.close()
-                _become_kernel(request)
-            conn.sendall(f"{pid}\n".encode())
+    try:
+        while os.getppid() == parent:
+            try:
+                conn, _ = server.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                try:
+                    conn.settimeout(30)
+                    request = json.loads(conn.makefile("r").readline())
+                    if not _same_environment(request["env"], base):
+                        conn.sendall(b"\n")  # a fresh kernel reads its own environment
+                        continue
+                except (OSError, ValueError, KeyError):
+                    continue
+                pid = os.fork()
+                if pid == 0:
+                    server.close()
+                    conn.close()
+                    _become_kernel(request, added)
+                try:
+                    conn.sendall(f"{pid}\n".encode())
+                    kernels.append(pid)
+                except OSError:  # the kernel manager gave up waiting and starts one afresh
+                    os.kill(pid, signal.SIGKILL)
+    finally:
+        for pid in kernels:  # a kernel whose notebook was not ended (the pipeline stopped)
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 # --------------------------------------------------------------------------------------------
 # The pipeline's side
 # --------------------------------------------------------------------------------------------
 class ForkServer:
-    """The warm process for one pipeline run: :meth:`start` starts it and names its socket in
-    :data:`ADDRESS` (inherited by worker processes forked later); :meth:`stop` ends it. Also a
-    context manager."""
+    """A warm process whose environment is this process's with ``env`` laid over it (the kernels'
+    thread variables): :meth:`start`, :meth:`wait_ready`, :meth:`stop`; also a context manager."""
 
-    def __init__(self):
+    def __init__(self, env: dict[str, str] | None = None):
+        self.env = dict(env or {})
         self.process: subprocess.Popen | None = None
         self.folder: str | None = None
-        self._previous: str | None = None
+        self.address = ""
 
     @property
     def started(self) -> bool:
@@ -201,36 +201,26 @@ class ForkServer:
     def start(self) -> ForkServer:
         self.folder = tempfile.mkdtemp(prefix="vstain-kernels-")
         self.address = os.path.join(self.folder, "server")
-        # one thread while it imports: no OpenMP or BLAS thread pool exists in the process it forks
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+        env = {k: v for k, v in {**os.environ, **self.env}.items() if k != ADDRESS}
         self.process = subprocess.Popen([sys.executable, "-m", "vstain.book.forkserver", self.address, str(os.getpid())],
                                         env=env, stdin=subprocess.DEVNULL)
-        self._previous = os.environ.get(ADDRESS)
-        os.environ[ADDRESS] = self.address
+        Path(self.address + ".pid").write_text(str(self.process.pid))
         return self
 
     def wait_ready(self, timeout: float = 120.0) -> bool:
         """Wait until the warm process serves (its imports done); False if it ended or timed out."""
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(self.address):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
+        return _wait_for(self.address, timeout)
 
     def stop(self) -> None:
         if self.process is None:
             return
-        if self._previous is None:
-            os.environ.pop(ADDRESS, None)
-        else:
-            os.environ[ADDRESS] = self._previous
         if self.process.poll() is None:
-            self.process.terminate()
+            self.process.terminate()  # it ends the kernels it forked that still run
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+                self.process.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
         self.process = None
 
@@ -241,20 +231,65 @@ class ForkServer:
         self.stop()
 
 
-def request_kernel(address: str, argv: list[str], env: dict[str, str], cwd: str, timeout: float = 60.0) -> int | None:
-    """Ask the warm process at ``address`` for a kernel: its pid, or None when the warm process
-    does not serve (it is still importing, or it is gone) and the kernel is to start afresh."""
-    if not os.path.exists(address):
+class WarmKernels:
+    """The pipeline's warm processes, one per thread setting of its kernels (``settings``: the
+    environments the kernels can get), all started when the first kernel needs one (then they import
+    side by side): :meth:`environment` gives a kernel's environment its warm process's address."""
+
+    def __init__(self, settings: list[dict[str, str]]):
+        self.settings = [dict(env) for env in settings]
+        self.servers: dict[tuple, ForkServer] = {}
+
+    def environment(self, env: dict[str, str]) -> dict[str, str]:
+        if not self.servers:
+            for setting in self.settings:
+                self.servers.setdefault(tuple(sorted(setting.items())), ForkServer(setting).start())
+        key = tuple(sorted(env.items()))
+        if key not in self.servers:
+            self.servers[key] = ForkServer(env).start()
+        return {**env, ADDRESS: self.servers[key].address}
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+
+
+def _alive(address: str) -> bool:
+    """Whether the warm process serving ``address`` still runs (not ended, not a zombie)."""
+    try:
+        pid = int(Path(address + ".pid").read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # no /proc: the signal above is the test there is
+        return True
+
+
+def _wait_for(address: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(address):
+        if time.monotonic() > deadline or not _alive(address):
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def request_kernel(address: str, argv: list[str], env: dict[str, str], cwd: str, timeout: float = 120.0) -> int | None:
+    """Ask the warm process at ``address`` for a kernel (waiting while it imports): its pid, or None
+    when it is gone or declines (another environment), and the kernel is to start afresh."""
+    if not _wait_for(address, timeout):
         return None
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(timeout)
+            conn.settimeout(60)
             conn.connect(address)
             conn.sendall((json.dumps({"argv": argv, "env": env, "cwd": cwd}) + "\n").encode())
             reply = conn.makefile("r").readline()
-    except OSError:
+        return int(reply) if reply.strip() else None
+    except (OSError, ValueError):
         return None
-    return int(reply) if reply.strip() else None
 
 
 class ForkedProcess:
@@ -299,13 +334,13 @@ class ForkProvisioner(LocalProvisioner):
     warm process named by :data:`ADDRESS` when there is one."""
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any):
-        address = os.environ.get(ADDRESS)
-        ours = len(cmd) >= 3 and cmd[1:3] == ["-m", "ipykernel_launcher"] \
-            and os.path.realpath(shutil.which(cmd[0]) or cmd[0]) == os.path.realpath(sys.executable)
+        env = {**(kwargs.get("env") or os.environ)}
+        address = env.pop(ADDRESS, None)  # the kernel's environment is what it would be without a warm process
+        kwargs["env"] = env
+        ours = len(cmd) >= 3 and cmd[0] == sys.executable and cmd[1:3] == ["-m", "ipykernel_launcher"]
         pid = None
         if address and ours:
             cwd = str(kwargs.get("cwd") or os.getcwd())
-            env = {**(kwargs.get("env") or os.environ)}
             if not kwargs.get("independent"):
                 env["JPY_PARENT_PID"] = str(os.getpid())  # as jupyter_client's launch_kernel sets it
             pid = request_kernel(address, list(cmd), env, cwd)

@@ -52,7 +52,7 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from . import rundir, schedule
-from .forkserver import ForkServer
+from .forkserver import WarmKernels
 from .kernel import NotebookFailed, Stage, kernel_environment, submit, threads_for_next
 from .build import BuildFailed, build_html, stage_book_sources, toc_entries
 from .profiles import ProfileError, load_profile, resolve_parameters
@@ -176,7 +176,7 @@ def run(
             one, a notebook alone gets every core and notebooks side by side an equal share
             (:func:`~vstain.book.kernel.threads_for_next`), unless ``OMP_NUM_THREADS`` is set (then
             every kernel inherits it).
-        warm_kernels: fork each notebook's kernel from one process that has imported the study's
+        warm_kernels: fork each notebook's kernel from a process that has imported the study's
             libraries (:mod:`vstain.book.forkserver`), instead of starting each from scratch.
 
     Raises:
@@ -267,7 +267,9 @@ def run(
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) if jobs > 1 else None
     pending, running = list(stages), {}
     failure: NotebookFailed | None = None
-    warm = ForkServer() if warm_kernels else None  # the process the kernels fork from, once a notebook runs
+    # the processes the kernels fork from: one per thread setting a kernel can get, started with the first notebook
+    settings = [0] if chosen else sorted({cores, max(1, cores // jobs)})
+    warm = WarmKernels([kernel_environment(t) for t in settings]) if warm_kernels else None
     try:
         while pending or running:
             # start notebooks whose upstream stages are done while threads are free: the one heading the
@@ -289,12 +291,11 @@ def run(
                     break
                 stage = ready[0]
                 pending.remove(stage)
-                if warm is not None and not warm.started:
-                    warm.start()  # before the first worker process forks: they inherit its address
                 log(f"{head(stage)} running ...")
                 (records / f"{stage.stem}.json").unlink(missing_ok=True)
+                env = kernel_environment(threads)
                 args = (stage, params[stage.stem], book_src / f"{stage.toc_file}.ipynb", root, progress,
-                        kernel_environment(threads))
+                        env if warm is None else warm.environment(env))
                 running[submit(pool, args)] = (stage, digests[stage.stem], time.time(), threads)
             if not running:
                 break  # a failure stopped new starts, or nothing is left that can start
