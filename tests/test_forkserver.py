@@ -39,19 +39,23 @@ print(torch.get_num_threads(), blas, matplotlib.get_backend(), os.getcwd(), os.g
 print(sys.argv[0].endswith("ipykernel_launcher.py"), os.getcwd() in sys.path, subprocess.run(["false"]).returncode,
       hashlib.sha256(repr(env).encode()).hexdigest())
 """
+LOG = 'import logging\nlogging.getLogger("lightning.pytorch").warning("a line of the Lightning log")'
 THREADS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def _outputs(path):
+    """Each output's text, error name or data types; stderr only where it holds a log line (a library's
+    warning at import shows in a fresh kernel's stderr, in a forked one's pipeline output)."""
     nb = json.loads(path.read_text())
-    return ["".join(o.get("text", "")) or o.get("ename") or sorted(o.get("data", {}))
-            for c in nb["cells"] for o in c.get("outputs", []) if o.get("name") != "stderr"]
+    outs = [("".join(o.get("text", "")) or o.get("ename") or sorted(o.get("data", {})), o.get("name"))
+            for c in nb["cells"] for o in c.get("outputs", [])]
+    return [text for text, name in outs if name != "stderr" or "the Lightning log" in text]
 
 
 def _execute(tmp_path, name, env):
     """Run the probe with ``env`` laid over this process's environment (as the pipeline's workers do)."""
     source = write_notebook(tmp_path / "probe.ipynb", "seed = 0  # weights", PROBE, "plt.plot([0, 1]); plt.show()",
-                            ("1 / 0", ["raises-exception"]), "print(os.getppid())")
+                            ("1 / 0", ["raises-exception"]), LOG, "print(os.getppid())")
     executed = tmp_path / f"{name}.ipynb"
     old = os.environ.copy()
     os.environ.update(env)
@@ -64,51 +68,40 @@ def _execute(tmp_path, name, env):
 
 
 def test_a_forked_kernel_computes_what_a_fresh_one_does(tmp_path):
-    two = {k: "2" for k in THREADS}
+    two = {k: "2" for k in THREADS}  # not this session's one thread: the warm process's environment counts
     fresh = _execute(tmp_path, "fresh", two)
-    warm = forkserver.WarmKernels([two, {k: "1" for k in THREADS}])
+    warm = forkserver.WarmKernels([two])
     try:
-        forked = _execute(tmp_path, "forked", warm.environment(two))  # waits while the warm processes import
-        one = _execute(tmp_path, "forked1", warm.environment({k: "1" for k in THREADS}))
-        servers = [s.process.pid for s in warm.servers.values()]
-        assert all(s.process.poll() is None for s in warm.servers.values())  # they serve the next kernel
+        env = warm.environment(two)
+        server = next(iter(warm.servers.values()))
+        assert server.wait_ready()
+        pid = server.process.pid
+        forked = _execute(tmp_path, "forked", env)
+        assert server.process.poll() is None  # it serves the next kernel
+        # another environment is declined (a fresh kernel reads its own), and so is every kernel once it is gone
+        argv = [sys.executable, "-m", "ipykernel_launcher"]
+        assert forkserver.request_kernel(server.address, argv, {**os.environ, **two, "OMP_NUM_THREADS": "1"}, "/") is None
+        server.process.kill()
+        server.process.wait()
+        gone = _execute(tmp_path, "gone", env)
     finally:
         warm.stop()
-    assert int(forked[-1]) == servers[0] and int(one[-1]) == servers[1] != int(fresh[-1])  # forked from them
+    assert int(forked[-1]) == pid and int(fresh[-1]) == int(gone[-1]) == os.getpid()  # forked from the warm process
     # the same loss to the last bit, threads of torch and of each BLAS library, backend, cwd, session,
-    # argv, sys.path, a subprocess's exit status, environment, a figure, a tagged error
-    assert forked[:-1] == fresh[:-1]
+    # argv, sys.path, a subprocess's exit status, environment, a figure, a tagged error, a log line
+    assert forked[:-1] == fresh[:-1] == gone[:-1]
     numbers, setup, more = fresh[0].splitlines()
     assert setup.startswith("2 [('openblas', 2, ") and "module://matplotlib_inline.backend_inline" in setup
     assert setup.endswith("True") and more.startswith("True False 1 ")
     assert fresh[1] == ["image/png", "text/plain"] and fresh[2] == "ZeroDivisionError"
-    assert one[0].splitlines()[0] == numbers and one[0].splitlines()[1].startswith("1 [('openblas', 1, ")
+    assert fresh[3] == "a line of the Lightning log\n"  # in the cell that logged it
 
 
-@pytest.mark.parametrize("when", ["before it serves", "while it serves"])
-def test_without_a_warm_process_the_kernel_starts_afresh(tmp_path, when):
-    server = forkserver.ForkServer().start()
-    if when == "while it serves":
-        assert server.wait_ready()
-    server.process.kill()  # the socket is missing, or nobody listens on it
-    server.process.wait()
-    source = write_notebook(tmp_path / "plain.ipynb", "x = 0  # a value", "import os\nprint(os.getppid(), x)")
-    old = os.environ.copy()
-    os.environ[forkserver.ADDRESS] = server.address
-    try:
-        kernel.execute(kernel.Stage("plain", source, "plain"), {"x": 5}, tmp_path / "out.ipynb", cwd=tmp_path)
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
-        server.stop()
-    assert _outputs(tmp_path / "out.ipynb") == [f"{os.getpid()} 5\n"]  # a kernel of this process's own
-
-
-def test_a_kernel_in_another_environment_is_declined():
-    with forkserver.ForkServer({"OMP_NUM_THREADS": "1"}) as server:
+def test_a_kernel_asked_for_while_the_warm_process_imports_starts_afresh(tmp_path):
+    with forkserver.ForkServer() as server:
         argv = [sys.executable, "-m", "ipykernel_launcher"]
-        assert forkserver.request_kernel(server.address, argv, {**os.environ, "OMP_NUM_THREADS": "2"}, "/") is None
-        assert server.process.poll() is None
+        assert forkserver.request_kernel(server.address, argv, dict(os.environ), "/") is None
+    assert server.process is None  # stopped
 
 
 def test_forked_process_reports_its_end_and_takes_signals():

@@ -25,7 +25,7 @@ def _stages(book):
 
 def _run(book, **kw):
     # kernels started afresh: a warm process (test_forkserver.py) would import torch for notebooks that
-    # import nothing; test_independent_notebooks_run_side_by_side_... runs with warm processes
+    # import nothing and, started with the first of them, serve none of these short runs
     kw.setdefault("warm_kernels", False)
     return pipeline.run("p", root=book["root"], profile_path=book["profile"], run_dir=str(book["run_dir"]),
                         build=False, log=lambda s: None, **kw)
@@ -349,7 +349,7 @@ def test_independent_notebooks_run_side_by_side_and_a_failure_stops_only_what_fo
     tiny_book["profile"].write_text("all:\n  pause: 1.0  # seconds of work after both started\n"
                                     "02_b:\n  fail: true  # on purpose\n")
     with pytest.raises(NotebookFailed, match="02_b was asked to fail"):
-        _run(tiny_book, jobs=2, warm_kernels=True)  # the kernels forked in the worker processes
+        _run(tiny_book, jobs=2)
     with open(tiny_book["run_dir"] / "timings.csv") as f:
         assert {r["stage"]: r["status"] for r in csv.DictReader(f)} == {"01_a": "ran", "02_b": "failed", "03_c": "ran"}
     span = {s: read_json(tiny_book["run_dir"] / s / "span.json") for s in tiny_book["stems"]}

@@ -19,9 +19,9 @@ A forked kernel is the kernel a fresh start would give (``tests/test_forkserver.
 - the one difference: a warning a library prints while it is imported appears once, in the
   pipeline's output, instead of in the first cell of every notebook that imports it.
 
-A kernel asked for while the warm process imports waits for it (so every kernel of a run starts
-the same way); if the warm process is gone, kernels start afresh. Kernels end with their warm
-process, and it with the pipeline.
+A kernel asked for while the warm process still imports (the first notebook of a run) starts
+afresh, as do all once the warm process is gone. Kernels end with their warm process, and it with
+the pipeline.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import gc
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import signal
@@ -88,6 +89,25 @@ def _same_environment(request: dict[str, str], base: dict[str, str]) -> bool:
     return {k: v for k, v in request.items() if k not in drop} == {k: v for k, v in base.items() if k not in drop}
 
 
+class _CurrentStderr:
+    """A stream that writes to whatever ``sys.stderr`` is when it writes: in a kernel, the cell's output."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _log_to_the_kernel() -> None:
+    """Point the log handlers that libraries bound to this process's stderr when the warm process
+    imported them (Lightning's) at the kernel's, as a fresh kernel's handlers are bound."""
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    for handler in (h for lg in loggers for h in lg.handlers):
+        if type(handler) is logging.StreamHandler and handler.stream in (sys.stderr, sys.__stderr__):
+            handler.setStream(_CurrentStderr())
+
+
 def _become_kernel(request: dict[str, Any], added: dict[str, str]) -> None:
     """In the forked child: become the kernel ``request`` describes (``added``: what the imports put
     in the environment, as they would in a fresh kernel); never returns."""
@@ -107,6 +127,7 @@ def _become_kernel(request: dict[str, Any], added: dict[str, str]) -> None:
         # ipykernel read JPY_PARENT_PID when the warm process imported it: the kernel watches the
         # warm process instead, and ends when it does
         sys.argv.append(f"--IPKernelApp.parent_handle={os.getppid()}")
+        _log_to_the_kernel()
         from ipykernel import kernelapp
 
         kernelapp.launch_new_instance()
@@ -204,12 +225,16 @@ class ForkServer:
         env = {k: v for k, v in {**os.environ, **self.env}.items() if k != ADDRESS}
         self.process = subprocess.Popen([sys.executable, "-m", "vstain.book.forkserver", self.address, str(os.getpid())],
                                         env=env, stdin=subprocess.DEVNULL)
-        Path(self.address + ".pid").write_text(str(self.process.pid))
         return self
 
     def wait_ready(self, timeout: float = 120.0) -> bool:
         """Wait until the warm process serves (its imports done); False if it ended or timed out."""
-        return _wait_for(self.address, timeout)
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.address):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def stop(self) -> None:
         if self.process is None:
@@ -254,32 +279,10 @@ class WarmKernels:
             server.stop()
 
 
-def _alive(address: str) -> bool:
-    """Whether the warm process serving ``address`` still runs (not ended, not a zombie)."""
-    try:
-        pid = int(Path(address + ".pid").read_text())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:  # no /proc: the signal above is the test there is
-        return True
-
-
-def _wait_for(address: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(address):
-        if time.monotonic() > deadline or not _alive(address):
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def request_kernel(address: str, argv: list[str], env: dict[str, str], cwd: str, timeout: float = 120.0) -> int | None:
-    """Ask the warm process at ``address`` for a kernel (waiting while it imports): its pid, or None
-    when it is gone or declines (another environment), and the kernel is to start afresh."""
-    if not _wait_for(address, timeout):
+def request_kernel(address: str, argv: list[str], env: dict[str, str], cwd: str) -> int | None:
+    """Ask the warm process at ``address`` for a kernel: its pid, or None when it does not serve
+    (still importing, or gone) or declines (another environment), and the kernel is to start afresh."""
+    if not os.path.exists(address):
         return None
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
