@@ -196,10 +196,19 @@ def serve(address: str, parent: int) -> None:
                     os.kill(pid, signal.SIGKILL)
     finally:
         for pid in kernels:  # a kernel whose notebook was not ended (the pipeline stopped)
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
+            if _parent_of(pid) == os.getpid():  # still ours: an ended kernel's pid may be another's by now
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent of process ``pid``, or None when there is no such process (or no /proc to ask)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,21 +306,27 @@ def request_kernel(address: str, argv: list[str], env: dict[str, str], cwd: str)
 
 class ForkedProcess:
     """The :class:`subprocess.Popen` calls jupyter_client makes on a kernel, for a kernel that is
-    the warm process's child, not this process's (its exit status is not known here: -1)."""
+    the warm process's child, not this process's (its exit status is not known here: -1). It has
+    ended when its pid no longer belongs to a child of the same parent (pids are reused)."""
 
     stdin = stdout = stderr = None
 
     def __init__(self, pid: int):
         self.pid, self.returncode = pid, None
+        self.parent = _parent_of(pid)
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                self.returncode = -1
-            except PermissionError:
-                pass
+            if Path("/proc").is_dir():
+                if self.parent is None or _parent_of(self.pid) != self.parent:
+                    self.returncode = -1
+            else:  # no /proc: whether the pid is taken at all
+                try:
+                    os.kill(self.pid, 0)
+                except ProcessLookupError:
+                    self.returncode = -1
+                except PermissionError:
+                    pass
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -323,7 +338,8 @@ class ForkedProcess:
         return self.returncode
 
     def send_signal(self, signum: int) -> None:
-        os.kill(self.pid, signum)
+        if self.poll() is None:  # an ended kernel's pid may be another process's by now
+            os.kill(self.pid, signum)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
@@ -355,6 +371,12 @@ class ForkProvisioner(LocalProvisioner):
         self.pid = self.pgid = pid  # the kernel's first act is setsid(): its group is its pid
         self.cwd = kwargs.get("cwd", Path.cwd())
         return self.connection_info
+
+
+    async def send_signal(self, signum: int) -> None:
+        if isinstance(self.process, ForkedProcess) and self.process.poll() is not None:
+            return  # ended: its process group's id may be another's by now
+        await super().send_signal(signum)
 
 
 class ForkKernelManager(AsyncKernelManager):
