@@ -56,9 +56,9 @@ PRELOAD = (
     "vstain.book.rundir", "vstain.data.stage", "vstain.plots.views", "vstain.training.unet", "vstain.training.wgan",
     "vstain.training.flow", "vstain.evaluate.metrics", "vstain.evaluate.perceptual",
 )
-# Environment variables that may differ between a kernel and its warm process: the kernel manager's
-# own, and the socket's name.
-PER_KERNEL = ("JPY_PARENT_PID", "JPY_SESSION_NAME", ADDRESS)
+# Environment variables that may differ between a kernel and its warm process: the kernel manager's own
+# (the socket's name is in neither: the warm process starts without it, the provisioner takes it out).
+PER_KERNEL = ("JPY_PARENT_PID", "JPY_SESSION_NAME")
 
 
 def keep_priority(pid: int = 0, nice: int | None = None) -> None:
@@ -223,10 +223,6 @@ class ForkServer:
         self.process: subprocess.Popen | None = None
         self.folder: str | None = None
         self.address = ""
-
-    @property
-    def started(self) -> bool:
-        return self.process is not None
 
     def start(self) -> ForkServer:
         self.folder = tempfile.mkdtemp(prefix="vstain-kernels-")

@@ -124,6 +124,13 @@ def threads_for_next(jobs: int, cores: int, running: list[int], ready: int) -> i
     return share if sum(running) + share <= max(cores, share * jobs) else None
 
 
+def thread_settings(jobs: int, cores: int, chosen: bool) -> list[int]:
+    """Every thread count :func:`threads_for_next` can give a kernel (``chosen``: the threads are
+    torch's default or the user's, 0), so that each can have its warm process
+    (:class:`vstain.book.forkserver.WarmKernels`)."""
+    return [0] if chosen else sorted({cores, max(1, cores // jobs)})
+
+
 def kernel_environment(threads: int) -> dict[str, str]:
     """What a kernel's environment gets for ``threads`` CPU threads (torch reads ``OMP_NUM_THREADS``
     when it starts); nothing for 0 (torch's default)."""

@@ -53,7 +53,7 @@ import yaml
 
 from . import rundir, schedule
 from .forkserver import WarmKernels
-from .kernel import NotebookFailed, Stage, kernel_environment, submit, threads_for_next
+from .kernel import NotebookFailed, Stage, kernel_environment, submit, thread_settings, threads_for_next
 from .build import BuildFailed, build_html, stage_book_sources, toc_entries
 from .profiles import ProfileError, load_profile, resolve_parameters
 
@@ -268,8 +268,8 @@ def run(
     pending, running = list(stages), {}
     failure: NotebookFailed | None = None
     # the processes the kernels fork from: one per thread setting a kernel can get, started with the first notebook
-    settings = [0] if chosen else sorted({cores, max(1, cores // jobs)})
-    warm = WarmKernels([kernel_environment(t) for t in settings]) if warm_kernels else None
+    settings = [kernel_environment(t) for t in thread_settings(jobs, cores, chosen)]
+    warm = WarmKernels(settings) if warm_kernels else None
     try:
         while pending or running:
             # start notebooks whose upstream stages are done while threads are free: the one heading the
