@@ -119,3 +119,38 @@ def test_thesis_reference_table():
     # the thesis' headline in its own numbers: F1clf is the WGAN's on every channel
     f1 = t["f1clf"].unstack("model")
     assert (f1["WGAN"] > f1["U-Net"]).all()
+
+
+# --- FOVs in threads ---------------------------------------------------------------------------
+def test_map_fovs_keeps_order_and_raises_the_first_error(monkeypatch):
+    import threading
+    import time
+
+    from vstain.evaluate.fovpool import cpu_threads, map_fovs
+
+    names = []
+
+    def slow_first(i):
+        time.sleep(0.05 if i == 0 else 0.0)  # the first item finishes last
+        names.append(threading.current_thread().name)
+        return i * i
+
+    assert map_fovs(slow_first, range(6), workers=2) == [0, 1, 4, 9, 16, 25]
+    assert any(n.startswith("fov") for n in names)  # ran in the pool's threads
+    names.clear()
+    assert map_fovs(slow_first, range(3), workers=1) == [0, 1, 4] and names == [threading.current_thread().name] * 3
+
+    def bad(i):
+        if i >= 2:
+            raise ValueError(f"FOV {i} is broken")
+        return i
+
+    with pytest.raises(ValueError, match="FOV 2 is broken"):
+        map_fovs(bad, range(5), workers=2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "two")
+    with pytest.raises(ValueError, match="OMP_NUM_THREADS='two'"):
+        cpu_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu_threads() >= 1

@@ -29,6 +29,7 @@ from vstain.volumes import read_volume
 
 from .comparison import model_summary
 from .downstream import instance_table, noise_ceiling, plausibility
+from .fovpool import map_fovs
 from .metrics import evaluate_predictions
 from .segment import segment_cells, segment_nuclei
 from .stats import channel_verdict, claim_verdict, compare, format_ci, n_fovs, order_digits
@@ -127,14 +128,14 @@ def fov_tables(row, pred_dirs: Mapping[str, str | Path], voxel_size_zyx: Sequenc
 
 def run_downstream(stage_in: str | Path, pred_dirs: Mapping[str, str | Path], voxel_size_zyx: Sequence[float],
                    split: str = "test", exclude_edge: bool = False) -> dict[str, pd.DataFrame]:
-    """:func:`fov_tables` of every FOV of one split of the processed set, concatenated (one FOV in
-    memory at a time). Returns ``{"instances", "plausibility", "ceiling"}``; ``instances`` is empty
-    when no FOV has true labels (real data)."""
+    """:func:`fov_tables` of every FOV of one split of the processed set, concatenated (FOVs in
+    threads, :func:`vstain.evaluate.fovpool.map_fovs`). Returns ``{"instances", "plausibility",
+    "ceiling"}``; ``instances`` is empty when no FOV has true labels (real data)."""
     df = read_manifest(stage_in)
     df = df[df["split"] == split]
     if df.empty:
         raise ValueError(f"the processed set at {stage_in} has no FOV in split '{split}'")
-    parts = [fov_tables(r, pred_dirs, voxel_size_zyx, exclude_edge) for _, r in df.iterrows()]
+    parts = map_fovs(lambda r: fov_tables(r, pred_dirs, voxel_size_zyx, exclude_edge), [r for _, r in df.iterrows()])
     return {k: pd.concat([p[k] for p in parts], ignore_index=True) for k in ("instances", "plausibility", "ceiling")}
 
 

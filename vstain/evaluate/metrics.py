@@ -19,6 +19,7 @@ import pandas as pd
 from skimage.metrics import structural_similarity
 
 from vstain.channels import TARGET_LABELS, TARGETS
+from vstain.evaluate.fovpool import map_fovs
 from vstain.preprocess.processed import load_fov, read_manifest, read_volume
 
 METRICS = ("ssim", "mse", "mae", "pcc")
@@ -158,13 +159,14 @@ def evaluate_predictions(stage_in: str | Path, pred_dirs: dict[str, str | Path],
     df = df[df["split"] == split]
     if df.empty:
         raise ValueError(f"the processed set at {stage_in} has no FOV in split '{split}'")
-    frames = []
-    for _, row in df.iterrows():
+
+    def one_fov(row) -> list[pd.DataFrame]:
         _, target, truth = load_fov(row)
         if reference == "truth":
             if truth is None:
                 raise ValueError(f"FOV {row['fov_id']} has no clean truth: reference='truth' needs simulated data")
             target = truth
+        frames = []
         for model, d in pred_dirs.items():
             pred = read_volume(Path(d) / f"{row['fov_id']}.tif")
             m = fov_metrics(pred, target)
@@ -172,7 +174,10 @@ def evaluate_predictions(stage_in: str | Path, pred_dirs: dict[str, str | Path],
             m.insert(0, "structure", row["structure"])
             m.insert(0, "fov_id", row["fov_id"])
             frames.append(m)
-    return pd.concat(frames, ignore_index=True)
+        return frames
+
+    per_fov = map_fovs(one_fov, [row for _, row in df.iterrows()])
+    return pd.concat([f for frames in per_fov for f in frames], ignore_index=True)
 
 
 def coverage(long: pd.DataFrame, split: str = "test") -> str:

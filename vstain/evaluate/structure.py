@@ -30,6 +30,7 @@ from skimage.metrics import structural_similarity
 from vstain.channels import TARGET_LABELS, TARGETS
 from vstain.preprocess.processed import load_fov, read_manifest, read_volume
 
+from .fovpool import map_fovs
 from .metrics import ssim_window
 
 BLANK_FRACTION = 0.1  # under a tenth of the reference's contrast on the structure: (almost) nothing predicted
@@ -88,8 +89,9 @@ def structure_table(stage_in: str | Path, pred_dirs: dict[str, str | Path], spli
         reference = "truth" if df["truth_path"].astype(bool).all() else "target"
     if reference not in ("truth", "target"):
         raise ValueError(f"reference must be 'truth', 'target' or 'auto', got {reference!r}")
-    rows = []
-    for _, r in df.iterrows():
+
+    def one_fov(r) -> list[dict]:
+        rows = []
         _, target, truth = load_fov(r)
         ref = truth if reference == "truth" else target
         if ref is None:
@@ -107,6 +109,9 @@ def structure_table(stage_in: str | Path, pred_dirs: dict[str, str | Path], spli
                 for metric, value in scores:
                     rows.append({"fov_id": r["fov_id"], "model": model, "channel": name, "metric": metric,
                                  "value": float(value), "reference": reference})
+        return rows
+
+    rows = [row for fov_rows in map_fovs(one_fov, [r for _, r in df.iterrows()]) for row in fov_rows]
     return pd.DataFrame(rows, columns=["fov_id", "model", "channel", "metric", "value", "reference"])
 
 
