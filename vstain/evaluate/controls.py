@@ -25,6 +25,7 @@ from vstain.channels import TARGETS
 from vstain.preprocess import processed
 from vstain.volumes import made_from, mark_source, read_volume, sha256, write_volume
 
+from .fovpool import map_fovs
 from .stats import min_pairs
 
 TRUTH = "truth"
@@ -68,15 +69,19 @@ def write_controls(stage_in, out_dir, split: str = "test", sigmas=BLUR_SIGMAS) -
     for _, r in df.iterrows():
         if not (isinstance(r["truth_path"], str) and r["truth_path"]):
             raise ValueError(f"{r['path']}: FOV {r['fov_id']} has no clean truth; the controls need the simulator's")
+
+    def one_fov(r) -> None:
         rel = Path("predictions") / f"{r['fov_id']}.tif"
         source, marker = sha256(r["truth_path"]), out_dir / "sources" / f"{r['fov_id']}.sha256"
         if all((d / rel).exists() for d in dirs.values()) and made_from(marker, source):
-            continue  # written from this very truth file (a new simulation writes new truths under the same ids)
+            return  # written from this very truth file (a new simulation writes new truths under the same ids)
         truth = read_volume(r["truth_path"]).astype(np.float32)
         vols = {TRUTH: truth, **{blur_name(s): blurred(truth, s) for s in sigmas}, SHIFT: shifted(truth)}
         for name, vol in vols.items():
             write_volume(dirs[name] / rel, vol, list(TARGETS))
         mark_source(marker, source)
+
+    map_fovs(one_fov, [r for _, r in df.iterrows()])
     return dirs
 
 

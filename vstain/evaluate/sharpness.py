@@ -14,6 +14,7 @@ from vstain.channels import TARGET_LABELS, TARGETS
 from vstain.preprocess import processed
 from vstain.volumes import read_volume
 
+from .fovpool import map_fovs
 from .structure import BLANK_SHARE  # a blank channel: on at least this share of the FOVs
 from .stats import channel_verdict, claim_verdict, compare, n_fovs
 
@@ -100,20 +101,23 @@ def sharpness_table(stage_in, pred_dirs: dict[str, str | Path], split: str = "te
         reference = "truth" if has_truth else "target"
     if reference == "truth" and not has_truth:
         raise ValueError(f"reference='truth' needs the simulator's clean truth, which split '{split}' of {stage_in} lacks")
-    rows = []
-    for _, r in df.iterrows():
+
+    def one_fov(r) -> list[dict]:
         _, target, truth = processed.load_fov(r)
         ref = truth if reference == "truth" else target
         vols = {m: read_volume(Path(d) / "predictions" / f"{r['fov_id']}.tif") for m, d in pred_dirs.items()}
         if include_target and reference == "truth":
             vols["measured target"] = target
+        rows = []
         for model, vol in vols.items():
             for c, name in enumerate(TARGETS):
                 if np.isnan(vol[c]).all() or np.isnan(ref[c]).all():
                     continue
                 rows.append({"model": model, "fov_id": r["fov_id"], "channel": name,
                              **sharpness(vol[c], ref[c], cutoff, min_coarse), "reference": reference})
-    return pd.DataFrame(rows)
+        return rows
+
+    return pd.DataFrame([row for rows in map_fovs(one_fov, [r for _, r in df.iterrows()]) for row in rows])
 
 
 SMALL_GAIN = 0.05  # a median gain in coherent transfer under 5% of the other model's is called small
