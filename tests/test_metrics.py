@@ -1,5 +1,6 @@
 """Pixel metrics against hand-computed values, and the Table 4.1 layout."""
 import numpy as np
+import pandas as pd
 import pytest
 
 from vstain.channels import TARGETS
@@ -126,7 +127,8 @@ def test_map_fovs_keeps_order_and_raises_the_first_error(monkeypatch):
     import threading
     import time
 
-    from vstain.evaluate.fovpool import cpu_threads, map_fovs
+    from vstain.evaluate.fovpool import MAX_FOVS, map_fovs
+    from vstain.threads import cpu_share
 
     names = []
 
@@ -147,10 +149,27 @@ def test_map_fovs_keeps_order_and_raises_the_first_error(monkeypatch):
 
     with pytest.raises(ValueError, match="FOV 2 is broken"):
         map_fovs(bad, range(5), workers=2)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert cpu_threads() == 1
-    monkeypatch.setenv("OMP_NUM_THREADS", "two")
-    with pytest.raises(ValueError, match="OMP_NUM_THREADS='two'"):
-        cpu_threads()
-    monkeypatch.delenv("OMP_NUM_THREADS")
-    assert cpu_threads() >= 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "16")
+    assert cpu_share() == 16 and MAX_FOVS == 2  # many cores: still two FOVs in memory at most
+    seen = set()
+    map_fovs(lambda i: seen.add(threading.current_thread().name), range(8))
+    assert len(seen) <= MAX_FOVS
+    monkeypatch.setenv("OMP_NUM_THREADS", "2,1")  # OpenMP's nested form counts its first level
+    assert cpu_share() == 2
+
+
+def test_scores_in_threads_equal_the_serial_ones(tmp_path, monkeypatch):
+    """Pixel metrics, structure scores and sharpness: two FOVs at a time give the serial tables."""
+    from vstain.evaluate import sharpness, structure
+
+    stage, _, preds = _tiny_set(tmp_path)
+    stage_dirs = {m: d.parent for m, d in preds.items()}
+    tables = {}
+    for threads in ("1", "2"):
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+        tables[threads] = (metrics.evaluate_predictions(stage, preds, reference="truth"),
+                           structure.structure_table(stage, preds, split="test"),
+                           sharpness.sharpness_table(stage, stage_dirs, split="test"))
+    for serial, threaded in zip(tables["1"], tables["2"]):
+        assert len(serial) > 0
+        pd.testing.assert_frame_equal(serial, threaded)

@@ -12,7 +12,7 @@ from vstain.losses import masked_l1
 from vstain.modelfiles import load_generator, read_metrics
 from vstain.preprocess import processed
 from vstain.training.configs import UNetConfig
-from vstain.training import trainer as trainer_module
+from vstain.training import precision as precision_module
 from vstain.training.trainer import CropDataModule, make_trainer, set_threads
 from vstain.training.unet import UNetModule, run_unet_stage
 from vstain.volumes import read_volume
@@ -96,10 +96,13 @@ def test_config_round_trip():
 
 
 def test_bf16_on_a_cpu_without_native_bfloat16_warns(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="without avx512_bf16 or AMX"):
         make_trainer(tmp_path / "a", 2, precision="bf16-mixed", progress=False)
-    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: True)
+    if not torch.cuda.is_available():  # "auto" picks this CPU
+        with pytest.warns(UserWarning, match="without avx512_bf16 or AMX"):
+            make_trainer(tmp_path / "auto", 2, device="auto", precision="bf16-mixed", progress=False)
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*avx512_bf16.*")
         make_trainer(tmp_path / "b", 2, precision="bf16-mixed", progress=False)

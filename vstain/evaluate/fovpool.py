@@ -1,37 +1,29 @@
 """Per-FOV scoring in threads.
 
-Scoring one FOV (reading its TIFFs, SSIM's filters, segmentation) runs almost entirely in C code
-that releases the GIL, so FOVs scored in as many threads as the process may use CPU threads finish
-about twice as fast on 2 cores, with the same numbers in the same order. Two FOVs are then in
-memory at once instead of one.
+Scoring one FOV (reading its TIFFs, SSIM's filters, segmentation, FFTs) runs almost entirely in C
+code that releases the GIL, so FOVs scored in two threads finish about twice as fast on 2 cores,
+with the same numbers in the same order. At most :data:`MAX_FOVS` FOVs are in memory at once,
+whatever the number of cores: a real FOV with every model's prediction is several hundred MB.
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
+
+from vstain.threads import cpu_share
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-
-def cpu_threads() -> int:
-    """The CPU threads this process is meant to use: ``OMP_NUM_THREADS`` where set (the book's
-    pipeline sets it per kernel), else the cores it may run on."""
-    value = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if value:
-        try:
-            return max(1, int(value))
-        except ValueError:
-            raise ValueError(f"OMP_NUM_THREADS={value!r} is not a whole number of threads") from None
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+MAX_FOVS = 2  # FOVs scored at once: twice the speed on 2 cores, and the memory of two FOVs at most
 
 
 def map_fovs(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> list[R]:
-    """``[fn(item) for item in items]``, in ``workers`` threads (default :func:`cpu_threads`);
-    results in the order of ``items``; the first exception is raised as it would be serially."""
+    """``[fn(item) for item in items]`` in up to ``workers`` threads (default: the process's CPU
+    share, :func:`vstain.threads.cpu_share`, at most :data:`MAX_FOVS`); results in the order of
+    ``items``; the first item's error in that order is raised, as it would be serially."""
     items = list(items)
-    workers = min(workers or cpu_threads(), len(items))
+    workers = min(workers or min(cpu_share(), MAX_FOVS), len(items))
     if workers <= 1:
         return [fn(item) for item in items]
     with ThreadPoolExecutor(workers, thread_name_prefix="fov") as pool:

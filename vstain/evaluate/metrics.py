@@ -19,8 +19,9 @@ import pandas as pd
 from skimage.metrics import structural_similarity
 
 from vstain.channels import TARGET_LABELS, TARGETS
-from vstain.evaluate.fovpool import map_fovs
 from vstain.preprocess.processed import load_fov, read_manifest, read_volume
+
+from .fovpool import map_fovs
 
 METRICS = ("ssim", "mse", "mae", "pcc")
 # Which direction is better, for every column Table 4.1 can hold.

@@ -10,7 +10,6 @@ libraries release the GIL, so the result is the same as one slice after another.
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -18,19 +17,15 @@ import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from skimage.restoration import denoise_nl_means
 
+from vstain.threads import cpu_share
+
 BASELINES = ("bm3d", "nlm")  # the classical denoisers stage 03 runs beside Noise2Void
 
 
 def slice_threads() -> int:
-    """Threads for slice-by-slice denoising: ``OMP_NUM_THREADS`` where set (the pipeline gives a
-    notebook its share of the cores there; ``make test`` one), else the cores this process may use."""
-    try:
-        threads = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0])  # OpenMP allows "2,1" (nested)
-    except ValueError:
-        threads = 0
-    if threads > 0:
-        return threads
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """Threads for slice-by-slice denoising: the process's CPU share (:func:`vstain.threads.cpu_share`:
+    ``OMP_NUM_THREADS`` where set, which the pipeline sets per notebook and ``make test`` to one)."""
+    return cpu_share()
 
 
 def _per_slice(denoise: Callable[[np.ndarray], np.ndarray], s: np.ndarray) -> np.ndarray:

@@ -85,7 +85,8 @@ class UNetConfig(DictConfig):
         ckpt_every: steps between checkpoints (``last.ckpt`` is also written at the end).
         seed: seeds weights, crops and flips.
         device: Lightning accelerator: ``"cpu"``, ``"gpu"`` (or ``"cuda"``), ``"auto"``.
-        precision: Lightning precision: ``"32-true"`` on CPU, ``"bf16-mixed"`` on a GPU.
+        precision: Lightning precision: ``"32-true"`` or ``"bf16-mixed"`` (a GPU, or a CPU with
+            hardware bfloat16, :mod:`vstain.training.precision`).
         devices: number of devices (several GPUs: e.g. 4 with ``strategy="ddp_spawn"``, or
             ``"ddp_notebook"`` in a notebook; plain ``"ddp"`` re-runs the calling script).
         strategy: Lightning strategy (``"auto"``, ``"ddp_spawn"``, ``"ddp_notebook"``, ...).

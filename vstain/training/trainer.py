@@ -32,6 +32,7 @@ from vstain.modelfiles import CHECKPOINTS, LAST, LOGS
 from vstain.preprocess import processed
 
 from .configs import OPTIMIZERS
+from .precision import warn_if_emulated_bf16
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,12 +254,6 @@ class TrainingBar(TQDMProgressBar):
         return Tqdm(disable=True)
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (``avx512_bf16`` or AMX tiles): there,
-    oneDNN runs the book's bf16-autocast training step in about half the float32 time."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
 def make_trainer(
     out_dir,
     max_steps: int,
@@ -298,9 +293,7 @@ def make_trainer(
     if seed is not None:
         L.seed_everything(int(seed), workers=True, verbose=False)
     quiet_lightning()
-    if device == "cpu" and str(precision).startswith("bf16") and not cpu_has_native_bf16():
-        warnings.warn(f"precision={precision!r} on a CPU without avx512_bf16 or AMX: bfloat16 is emulated there "
-                      "and may train slower than precision='32-true'", stacklevel=2)
+    warn_if_emulated_bf16(device, precision)
     out_dir = Path(out_dir)
     cbs = [EpochCrops(), *(callbacks or [])]
     if progress:
