@@ -51,6 +51,8 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from vstain.threads import available_cores
+
 from . import rundir, schedule
 from .forkserver import WarmKernels
 from .kernel import NotebookFailed, Stage, kernel_environment, submit, thread_settings, threads_for_next
@@ -262,7 +264,7 @@ def run(
         log(f"{head(stage)} ran in {wall:.1f} s")
         return None
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     chosen = jobs == 1 or "OMP_NUM_THREADS" in os.environ  # torch's default, or the user's threads
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) if jobs > 1 else None
     pending, running = list(stages), {}

@@ -7,10 +7,9 @@ whatever the number of cores: a real FOV with every model's prediction is severa
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
 
-from vstain.threads import cpu_share
+from vstain.threads import cpu_share, map_threads
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -19,12 +18,6 @@ MAX_FOVS = 2  # FOVs scored at once: twice the speed on 2 cores, and the memory 
 
 
 def map_fovs(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> list[R]:
-    """``[fn(item) for item in items]`` in up to ``workers`` threads (default: the process's CPU
-    share, :func:`vstain.threads.cpu_share`, at most :data:`MAX_FOVS`); results in the order of
-    ``items``; the first item's error in that order is raised, as it would be serially."""
-    items = list(items)
-    workers = min(workers or min(cpu_share(), MAX_FOVS), len(items))
-    if workers <= 1:
-        return [fn(item) for item in items]
-    with ThreadPoolExecutor(workers, thread_name_prefix="fov") as pool:
-        return list(pool.map(fn, items))
+    """:func:`vstain.threads.map_threads` over FOVs, in up to ``workers`` threads (default: the
+    process's CPU share, :func:`vstain.threads.cpu_share`, at most :data:`MAX_FOVS`)."""
+    return map_threads(fn, items, workers or min(cpu_share(), MAX_FOVS), name="fov")

@@ -10,14 +10,13 @@ libraries release the GIL, so the result is the same as one slice after another.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from skimage.restoration import denoise_nl_means
 
-from vstain.threads import cpu_share
+from vstain.threads import cpu_share, map_threads
 
 BASELINES = ("bm3d", "nlm")  # the classical denoisers stage 03 runs beside Noise2Void
 
@@ -30,11 +29,8 @@ def slice_threads() -> int:
 
 def _per_slice(denoise: Callable[[np.ndarray], np.ndarray], s: np.ndarray) -> np.ndarray:
     """``denoise`` on every z-slice of ``s``, in :func:`slice_threads` threads; in slice order."""
-    threads = min(slice_threads(), len(s))
-    if threads <= 1:
-        return np.stack([denoise(z) for z in s]).astype(np.float32)
-    with ThreadPoolExecutor(threads) as pool:  # BM3D (a compiled library) and NLM (Cython) release the GIL
-        return np.stack(list(pool.map(denoise, s))).astype(np.float32)
+    # BM3D (a compiled library) and NLM (Cython) release the GIL
+    return np.stack(map_threads(denoise, s, slice_threads())).astype(np.float32)
 
 
 def estimate_noise_sigma(stack: np.ndarray) -> float:
